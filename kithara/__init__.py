@@ -1,0 +1,43 @@
+"""kithara: post-training for large language models with JAX and Keras."""
+
+import os
+
+# Keras reads its backend once, at first import; kithara runs on JAX. Set it only if the
+# user has not chosen, and refuse a different choice below with a clear message.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+
+if keras.backend.backend() != "jax":
+    raise ImportError(
+        f"kithara needs the JAX backend of Keras, but KERAS_BACKEND is {keras.backend.backend()!r}. "
+        "Set KERAS_BACKEND=jax (or unset it) before importing keras."
+    )
+
+from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger  # noqa: E402
+from kithara.data import Dataloader  # noqa: E402
+from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables  # noqa: E402
+from kithara.sharding import ShardingStrategy  # noqa: E402
+from kithara.trainer import LossOutput, Trainer, TrainState  # noqa: E402
+from kithara.trainer import optimizers  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Architecture",
+    "Callback",
+    "Dataloader",
+    "LossOutput",
+    "Profiler",
+    "ProgressBar",
+    "TensorBoardLogger",
+    "TrainState",
+    "Trainer",
+    "optimizers",
+    "KerasHubModel",
+    "LoraConfig",
+    "Model",
+    "ModelVariables",
+    "ShardingStrategy",
+    "__version__",
+]

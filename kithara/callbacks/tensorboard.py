@@ -1,0 +1,57 @@
+"""TensorBoard scalars through tensorboardX (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+from tensorboardX import SummaryWriter
+
+from kithara.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from kithara.trainer.trainer import Trainer
+
+
+class TensorBoardLogger(Callback):
+    """Writes train metrics every ``every`` steps and every evaluation to ``log_dir``
+    (a local directory or a ``gs://`` path), under ``train/`` and ``eval/`` tags.
+    Only process 0 writes.
+
+    Example:
+        >>> trainer = Trainer(..., callbacks=[TensorBoardLogger("runs/exp1", every=10)])
+    """
+
+    def __init__(self, log_dir: str, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}.")
+        self.log_dir = log_dir
+        self.every = every
+        self._writer: SummaryWriter | None = None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._open()
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every == 0 or step == trainer.total_steps:
+            self._write("train", step, metrics)
+
+    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self._write("eval", step, metrics)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _open(self) -> None:
+        if self._writer is None and jax.process_index() == 0:
+            self._writer = SummaryWriter(self.log_dir)
+
+    def _write(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+        self._open()
+        if self._writer is None:
+            return
+        for name, value in metrics.items():
+            self._writer.add_scalar(f"{prefix}/{name}", value, step)
+        self._writer.flush()

@@ -1,0 +1,312 @@
+"""KerasHubModel: a keras-hub causal LM placed on a device mesh."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import keras
+import keras_hub
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from jax.sharding import Mesh, NamedSharding
+
+from kithara import sharding as sharding_lib
+from kithara.models.families import Architecture, get_family, layer_layout
+from kithara.models.lora import LoraConfig, enable_lora
+from kithara.models.model import Model, ModelVariables
+from kithara.models.precision import keras_policy
+
+logger = logging.getLogger(__name__)
+
+_REMOTE_SCHEMES = ("hf://", "kaggle://", "gs://", "modelscope://")
+
+
+class KerasHubModel(Model):
+    """A keras-hub ``CausalLM`` whose variables live, sharded, on a device mesh.
+
+    Build one with ``from_config`` (random weights) or ``from_preset`` (a keras-hub preset
+    or a Hugging Face checkpoint directory). Wrapping an existing ``CausalLM`` works too;
+    its precision is whatever it was built with.
+
+    Args:
+        causal_lm: the keras-hub task model.
+        sharding: a strategy name (``"dp"``, ``"fsdp"``, ``"fsdp_tp"``) or a
+            ``ShardingStrategy``.
+        lora: adapters to add; when set only adapter weights are trainable.
+
+    Example:
+        >>> model = KerasHubModel.from_config(
+        ...     "llama3", vocab_size=512, num_layers=2, hidden_dim=64, num_heads=4,
+        ...     num_kv_heads=2, intermediate_dim=128, lora=LoraConfig(rank=4))
+        >>> print(model.summary())
+    """
+
+    def __init__(
+        self,
+        causal_lm: keras_hub.models.CausalLM,
+        *,
+        sharding: str | sharding_lib.ShardingStrategy | None = None,
+        lora: LoraConfig | None = None,
+        family: str | None = None,
+    ) -> None:
+        if not isinstance(causal_lm, keras_hub.models.CausalLM):
+            raise TypeError(f"causal_lm must be a keras_hub.models.CausalLM, got {type(causal_lm).__name__}.")
+        self.causal_lm = causal_lm
+        self.backbone = causal_lm.backbone
+        self.family = family or type(causal_lm).__name__
+        self.lora = lora
+        self.strategy = sharding_lib.as_strategy(sharding)
+        self._mesh = self.strategy.make_mesh()
+        self._lora_layers = 0
+        if lora is not None:
+            names = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
+            self._lora_layers = enable_lora(self.backbone, lora, layer_layout(names))
+        self._trainable_paths = [v.path for v in causal_lm.trainable_variables]
+        self._non_trainable_paths = [v.path for v in causal_lm.non_trainable_variables]
+        self._by_path = {v.path: v for v in causal_lm.variables}
+        if len(self._by_path) != len(causal_lm.variables):
+            raise ValueError(f"{type(causal_lm).__name__} has variables with duplicate paths.")
+        shapes = {path: tuple(v.shape) for path, v in self._by_path.items()}
+        self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
+        self._place_variables()
+
+    @classmethod
+    def from_config(
+        cls,
+        family: str,
+        *,
+        vocab_size: int,
+        num_layers: int,
+        hidden_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        intermediate_dim: int,
+        head_dim: int | None = None,
+        precision: str = "float32",
+        sharding: str | sharding_lib.ShardingStrategy | None = None,
+        lora: LoraConfig | None = None,
+        seed: int = 0,
+        **backbone_kwargs: Any,
+    ) -> KerasHubModel:
+        """A randomly initialised model of ``family`` (``llama3``, ``gemma``, ``gemma2``,
+        ``gemma3``, ``qwen2``, ``qwen3``, ``mistral``).
+
+        ``backbone_kwargs`` go to the keras-hub backbone unchanged (e.g.
+        ``rope_max_wavelength``, ``tie_word_embeddings``, ``layer_norm_epsilon``). ``seed``
+        seeds keras' random generator so every process builds identical weights.
+        """
+        spec = get_family(family)
+        arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
+        kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
+        keras.utils.set_random_seed(seed)
+        with _host_device():
+            backbone = getattr(keras_hub.models, spec.backbone_class)(dtype=keras_policy(precision), **kwargs)
+            causal_lm = getattr(keras_hub.models, spec.causal_lm_class)(backbone=backbone, preprocessor=None)
+        return cls(causal_lm, sharding=sharding, lora=lora, family=family)
+
+    @classmethod
+    def from_preset(
+        cls,
+        handle: str,
+        *,
+        precision: str = "float32",
+        sharding: str | sharding_lib.ShardingStrategy | None = None,
+        lora: LoraConfig | None = None,
+        load_preprocessor: bool = False,
+        **kwargs: Any,
+    ) -> KerasHubModel:
+        """Loads a keras-hub preset directory or a Hugging Face checkpoint directory
+        (``config.json`` + safetensors). ``hf://``, ``kaggle://`` and built-in preset names
+        are passed to keras-hub as they are (they need network access)."""
+        _check_local_preset(handle)
+        if not load_preprocessor:
+            kwargs["preprocessor"] = None
+        with _host_device():
+            causal_lm = keras_hub.models.CausalLM.from_preset(handle, dtype=keras_policy(precision), **kwargs)
+        return cls(causal_lm, sharding=sharding, lora=lora)
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    @property
+    def variables(self) -> ModelVariables:
+        return ModelVariables(
+            trainable={p: self._by_path[p].value for p in self._trainable_paths},
+            non_trainable={p: self._by_path[p].value for p in self._non_trainable_paths},
+        )
+
+    @variables.setter
+    def variables(self, values: ModelVariables) -> None:
+        for expected, given in ((self._trainable_paths, values.trainable), (self._non_trainable_paths, values.non_trainable)):
+            if set(expected) != set(given):
+                missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+                raise ValueError(f"Variables do not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
+        for path, value in {**values.trainable, **values.non_trainable}.items():
+            variable = self._by_path[path]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"Variable {path}: shape {tuple(value.shape)} does not match {tuple(variable.shape)}.")
+            variable.assign(value)
+
+    @property
+    def variable_shardings(self) -> ModelVariables:
+        return ModelVariables(
+            trainable={p: self._shardings[p] for p in self._trainable_paths},
+            non_trainable={p: self._shardings[p] for p in self._non_trainable_paths},
+        )
+
+    def apply(
+        self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        trainable = [variables.trainable[p] for p in self._trainable_paths]
+        non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
+        model_inputs = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
+        logits, new_non_trainable = self.causal_lm.stateless_call(
+            trainable, non_trainable, model_inputs, training=training
+        )
+        return logits, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
+
+    def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
+        b = self.backbone
+        head_dim = getattr(b, "head_dim", None) or b.hidden_dim // b.num_query_heads
+        base = lora = 0
+        for path, variable in self._by_path.items():
+            size = math.prod(variable.shape)
+            if path.rsplit("/", 1)[-1].startswith("lora_kernel"):
+                lora += size
+            elif path.endswith("/kernel"):
+                base += size
+        base += b.vocabulary_size * b.hidden_dim  # the LM head matmul (tied or not)
+        # PaLM-style count: 2 FLOPs per weight per token, attention scores and values over
+        # the full (not causal-halved) sequence.
+        attention = 4 * b.num_layers * sequence_length * b.num_query_heads * head_dim
+        forward = 2 * (base + lora) + attention
+        if not training:
+            return float(forward)
+        if self.lora is None:
+            return float(3 * forward)
+        # Frozen weights still back-propagate activations; only adapters get weight grads.
+        return float(forward + 2 * base + 2 * attention + 4 * lora)
+
+    def generate(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        max_length: int,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuation of each prompt up to ``max_length`` tokens in total.
+
+        Returns only the new tokens of each row, cut after the first stop token.
+        """
+        if any(len(row) >= max_length for row in token_ids):
+            raise ValueError(f"A prompt is as long as max_length={max_length}; nothing left to generate.")
+        ids = np.zeros((len(token_ids), max_length), np.int32)
+        mask = np.zeros((len(token_ids), max_length), bool)
+        for i, row in enumerate(token_ids):
+            ids[i, : len(row)], mask[i, : len(row)] = row, True
+        if not isinstance(getattr(self.causal_lm, "sampler", None), keras_hub.samplers.GreedySampler):
+            self.causal_lm.compile(sampler="greedy")
+        generate_fn = self.causal_lm.make_generate_function()
+        out = generate_fn({"token_ids": ids, "padding_mask": mask}, stop_token_ids=tuple(stop_token_ids or ()) or None)
+        out_ids = np.asarray(out["token_ids"])
+        results = []
+        for i, row in enumerate(token_ids):
+            new = out_ids[i, len(row) :].tolist()
+            for j, token in enumerate(new):
+                if stop_token_ids and token in stop_token_ids:
+                    new = new[:j]
+                    break
+            results.append(new)
+        return results
+
+    def summary(self) -> str:
+        """A one-screen description: family, precision, mesh, parameter counts, groups."""
+        total, trainable = self.num_params, self.num_trainable_params
+        policy = self.backbone.dtype_policy.name
+        mesh = " ".join(f"{k}={v}" for k, v in self._mesh.shape.items())
+        lines = [
+            f"{type(self.causal_lm).__name__} ({self.family}), precision {policy}",
+            f"mesh {mesh} (strategy {self.strategy.name}) on {self._mesh.devices.size} {jax.devices()[0].platform} devices",
+            f"parameters: {_human(total)} total, {_human(trainable)} trainable ({100 * trainable / max(total, 1):.2f}%)",
+        ]
+        if self.lora is not None:
+            lines.append(
+                f"LoRA rank {self.lora.rank}, alpha {self.lora.alpha or self.lora.rank} on "
+                f"{', '.join(self.lora.targets)} ({self._lora_layers} layers)"
+            )
+        table = Table("group", "variables", "parameters", "trainable", "example sharding")
+        groups: dict[str, list[str]] = {}
+        for path in self._by_path:
+            groups.setdefault(_group(path), []).append(path)
+        trainable_set = set(self._trainable_paths)
+        for group, paths in groups.items():
+            sizes = [math.prod(self._by_path[p].shape) for p in paths]
+            big = paths[int(np.argmax(sizes))]
+            table.add_row(
+                group,
+                str(len(paths)),
+                _human(sum(sizes)),
+                _human(sum(s for p, s in zip(paths, sizes, strict=True) if p in trainable_set)),
+                str(tuple(self._shardings[big].spec)),
+            )
+        console = Console(width=110, record=True, file=io.StringIO())
+        console.print(table)
+        return "\n".join(lines) + "\n" + console.export_text()
+
+    def _place_variables(self) -> None:
+        """Moves every variable onto its sharding, one device shard at a time."""
+        for path, variable in self._by_path.items():
+            sharding: NamedSharding = self._shardings[path]
+            value = variable.value
+            if getattr(value, "sharding", None) == sharding:
+                continue
+            host = np.asarray(value)
+            variable.assign(jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index]))
+
+
+def _group(path: str) -> str:
+    head = path.split("/", 1)[0]
+    for prefix in ("transformer_layer_", "decoder_block_"):
+        if head.startswith(prefix):
+            return prefix + "*"
+    return head
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _host_device() -> contextlib.AbstractContextManager[Any]:
+    """Builds variables in host memory when an accelerator is the default device, so a
+    model larger than one accelerator can still be built and then sharded."""
+    if jax.default_backend() == "cpu":
+        return contextlib.nullcontext()
+    return jax.default_device(jax.devices("cpu")[0])
+
+
+def _check_local_preset(handle: str) -> None:
+    if handle.startswith(_REMOTE_SCHEMES):
+        return
+    path = Path(handle).expanduser()
+    looks_local = path.exists() or "/" in handle or handle.startswith(".")
+    if not looks_local:
+        return  # a keras-hub built-in preset name
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model preset directory {handle!r} does not exist.")
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"{handle!r} is neither a keras-hub preset (config.json + metadata.json) nor a "
+            "Hugging Face checkpoint (config.json + *.safetensors): no config.json found."
+        )

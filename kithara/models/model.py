@@ -1,0 +1,76 @@
+"""The model contract the Trainer relies on."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+from jax.sharding import Mesh
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelVariables:
+    """A model's variables as two ``{variable path: array}`` dicts.
+
+    Only ``trainable`` receives gradients and optimizer state; ``non_trainable`` holds frozen
+    weights (the base weights under LoRA) and layer state such as dropout seeds.
+    """
+
+    trainable: dict[str, jax.Array]
+    non_trainable: dict[str, jax.Array]
+
+
+class Model(abc.ABC):
+    """What the Trainer needs from a model.
+
+    A model owns its variables, already placed on ``mesh`` with ``variable_shardings``, and
+    a pure ``apply`` that maps variables and inputs to logits. Training takes the variables,
+    updates them functionally, and hands them back through the ``variables`` setter.
+    """
+
+    @property
+    @abc.abstractmethod
+    def mesh(self) -> Mesh:
+        """The device mesh the variables live on."""
+
+    @property
+    @abc.abstractmethod
+    def variables(self) -> ModelVariables:
+        """Current variable values."""
+
+    @variables.setter
+    @abc.abstractmethod
+    def variables(self, values: ModelVariables) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def variable_shardings(self) -> ModelVariables:
+        """A ``ModelVariables`` of ``NamedSharding`` with the same structure as ``variables``."""
+
+    @abc.abstractmethod
+    def apply(
+        self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Pure forward pass: returns ``(logits_BxLxV, new_non_trainable)``.
+
+        ``inputs`` holds ``token_ids`` and ``padding_mask`` (``[batch, length]``).
+        Must be traceable by ``jax.jit`` and must not read or write any Python state.
+        """
+
+    @abc.abstractmethod
+    def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
+        """Model FLOPs for one token at this sequence length (forward, or forward+backward)."""
+
+    @property
+    def num_params(self) -> int:
+        """Total parameter count (trainable plus frozen)."""
+        v = self.variables
+        return sum(math.prod(x.shape) for x in (*v.trainable.values(), *v.non_trainable.values()))
+
+    @property
+    def num_trainable_params(self) -> int:
+        return sum(math.prod(x.shape) for x in self.variables.trainable.values())

@@ -1,0 +1,40 @@
+"""Loss functions: pure, module-level, each with its own numeric test."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LossOutput:
+    """A loss as a sum and a weight, so micro-batches combine exactly.
+
+    The loss is ``total / weight`` over the whole (accumulated) batch: for token-level
+    losses ``weight`` counts supervised tokens, for pairwise losses it counts pairs. Every
+    entry of ``sums`` is likewise a sum that is reported divided by the total weight.
+    """
+
+    total: jax.Array
+    weight: jax.Array
+    sums: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+def next_token_cross_entropy(logits_BxLxV: jax.Array, labels_BxL: jax.Array, label_mask_BxL: jax.Array) -> LossOutput:
+    """Cross-entropy of ``labels`` (already shifted: ``labels[t]`` is the token after
+    position ``t``) where ``label_mask`` is true; reports correct predictions too.
+
+    Computed in float32 whatever the compute dtype of the logits. Masked positions are
+    excluded with ``where`` rather than multiplied by zero, so a fully padded row cannot
+    turn the sum into NaN.
+    """
+    logits = logits_BxLxV.astype(jnp.float32)
+    log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+    label_logit_BxL = jnp.take_along_axis(logits, labels_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = label_mask_BxL.astype(bool)
+    nll = jnp.where(mask, log_z_BxL - label_logit_BxL, 0.0).sum()
+    correct = jnp.where(mask, jnp.argmax(logits, axis=-1) == labels_BxL, False).sum()
+    return LossOutput(total=nll, weight=mask.sum().astype(jnp.float32), sums={"token_accuracy": correct.astype(jnp.float32)})

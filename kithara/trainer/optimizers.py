@@ -1,0 +1,142 @@
+"""Optimizers: optax transformations, keras optimizers adapted to optax, and helpers
+to find the learning rate and lay optimizer state out on the mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from keras.src.backend.common.stateless_scope import StatelessScope
+
+_SLOT_SEPARATOR = "#"
+
+
+def adamw(
+    learning_rate: float | optax.Schedule,
+    *,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with optional global-norm clipping, with the learning rate exposed for logging.
+
+    Example:
+        >>> schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-4, 100, 1000)
+        >>> tx = kithara.optimizers.adamw(schedule, weight_decay=0.01)
+    """
+
+    def make(learning_rate: Any) -> optax.GradientTransformation:
+        chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+        chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+        return optax.chain(*chain)
+
+    return optax.inject_hyperparams(make)(learning_rate=learning_rate)
+
+
+class KerasOptimizerState(NamedTuple):
+    variables: dict[str, jax.Array]  # keyed "param path#slot" for slots, the keras path otherwise
+    learning_rate: jax.Array
+
+
+class KerasOptimizer(optax.GradientTransformation):
+    """A keras optimizer run statelessly, with the optax interface.
+
+    The keras optimizer is built once on host memory against placeholder variables (one
+    per trainable parameter) to learn its slot layout and initial values; training then
+    calls ``stateless_apply`` inside the jitted step. Slot variables are keyed by the
+    parameter they belong to, so they get that parameter's sharding.
+    """
+
+    def __new__(cls, optimizer: keras.optimizers.Optimizer, param_shapes: Mapping[str, jax.ShapeDtypeStruct]):
+        paths = list(param_shapes)
+        with jax.default_device(jax.devices("cpu")[0]):
+            placeholders = [keras.Variable(np.zeros(s.shape, s.dtype), name=f"p{i}") for i, s in enumerate(param_shapes.values())]
+            owner: dict[int, str] = {}
+            add_from_reference = optimizer.add_variable_from_reference
+
+            def recording(reference_variable: keras.Variable, name: str | None = None, initializer: Any = "zeros"):
+                variable = add_from_reference(reference_variable, name=name, initializer=initializer)
+                owner[id(variable)] = f"{paths[placeholders.index(reference_variable)]}{_SLOT_SEPARATOR}{name}"
+                return variable
+
+            optimizer.add_variable_from_reference = recording
+            try:
+                optimizer.build(placeholders)
+            finally:
+                del optimizer.add_variable_from_reference
+            keys = [owner.get(id(v), v.path) for v in optimizer.variables]
+            initial = {k: np.asarray(v.value) for k, v in zip(keys, optimizer.variables, strict=True)}
+
+        def current_lr(values: list[jax.Array]) -> jax.Array:
+            with StatelessScope(state_mapping=list(zip(optimizer.variables, values, strict=True))):
+                return jnp.asarray(optimizer._get_current_learning_rate(), jnp.float32)
+
+        def init(params: Any) -> KerasOptimizerState:
+            del params
+            return KerasOptimizerState({k: jnp.asarray(v) for k, v in initial.items()}, jnp.zeros((), jnp.float32))
+
+        def update(grads: Any, state: KerasOptimizerState, params: Any = None) -> tuple[Any, KerasOptimizerState]:
+            if params is None:
+                raise ValueError("KerasOptimizer.update needs params.")
+            values = [state.variables[k] for k in keys]
+            lr = current_lr(values)
+            new_params, new_values = optimizer.stateless_apply(values, [grads[p] for p in paths], [params[p] for p in paths])
+            updates = {p: new - params[p] for p, new in zip(paths, new_params, strict=True)}
+            return updates, KerasOptimizerState(dict(zip(keys, new_values, strict=True)), lr)
+
+        return super().__new__(cls, init, update)
+
+
+def as_gradient_transformation(
+    optimizer: optax.GradientTransformation | keras.optimizers.Optimizer,
+    param_shapes: Mapping[str, jax.ShapeDtypeStruct],
+) -> optax.GradientTransformation:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        if optimizer.built:
+            raise ValueError("Pass a fresh keras optimizer: this one is already built for other variables.")
+        return KerasOptimizer(optimizer, param_shapes)
+    raise TypeError(
+        f"optimizer must be an optax.GradientTransformation or a keras optimizer, got {type(optimizer).__name__}."
+    )
+
+
+def learning_rate(opt_state: Any) -> jax.Array | None:
+    """The learning rate used by the last update, if the optimizer exposes it
+    (``optax.inject_hyperparams`` or a keras optimizer)."""
+    hyper = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    is_state = lambda x: isinstance(x, (*hyper, KerasOptimizerState))  # noqa: E731
+    for node in jax.tree.leaves(opt_state, is_leaf=is_state):
+        if isinstance(node, KerasOptimizerState):
+            return node.learning_rate
+        if isinstance(node, hyper) and "learning_rate" in node.hyperparams:
+            return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+    return None
+
+
+def state_shardings(
+    opt_state_shapes: Any, param_shardings: Mapping[str, NamedSharding], param_shapes: Mapping[str, Any], mesh: Mesh
+) -> Any:
+    """Shardings for optimizer state: a leaf keyed by a parameter path (optax mirrors the
+    parameter dict; keras slots are keyed ``path#slot``) with that parameter's shape gets
+    the parameter's sharding; everything else (counts, scalars) is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(key_path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        for entry in reversed(key_path):
+            if isinstance(entry, jax.tree_util.DictKey) and isinstance(entry.key, str):
+                path = entry.key.split(_SLOT_SEPARATOR, 1)[0]
+                if path in param_shardings and tuple(param_shapes[path].shape) == tuple(leaf.shape):
+                    return param_shardings[path]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state_shapes)

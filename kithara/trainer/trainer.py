@@ -1,0 +1,338 @@
+"""The base Trainer: builds the state, jits one step, and runs the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+
+from kithara import sharding as sharding_lib
+from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger
+from kithara.data.dataloader import Dataloader
+from kithara.models.model import Model, ModelVariables
+from kithara.trainer import step as step_lib
+from kithara.trainer.losses import LossOutput, next_token_cross_entropy
+from kithara.trainer.optimizers import as_gradient_transformation, state_shardings
+from kithara.trainer.state import TrainState
+from kithara.trainer.throughput import mesh_peak_flops
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose metrics have not been read yet."""
+
+    step: int
+    epoch: int
+    metrics: dict[str, jax.Array]
+
+
+class Trainer:
+    """Trains a ``Model`` with next-token cross-entropy; subclass it for other objectives.
+
+    Subclasses override ``compute_loss`` (and ``train_step`` only when the algorithm needs
+    a different update); the loop, accumulation, logging and callbacks stay here.
+
+    Args:
+        model: the model to train; its variables are taken over while training and handed
+            back (``model.variables``) when ``train()`` or ``evaluate()`` returns.
+        optimizer: an ``optax.GradientTransformation`` or a (fresh) keras optimizer.
+        train_dataloader: batches for training.
+        eval_dataloader: batches for evaluation.
+        steps: optimizer steps to run. Only one of ``steps`` and ``epochs``; neither
+            means one epoch.
+        epochs: passes over ``train_dataloader``.
+        log_steps_interval: log metrics every this many steps.
+        eval_steps_interval / eval_epochs_interval: evaluate every this many steps or
+            epochs (at most one of them). With an eval loader and neither set, evaluates
+            every epoch.
+        max_eval_samples: evaluate on at most this many examples.
+        tensorboard_dir: local or ``gs://`` directory for TensorBoard scalars.
+        profiler: a ``kithara.Profiler`` that traces a window of steps.
+        checkpointer: a callback that saves (and restores) the state.
+        callbacks: more ``Callback`` objects.
+        gradient_accumulation_steps: micro-batches (loader batches) per optimizer step.
+        progress_bar: show a rich progress bar on process 0.
+        seed: seed of the step RNG (dropout and any sampling a subclass does).
+        peak_flops_per_device: override the peak FLOP/s used for MFU.
+
+    Example:
+        >>> trainer = Trainer(model, kithara.optimizers.adamw(3e-4), train_loader,
+        ...                   eval_dataloader=eval_loader, steps=200, eval_steps_interval=50)
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer,
+        train_dataloader: Dataloader,
+        eval_dataloader: Dataloader | None = None,
+        steps: int | None = None,
+        epochs: int | None = None,
+        log_steps_interval: int = 1,
+        eval_steps_interval: int | None = None,
+        eval_epochs_interval: int | None = None,
+        max_eval_samples: int | None = None,
+        tensorboard_dir: str | None = None,
+        profiler: Profiler | None = None,
+        checkpointer: Callback | None = None,
+        callbacks: Sequence[Callback] = (),
+        *,
+        gradient_accumulation_steps: int = 1,
+        progress_bar: bool = True,
+        seed: int = 0,
+        peak_flops_per_device: float | None = None,
+    ) -> None:
+        _check_positive(steps=steps, epochs=epochs, eval_steps_interval=eval_steps_interval,
+                        eval_epochs_interval=eval_epochs_interval, max_eval_samples=max_eval_samples,
+                        log_steps_interval=log_steps_interval, gradient_accumulation_steps=gradient_accumulation_steps)
+        if steps is not None and epochs is not None:
+            raise ValueError(f"Set steps ({steps}) or epochs ({epochs}), not both.")
+        if eval_steps_interval is not None and eval_epochs_interval is not None:
+            raise ValueError("Set only one of eval_steps_interval and eval_epochs_interval.")
+        if eval_dataloader is None and (eval_steps_interval or eval_epochs_interval or max_eval_samples):
+            raise ValueError("An evaluation interval or max_eval_samples was set but no eval_dataloader was given.")
+        if eval_dataloader is not None and eval_steps_interval is None and eval_epochs_interval is None:
+            eval_epochs_interval = 1
+        self.model = model
+        self.train_dataloader = train_dataloader
+        self.eval_dataloader = eval_dataloader
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.steps_per_epoch = len(train_dataloader) // gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"The train loader has {len(train_dataloader)} batches per epoch, fewer than "
+                f"gradient_accumulation_steps={gradient_accumulation_steps}."
+            )
+        self.total_steps = steps if steps is not None else (epochs or 1) * self.steps_per_epoch
+        self.log_steps_interval = log_steps_interval
+        self.eval_steps_interval = eval_steps_interval
+        self.eval_epochs_interval = eval_epochs_interval
+        self.max_eval_samples = max_eval_samples
+        self.tensorboard_dir = tensorboard_dir
+        self.seed = seed
+        self.peak_flops_per_device = peak_flops_per_device
+        self.callbacks: list[Callback] = [cb for cb in (checkpointer, profiler) if cb is not None]
+        if tensorboard_dir is not None:
+            self.callbacks.append(TensorBoardLogger(tensorboard_dir, every=log_steps_interval))
+        if progress_bar:
+            self.callbacks.append(ProgressBar())
+        self.callbacks.extend(callbacks)
+
+        params = model.variables
+        self._param_shapes = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in params.trainable.items()}
+        self.tx = as_gradient_transformation(optimizer, self._param_shapes)
+        self.state_shardings = self._state_shardings()
+        self._train_step_fn = jax.jit(
+            functools.partial(self.train_step, loss_fn=self.compute_loss, tx=self.tx),
+            in_shardings=(self.state_shardings, sharding_lib.batch_sharding(model.mesh, leading_dims=1)),
+            out_shardings=(self.state_shardings, sharding_lib.replicated(model.mesh)),
+            donate_argnames=("state",),
+        )
+        self._eval_step_fn = jax.jit(
+            functools.partial(step_lib.eval_step, loss_fn=self.compute_loss),
+            in_shardings=(self.state_shardings.model, sharding_lib.batch_sharding(model.mesh)),
+            out_shardings=sharding_lib.replicated(model.mesh),
+        )
+        self.state: TrainState | None = None
+        self.start_step = 0
+        self.error: BaseException | None = None
+        self.history: list[dict[str, float]] = []
+        self.eval_history: list[dict[str, float]] = []
+        self._peak_flops: float | None = None
+
+    # The subclass contract --------------------------------------------------------------
+
+    def compute_loss(
+        self, variables: ModelVariables, batch: step_lib.Batch, rng: jax.Array
+    ) -> tuple[LossOutput, dict[str, jax.Array]]:
+        """The loss of one (micro-)batch as a ``LossOutput`` (sum and weight) plus the
+        model's updated non-trainable variables. Runs inside ``jax.jit``: it must be pure
+        (read configuration from ``self``, never write to it)."""
+        del rng
+        logits, non_trainable = self.model.apply(variables, batch, training=True)
+        return next_token_cross_entropy(logits, batch["labels"], batch["label_mask"]), non_trainable
+
+    train_step = staticmethod(step_lib.train_step)
+
+    # State ------------------------------------------------------------------------------
+
+    def _state_shardings(self) -> TrainState:
+        mesh = self.model.mesh
+        model_shardings = self.model.variable_shardings
+        opt_shapes = jax.eval_shape(self.tx.init, self._param_shapes)
+        opt_shardings = state_shardings(opt_shapes, model_shardings.trainable, self._param_shapes, mesh)
+        replicated = sharding_lib.replicated(mesh)
+        return TrainState(model=model_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
+
+    def init_state(self) -> TrainState:
+        """A fresh state from the model's current variables."""
+        params = self.model.variables
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params.trainable)
+        replicated = sharding_lib.replicated(self.model.mesh)
+        return TrainState(
+            model=params,
+            opt_state=opt_state,
+            step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+            rng=jax.device_put(jax.random.key_data(jax.random.key(self.seed)), replicated),
+        )
+
+    # The loop ---------------------------------------------------------------------------
+
+    def train(self) -> list[dict[str, float]]:
+        """Runs training; returns the per-step metrics (also in ``self.history``)."""
+        if self.state is None:
+            self.state = self.init_state()
+        self.start_step = int(jax.device_get(self.state.step))
+        self._peak_flops = mesh_peak_flops(self.model.mesh, self.peak_flops_per_device)
+        self._flops_per_token = self.model.flops_per_token(self.train_dataloader.sequence_length)
+        self.error = None
+        logger.info("Training %d steps (%d per epoch), %s", self.total_steps, self.steps_per_epoch,
+                    f"resuming at step {self.start_step}" if self.start_step else "from scratch")
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        try:
+            self._run()
+        except BaseException as error:
+            self.error = error
+            raise
+        finally:
+            self.model.variables = self._live_model_variables()
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        return self.history
+
+    def _run(self) -> None:
+        batches = self._batches(self.start_step)
+        pending: _Pending | None = None
+        self._last_ready = time.perf_counter()
+        for step in range(self.start_step + 1, self.total_steps + 1):
+            epoch, batch = next(batches)
+            self.state, metrics = self._train_step_fn(self.state, batch)
+            if pending is not None:
+                self._complete(pending)
+            pending = _Pending(step, epoch, metrics)
+            end_of_epoch = step % self.steps_per_epoch == 0
+            if step == self.total_steps or self._eval_due(step, end_of_epoch) or any(cb.needs_sync(step) for cb in self.callbacks):
+                self._complete(pending)
+                pending = None
+                if self._eval_due(step, end_of_epoch):
+                    self.evaluate(_step=step)
+        if pending is not None:
+            self._complete(pending)
+
+    def _batches(self, start_step: int) -> Iterator[tuple[int, dict[str, jax.Array]]]:
+        """(epoch, global batch of K micro-batches) for each step from ``start_step``."""
+        k = self.gradient_accumulation_steps
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        while True:
+            micro: list[dict[str, np.ndarray]] = []
+            for index, local in enumerate(self.train_dataloader.epoch(epoch)):
+                if index < skip * k:
+                    continue
+                micro.append(local)
+                if len(micro) == k:
+                    stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+                    yield epoch, sharding_lib.shard_batch(stacked, self.model.mesh, leading_dims=1)
+                    micro = []
+                if index + 1 >= self.steps_per_epoch * k:
+                    break
+            epoch, skip = epoch + 1, 0
+
+    def _complete(self, pending: _Pending) -> None:
+        """Reads a step's metrics (blocking on that step only), checks them, logs them."""
+        values = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+        now = time.perf_counter()
+        step_time, self._last_ready = now - self._last_ready, now
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"Loss is {values['loss']} at step {pending.step} (epoch {pending.epoch}); training stopped. "
+                "The last checkpoint, if any, was written before this step and is kept."
+            )
+        values["epoch"] = pending.epoch
+        values["step_time"] = step_time
+        values["tokens_per_second"] = values["tokens"] / step_time
+        if self._peak_flops:
+            values["mfu"] = values["tokens"] * self._flops_per_token / step_time / self._peak_flops
+        self.history.append({"step": pending.step, **values})
+        if pending.step % self.log_steps_interval == 0 or pending.step == self.total_steps:
+            logger.info("step %d: %s", pending.step, _fmt(values))
+        for cb in self.callbacks:
+            cb.on_step_end(self, pending.step, values)
+
+    def _eval_due(self, step: int, end_of_epoch: bool) -> bool:
+        if self.eval_dataloader is None:
+            return False
+        if self.eval_steps_interval is not None:
+            return step % self.eval_steps_interval == 0
+        epoch_done = step // self.steps_per_epoch
+        return end_of_epoch and self.eval_epochs_interval is not None and epoch_done % self.eval_epochs_interval == 0
+
+    # Evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, *, _step: int | None = None) -> dict[str, float]:
+        """Loss, perplexity and token accuracy over the eval loader (``max_eval_samples``
+        rows at most), summed on device and read once at the end."""
+        if self.eval_dataloader is None:
+            raise ValueError("evaluate() needs an eval_dataloader.")
+        loader = self.eval_dataloader
+        variables = self._live_model_variables()
+        limit = self.max_eval_samples or len(loader.dataset)
+        totals: LossOutput | None = None
+        for index, local in enumerate(loader.epoch(0)):
+            if index * loader.global_batch_size >= limit:
+                break
+            local = _mask_rows_past(local, index, loader, limit)
+            out = self._eval_step_fn(variables, sharding_lib.shard_batch(local, self.model.mesh))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        if totals is None:
+            raise ValueError("The eval loader produced no batches.")
+        host = jax.device_get(totals)
+        weight = max(float(host.weight), 1.0)
+        loss = float(host.total) / weight
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+        metrics.update({k: float(v) / weight for k, v in host.sums.items()})
+        step = _step if _step is not None else (int(jax.device_get(self.state.step)) if self.state else 0)
+        self.eval_history.append({"step": step, **metrics})
+        logger.info("eval at step %d: %s", step, _fmt(metrics))
+        for cb in self.callbacks:
+            cb.on_eval_end(self, step, metrics)
+        if _step is None:
+            self.model.variables = variables
+        return metrics
+
+    def _live_model_variables(self) -> ModelVariables:
+        return self.state.model if self.state is not None else self.model.variables
+
+
+def _mask_rows_past(local: dict[str, np.ndarray], index: int, loader: Dataloader, limit: int) -> dict[str, np.ndarray]:
+    """Zeroes the label mask of rows beyond ``limit`` (global row order by process)."""
+    rows = loader.local_batch_size
+    first_global = index * loader.global_batch_size
+    global_rows = first_global + jax.process_index() + jax.process_count() * np.arange(rows)
+    keep = global_rows < limit
+    if keep.all():
+        return local
+    return {**local, "label_mask": local["label_mask"] * keep[:, None].astype(local["label_mask"].dtype)}
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4g}" for k, v in values.items())
