@@ -1,0 +1,74 @@
+"""Command line: ``kithara train CONFIG.yaml [--set key=value ...]`` and ``kithara demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kithara", description="Post-train language models with JAX and Keras.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("train", "train from a YAML config"),
+        ("demo", "train the embedded default: a small Llama on the bundled string-operation task"),
+        ("config", "print the resolved configuration and exit"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        if name != "demo":
+            p.add_argument("config", nargs="?" if name == "config" else None, help="YAML config file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set trainer.steps=100 (repeatable)")
+        p.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", handlers=[RichHandler(show_path=False)])
+    for noisy in ("jax._src.xla_bridge", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console = Console()
+    try:
+        from kithara.config import load_config, to_yaml
+
+        config = load_config(getattr(args, "config", None), args.overrides)
+        if args.command == "config":
+            console.print(to_yaml(config), markup=False)
+            return 0
+        from kithara.run import run
+
+        result = run(config)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        return 2
+    _report(console, result)
+    return 0
+
+
+def _report(console: Console, result: dict[str, Any]) -> None:
+    table = Table("metric", "value", title="kithara run")
+    table.add_row("parameters (trainable)", f"{result['num_params']:,} ({result['trainable_params']:,})")
+    table.add_row("train loss first -> last", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}")
+    table.add_row("tokens/s (steady state)", f"{result['tokens_per_second']:,.0f}")
+    if "eval" in result:
+        e = result["eval"]
+        table.add_row("eval loss / perplexity / token acc", f"{e['loss']:.4f} / {e['perplexity']:.3f} / {e['token_accuracy']:.3f}")
+    if "exact_match_after" in result:
+        table.add_row("held-out exact match before -> after", f"{result['exact_match_before']:.1%} -> {result['exact_match_after']:.1%}")
+    console.print(table)
+    for prompt, generated, reference in result.get("samples", []):
+        mark = "[green]ok[/]" if generated == reference else "[red]x[/]"
+        console.print(f"  {mark} {prompt!r} -> {generated!r} (expected {reference!r})", markup=True, highlight=False)
+    if result.get("tensorboard_dir"):
+        console.print(f"TensorBoard logs: tensorboard --logdir {result['tensorboard_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
