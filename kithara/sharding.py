@@ -147,7 +147,8 @@ def param_spec(strategy: ShardingStrategy, mesh: Mesh, path: str, shape: tuple[i
     axes = _logical_axes(path, len(shape))
     if axes is None:
         return PartitionSpec()
-    axes = [a if a is None or dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape, strict=True)]
+    # Drop axes of size 1 (nothing to split) and axes that do not divide their dimension.
+    axes = [a if a and mesh.shape[a] > 1 and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape, strict=True)]
     if "fsdp" not in axes and mesh.shape["fsdp"] > 1:
         for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
             if axes[i] is None and shape[i] % mesh.shape["fsdp"] == 0:

@@ -59,12 +59,13 @@ class KerasOptimizer(optax.GradientTransformation):
         paths = list(param_shapes)
         with jax.default_device(jax.devices("cpu")[0]):
             placeholders = [keras.Variable(np.zeros(s.shape, s.dtype), name=f"p{i}") for i, s in enumerate(param_shapes.values())]
+            path_of = {id(v): path for v, path in zip(placeholders, paths, strict=True)}
             owner: dict[int, str] = {}
             add_from_reference = optimizer.add_variable_from_reference
 
             def recording(reference_variable: keras.Variable, name: str | None = None, initializer: Any = "zeros"):
                 variable = add_from_reference(reference_variable, name=name, initializer=initializer)
-                owner[id(variable)] = f"{paths[placeholders.index(reference_variable)]}{_SLOT_SEPARATOR}{name}"
+                owner[id(variable)] = f"{path_of[id(reference_variable)]}{_SLOT_SEPARATOR}{name}"
                 return variable
 
             optimizer.add_variable_from_reference = recording

@@ -1,0 +1,37 @@
+"""Test set-up: 8 forced CPU devices (set before JAX starts) and tiny models and data."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import kithara  # noqa: E402
+
+TINY = dict(vocab_size=64, num_layers=2, hidden_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
+
+
+def tiny_model(family: str = "llama3", **kwargs) -> kithara.KerasHubModel:
+    return kithara.KerasHubModel.from_config(family, **{**TINY, **kwargs})
+
+
+def pattern_examples(n: int, length: int = 16, vocab: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Learnable sequences: a random 3-token pattern repeated, with random lengths."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        size = int(rng.integers(6, length + 1))
+        sequence = np.zeros(length + 1, np.int32)
+        sequence[: size + 1] = np.resize(rng.integers(3, vocab, size=3), size + 1)
+        valid = np.arange(length) < size
+        examples.append(
+            {"token_ids": sequence[:-1], "padding_mask": valid, "labels": sequence[1:], "label_mask": valid.astype(np.int32)}
+        )
+    return examples
+
+
+@pytest.fixture(scope="session")
+def examples() -> list[dict[str, np.ndarray]]:
+    return pattern_examples(256)
