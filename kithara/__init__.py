@@ -6,7 +6,7 @@ import os
 # user has not chosen, and refuse a different choice below with a clear message.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import keras  # noqa: E402
+import keras
 
 if keras.backend.backend() != "jax":
     raise ImportError(
@@ -14,12 +14,16 @@ if keras.backend.backend() != "jax":
         "Set KERAS_BACKEND=jax (or unset it) before importing keras."
     )
 
-from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger  # noqa: E402
-from kithara.data import Dataloader  # noqa: E402
-from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables  # noqa: E402
-from kithara.sharding import ShardingStrategy  # noqa: E402
-from kithara.trainer import LossOutput, Trainer, TrainState  # noqa: E402
-from kithara.trainer import optimizers  # noqa: E402
+from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger
+from kithara.data import Dataloader
+from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
+from kithara.sharding import ShardingStrategy
+from kithara.trainer import (
+    LossOutput,
+    Trainer,
+    TrainState,
+    optimizers,
+)
 
 __version__ = "0.1.0"
 
@@ -27,17 +31,17 @@ __all__ = [
     "Architecture",
     "Callback",
     "Dataloader",
+    "KerasHubModel",
+    "LoraConfig",
     "LossOutput",
+    "Model",
+    "ModelVariables",
     "Profiler",
     "ProgressBar",
+    "ShardingStrategy",
     "TensorBoardLogger",
     "TrainState",
     "Trainer",
-    "optimizers",
-    "KerasHubModel",
-    "LoraConfig",
-    "Model",
-    "ModelVariables",
-    "ShardingStrategy",
     "__version__",
+    "optimizers",
 ]

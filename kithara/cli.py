@@ -23,8 +23,14 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name != "demo":
             p.add_argument("config", nargs="?" if name == "config" else None, help="YAML config file")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set trainer.steps=100 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set trainer.steps=100 (repeatable)",
+        )
         p.add_argument("--log-level", default="INFO")
     return parser
 
@@ -59,9 +65,14 @@ def _report(console: Console, result: dict[str, Any]) -> None:
     table.add_row("tokens/s (steady state)", f"{result['tokens_per_second']:,.0f}")
     if "eval" in result:
         e = result["eval"]
-        table.add_row("eval loss / perplexity / token acc", f"{e['loss']:.4f} / {e['perplexity']:.3f} / {e['token_accuracy']:.3f}")
+        table.add_row(
+            "eval loss / perplexity / token acc", f"{e['loss']:.4f} / {e['perplexity']:.3f} / {e['token_accuracy']:.3f}"
+        )
     if "exact_match_after" in result:
-        table.add_row("held-out exact match before -> after", f"{result['exact_match_before']:.1%} -> {result['exact_match_after']:.1%}")
+        table.add_row(
+            "held-out exact match before -> after",
+            f"{result['exact_match_before']:.1%} -> {result['exact_match_after']:.1%}",
+        )
     console.print(table)
     for prompt, generated, reference in result.get("samples", []):
         mark = "[green]ok[/]" if generated == reference else "[red]x[/]"

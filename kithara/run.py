@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from kithara.config import RunConfig
 from kithara.data.dataloader import Dataloader
-from kithara.data.prompt_completion import read_jsonl, tokenize_prompt_completion
+from kithara.data.prompt_completion import read_jsonl, token_id, tokenize_prompt_completion
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.lora import LoraConfig
 from kithara.sharding import ShardingStrategy
@@ -59,7 +59,9 @@ def build_model(config: RunConfig) -> KerasHubModel:
 def build_optimizer(config: RunConfig, total_steps: int) -> optax.GradientTransformation:
     o = config.optimizer
     decay_steps = max(total_steps, o.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, decay_steps, o.final_learning_rate)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.learning_rate, o.warmup_steps, decay_steps, o.final_learning_rate
+    )
     return optimizers.adamw(schedule, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
 
 
@@ -69,11 +71,13 @@ def exact_match(
     """Share of prompts whose greedy completion equals the reference (whitespace-trimmed),
     and ``(prompt, generated, reference)`` triples."""
     d = config.data
-    bos = [tokenizer.token_to_id(d.bos_token)] if d.bos_token else []
-    eos = tokenizer.token_to_id(d.eos_token)
+    bos = [token_id(tokenizer, d.bos_token)] if d.bos_token else []
+    eos = token_id(tokenizer, d.eos_token)
     prompts = [bos + tokenizer.encode(r["prompt"], add_special_tokens=False).ids for r in rows]
     outputs = model.generate(prompts, max_length=d.max_seq_len, stop_token_ids=[eos])
-    triples = [(r["prompt"], tokenizer.decode(o).strip(), r["completion"].strip()) for r, o in zip(rows, outputs, strict=True)]
+    triples = [
+        (r["prompt"], tokenizer.decode(o).strip(), r["completion"].strip()) for r, o in zip(rows, outputs, strict=True)
+    ]
     return float(np.mean([gen == ref for _, gen, ref in triples])), triples
 
 
@@ -82,18 +86,32 @@ def run(config: RunConfig) -> dict[str, Any]:
     configure_cpu_devices(config.cpu_devices)  # only affects the CPU platform
     d, t = config.data, config.trainer
     tokenizer = Tokenizer.from_file(d.tokenizer)
-    encode = dict(max_seq_len=d.max_seq_len, bos_token=d.bos_token, eos_token=d.eos_token, pad_token=d.pad_token)
-    train_examples, dropped = tokenize_prompt_completion(read_jsonl(d.train_file), tokenizer, **encode)
+
+    def encode(rows: list[dict[str, Any]]) -> tuple[list[dict[str, np.ndarray]], int]:
+        return tokenize_prompt_completion(
+            rows,
+            tokenizer,
+            max_seq_len=d.max_seq_len,
+            bos_token=d.bos_token,
+            eos_token=d.eos_token,
+            pad_token=d.pad_token,
+        )
+
+    train_examples, dropped = encode(read_jsonl(d.train_file))
     if dropped:
-        logger.warning("Dropped %d training rows left without completion tokens by max_seq_len=%d.", dropped, d.max_seq_len)
+        logger.warning(
+            "Dropped %d training rows left without completion tokens by max_seq_len=%d.", dropped, d.max_seq_len
+        )
     eval_rows = read_jsonl(d.eval_file) if d.eval_file else []
-    eval_examples = tokenize_prompt_completion(eval_rows, tokenizer, **encode)[0] if eval_rows else []
+    eval_examples = encode(eval_rows)[0] if eval_rows else []
 
     model = build_model(config)
     logger.info("Model:\n%s", model.summary())
     train_loader = Dataloader(train_examples, d.per_device_batch_size, seed=d.seed)
     eval_loader = (
-        Dataloader(eval_examples, d.per_device_batch_size, shuffle=False, drop_remainder=False) if eval_examples else None
+        Dataloader(eval_examples, d.per_device_batch_size, shuffle=False, drop_remainder=False)
+        if eval_examples
+        else None
     )
     steps_per_epoch = len(train_loader) // t.gradient_accumulation_steps
     total_steps = t.steps or (t.epochs or 1) * steps_per_epoch

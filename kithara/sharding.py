@@ -90,9 +90,7 @@ class ShardingStrategy:
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}.")
         if self.tensor_parallel > 1 and self.name != "fsdp_tp":
-            raise ValueError(
-                f"tensor_parallel={self.tensor_parallel} needs strategy 'fsdp_tp', not {self.name!r}."
-            )
+            raise ValueError(f"tensor_parallel={self.tensor_parallel} needs strategy 'fsdp_tp', not {self.name!r}.")
         for pattern, spec in self.rules:
             re.compile(pattern)
             if not isinstance(spec, PartitionSpec):
@@ -148,7 +146,9 @@ def param_spec(strategy: ShardingStrategy, mesh: Mesh, path: str, shape: tuple[i
     if axes is None:
         return PartitionSpec()
     # Drop axes of size 1 (nothing to split) and axes that do not divide their dimension.
-    axes = [a if a and mesh.shape[a] > 1 and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape, strict=True)]
+    axes = [
+        a if a and mesh.shape[a] > 1 and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape, strict=True)
+    ]
     if "fsdp" not in axes and mesh.shape["fsdp"] > 1:
         for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
             if axes[i] is None and shape[i] % mesh.shape["fsdp"] == 0:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 OUT = Path(__file__).resolve().parent.parent / "kithara" / "assets" / "demo"
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-ALPHABET = list(string.ascii_lowercase) + [" ", "="]
+ALPHABET = [*string.ascii_lowercase, " ", "="]
 OPS = {
     "rev": lambda w: w[::-1],
     "next": lambda w: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in w),

@@ -5,10 +5,10 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-import kithara  # noqa: E402
+import kithara
 
 TINY = dict(vocab_size=64, num_layers=2, hidden_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
 
@@ -27,7 +27,12 @@ def pattern_examples(n: int, length: int = 16, vocab: int = 64, seed: int = 0) -
         sequence[: size + 1] = np.resize(rng.integers(3, vocab, size=3), size + 1)
         valid = np.arange(length) < size
         examples.append(
-            {"token_ids": sequence[:-1], "padding_mask": valid, "labels": sequence[1:], "label_mask": valid.astype(np.int32)}
+            {
+                "token_ids": sequence[:-1],
+                "padding_mask": valid,
+                "labels": sequence[1:],
+                "label_mask": valid.astype(np.int32),
+            }
         )
     return examples
 

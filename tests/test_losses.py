@@ -6,7 +6,11 @@ from kithara.trainer.losses import next_token_cross_entropy
 
 def _reference(logits, labels, mask):
     logits = logits.astype(np.float64)
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
     return (nll * mask).sum(), mask.sum(), ((logits.argmax(-1) == labels) * mask).sum()
 

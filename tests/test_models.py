@@ -39,7 +39,11 @@ def test_architecture_is_validated():
 
 @pytest.mark.parametrize(
     ("precision", "variable_dtype", "logits_dtype"),
-    [("float32", "float32", "float32"), ("bfloat16", "bfloat16", "bfloat16"), ("mixed_bfloat16", "float32", "bfloat16")],
+    [
+        ("float32", "float32", "float32"),
+        ("bfloat16", "bfloat16", "bfloat16"),
+        ("mixed_bfloat16", "float32", "bfloat16"),
+    ],
 )
 def test_precision_policies(precision, variable_dtype, logits_dtype):
     model = tiny_model(precision=precision)
@@ -103,7 +107,7 @@ def test_from_preset_round_trip_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         kithara.KerasHubModel.from_preset(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         kithara.KerasHubModel.from_preset(str(tmp_path / "empty"))
 
 
@@ -115,7 +119,9 @@ def test_generate_is_greedy_and_stops():
     assert [len(r) for r in first] == [9, 10]
     # Greedy: each new token is the argmax of the logits of the sequence so far.
     seq = prompts[0] + first[0][:1]
-    logits, _ = model.apply(model.variables, {"token_ids": np.asarray([prompts[0]]), "padding_mask": np.ones((1, 3), bool)}, training=False)
+    logits, _ = model.apply(
+        model.variables, {"token_ids": np.asarray([prompts[0]]), "padding_mask": np.ones((1, 3), bool)}, training=False
+    )
     assert int(np.argmax(np.asarray(logits)[0, -1])) == seq[3]
     stop = first[0][2]
     stopped = model.generate(prompts[:1], max_length=12, stop_token_ids=[stop])

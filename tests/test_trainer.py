@@ -20,7 +20,13 @@ def losses(trainer):
 
 
 def test_step_compiles_once_and_metrics_are_complete(examples):
-    trainer = make_trainer(tiny_model(), examples, steps=12, eval_dataloader=kithara.Dataloader(examples[:40], 1, shuffle=False, drop_remainder=False), eval_steps_interval=4)
+    trainer = make_trainer(
+        tiny_model(),
+        examples,
+        steps=12,
+        eval_dataloader=kithara.Dataloader(examples[:40], 1, shuffle=False, drop_remainder=False),
+        eval_steps_interval=4,
+    )
     history = trainer.train()
     trainer.evaluate()
     assert trainer._train_step_fn._cache_size() == 1
@@ -49,15 +55,26 @@ def test_gradient_accumulation_equals_one_large_batch(examples):
     # SGD keeps the update linear in the gradient; Adam's g/sqrt(v) would amplify fp32
     # rounding of near-zero gradient entries and hide what this test checks.
     big = make_trainer(tiny_model(), examples, per_device=4, steps=3, optimizer=optax.sgd(0.5))
-    accumulated = make_trainer(tiny_model(), examples, per_device=1, steps=3, gradient_accumulation_steps=4, optimizer=optax.sgd(0.5))
+    accumulated = make_trainer(
+        tiny_model(), examples, per_device=1, steps=3, gradient_accumulation_steps=4, optimizer=optax.sgd(0.5)
+    )
     np.testing.assert_allclose(losses(accumulated), losses(big), rtol=2e-6)
     for path, value in big.model.variables.trainable.items():
-        np.testing.assert_allclose(np.asarray(accumulated.model.variables.trainable[path]), np.asarray(value), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(accumulated.model.variables.trainable[path]), np.asarray(value), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_loss_falls_on_a_learnable_task():
     examples = pattern_examples(512, seed=1)
-    trainer = make_trainer(tiny_model(), examples, per_device=4, steps=60, eval_dataloader=kithara.Dataloader(pattern_examples(64, seed=2), 4, shuffle=False, drop_remainder=False), eval_steps_interval=60)
+    trainer = make_trainer(
+        tiny_model(),
+        examples,
+        per_device=4,
+        steps=60,
+        eval_dataloader=kithara.Dataloader(pattern_examples(64, seed=2), 4, shuffle=False, drop_remainder=False),
+        eval_steps_interval=60,
+    )
     history = trainer.train()
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
     assert trainer.eval_history[-1]["token_accuracy"] > 0.4
@@ -125,11 +142,29 @@ def test_tensorboard_events_have_the_expected_tags(examples, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = kithara.Dataloader(examples[:16], 1, shuffle=False, drop_remainder=False)
-    make_trainer(tiny_model(), examples, steps=6, log_steps_interval=2, eval_dataloader=ev, eval_steps_interval=3, tensorboard_dir=str(tmp_path)).train()
+    make_trainer(
+        tiny_model(),
+        examples,
+        steps=6,
+        log_steps_interval=2,
+        eval_dataloader=ev,
+        eval_steps_interval=3,
+        tensorboard_dir=str(tmp_path),
+    ).train()
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/mfu", "train/step_time", "eval/loss", "eval/perplexity", "eval/token_accuracy"):
+    for tag in (
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "train/mfu",
+        "train/step_time",
+        "eval/loss",
+        "eval/perplexity",
+        "eval/token_accuracy",
+    ):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("eval/loss")] == [3, 6]
@@ -157,7 +192,9 @@ def test_nan_loss_stops_training_with_a_clear_error(examples):
             seen.append(type(trainer.error).__name__)
 
     loader = kithara.Dataloader(rows, 1, shuffle=False)
-    trainer = PoisonedTrainer(model, kithara.optimizers.adamw(1e-3), loader, steps=8, progress_bar=False, callbacks=[Record()])
+    trainer = PoisonedTrainer(
+        model, kithara.optimizers.adamw(1e-3), loader, steps=8, progress_bar=False, callbacks=[Record()]
+    )
     with pytest.raises(FloatingPointError, match="at step 4"):
         trainer.train()
     assert seen == [1, 2, 3, "FloatingPointError"]
@@ -172,7 +209,10 @@ def test_keras_optimizer_works_and_reports_its_learning_rate(examples):
     assert trainer._train_step_fn._cache_size() == 1
     slots = trainer.state.opt_state.variables
     mu_key = next(k for k in slots if k.startswith("transformer_layer_0/self_attention/query/kernel#"))
-    assert slots[mu_key].sharding == trainer.model.variable_shardings.trainable["transformer_layer_0/self_attention/query/kernel"]
+    assert (
+        slots[mu_key].sharding
+        == trainer.model.variable_shardings.trainable["transformer_layer_0/self_attention/query/kernel"]
+    )
 
 
 def test_optax_schedule_and_clipping(examples):

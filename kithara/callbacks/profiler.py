@@ -67,6 +67,6 @@ class Profiler(Callback):
             self.active = False
 
     def _start(self) -> None:
-        if not self.active:
+        if not self.active and self.trace_dir is not None:
             jax.profiler.start_trace(self.trace_dir)
             self.active = True

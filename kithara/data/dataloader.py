@@ -51,7 +51,9 @@ class Dataloader:
         num_devices = num_devices or jax.device_count()
         self.global_batch_size = per_device_batch_size * num_devices
         if self.global_batch_size % jax.process_count():
-            raise ValueError(f"Global batch {self.global_batch_size} does not split over {jax.process_count()} processes.")
+            raise ValueError(
+                f"Global batch {self.global_batch_size} does not split over {jax.process_count()} processes."
+            )
         self.local_batch_size = self.global_batch_size // jax.process_count()
         self.dataset = dataset if isinstance(dataset, grain.MapDataset) else grain.MapDataset.source(dataset)
         self.shuffle = shuffle

@@ -27,7 +27,9 @@ def read_jsonl(path: str | Path, fields: Sequence[str] = ("prompt", "completion"
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
             missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
             if missing:
-                raise ValueError(f"{path}:{number}: needs string fields {list(fields)}; missing or not a string: {missing}.")
+                raise ValueError(
+                    f"{path}:{number}: needs string fields {list(fields)}; missing or not a string: {missing}."
+                )
             rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no rows.")
@@ -74,13 +76,15 @@ def tokenize_prompt_completion(
 ) -> tuple[list[dict[str, np.ndarray]], int]:
     """Tokenizes ``{"prompt", "completion"}`` rows; returns the examples and how many rows
     were dropped because truncation left them no completion token."""
-    bos_id = _token_id(tokenizer, bos_token) if bos_token else None
-    eos_id, pad_id = _token_id(tokenizer, eos_token), _token_id(tokenizer, pad_token)
+    bos_id = token_id(tokenizer, bos_token) if bos_token else None
+    eos_id, pad_id = token_id(tokenizer, eos_token), token_id(tokenizer, pad_token)
     examples, dropped = [], 0
     for row in rows:
         prompt = tokenizer.encode(row["prompt"], add_special_tokens=False).ids
         completion = tokenizer.encode(row["completion"], add_special_tokens=False).ids
-        example = encode_prompt_completion(prompt, completion, max_seq_len=max_seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+        example = encode_prompt_completion(
+            prompt, completion, max_seq_len=max_seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id
+        )
         if example is None:
             dropped += 1
         else:
@@ -88,7 +92,7 @@ def tokenize_prompt_completion(
     return examples, dropped
 
 
-def _token_id(tokenizer: Tokenizer, token: str) -> int:
+def token_id(tokenizer: Tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
         raise ValueError(f"The tokenizer has no special token {token!r}.")

@@ -54,9 +54,7 @@ class Architecture:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"Architecture.{field.name} must be a positive int, got {value!r}.")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})."
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads}).")
         if self.head_dim is None and self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"hidden_dim ({self.hidden_dim}) is not divisible by num_heads ({self.num_heads}); "
@@ -108,10 +106,16 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama3", "Llama3Backbone", "Llama3CausalLM", _LLAMA_LAYERS, _llama_args, {"rope_max_wavelength": 500000}),
-        Family("mistral", "MistralBackbone", "MistralCausalLM", _LLAMA_LAYERS, _with_head_dim, {"sliding_window": 4096}),
+        Family(
+            "llama3", "Llama3Backbone", "Llama3CausalLM", _LLAMA_LAYERS, _llama_args, {"rope_max_wavelength": 500000}
+        ),
+        Family(
+            "mistral", "MistralBackbone", "MistralCausalLM", _LLAMA_LAYERS, _with_head_dim, {"sliding_window": 4096}
+        ),
         Family("qwen2", "QwenBackbone", "Qwen2CausalLM", _LLAMA_LAYERS, _llama_args, {"rope_max_wavelength": 1000000}),
-        Family("qwen3", "Qwen3Backbone", "Qwen3CausalLM", _LLAMA_LAYERS, _with_head_dim, {"rope_max_wavelength": 1000000}),
+        Family(
+            "qwen3", "Qwen3Backbone", "Qwen3CausalLM", _LLAMA_LAYERS, _with_head_dim, {"rope_max_wavelength": 1000000}
+        ),
         Family("gemma", "GemmaBackbone", "GemmaCausalLM", _GEMMA_LAYERS, _gemma_args),
         Family(
             "gemma2",

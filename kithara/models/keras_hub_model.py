@@ -14,9 +14,9 @@ import jax
 import keras
 import keras_hub
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from rich.console import Console
 from rich.table import Table
-from jax.sharding import Mesh, NamedSharding
 
 from kithara import sharding as sharding_lib
 from kithara.models.families import Architecture, get_family, layer_layout
@@ -146,7 +146,10 @@ class KerasHubModel(Model):
 
     @variables.setter
     def variables(self, values: ModelVariables) -> None:
-        for expected, given in ((self._trainable_paths, values.trainable), (self._non_trainable_paths, values.non_trainable)):
+        for expected, given in (
+            (self._trainable_paths, values.trainable),
+            (self._non_trainable_paths, values.non_trainable),
+        ):
             if set(expected) != set(given):
                 missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
                 raise ValueError(f"Variables do not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
@@ -233,10 +236,12 @@ class KerasHubModel(Model):
         total, trainable = self.num_params, self.num_trainable_params
         policy = self.backbone.dtype_policy.name
         mesh = " ".join(f"{k}={v}" for k, v in self._mesh.shape.items())
+        devices = f"{self._mesh.devices.size} {jax.devices()[0].platform} devices"
+        share = 100 * trainable / max(total, 1)
         lines = [
             f"{type(self.causal_lm).__name__} ({self.family}), precision {policy}",
-            f"mesh {mesh} (strategy {self.strategy.name}) on {self._mesh.devices.size} {jax.devices()[0].platform} devices",
-            f"parameters: {_human(total)} total, {_human(trainable)} trainable ({100 * trainable / max(total, 1):.2f}%)",
+            f"mesh {mesh} (strategy {self.strategy.name}) on {devices}",
+            f"parameters: {_human(total)} total, {_human(trainable)} trainable ({share:.2f}%)",
         ]
         if self.lora is not None:
             lines.append(
@@ -270,7 +275,7 @@ class KerasHubModel(Model):
             if getattr(value, "sharding", None) == sharding:
                 continue
             host = np.asarray(value)
-            variable.assign(jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index]))
+            variable.assign(jax.make_array_from_callback(host.shape, sharding, host.__getitem__))
 
 
 def _group(path: str) -> str:

@@ -6,6 +6,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
@@ -20,8 +21,8 @@ class ModelVariables:
     weights (the base weights under LoRA) and layer state such as dropout seeds.
     """
 
-    trainable: dict[str, jax.Array]
-    non_trainable: dict[str, jax.Array]
+    trainable: dict[str, Any]  # arrays; the same structure also carries shardings or shapes
+    non_trainable: dict[str, Any]
 
 
 class Model(abc.ABC):

@@ -37,4 +37,6 @@ def next_token_cross_entropy(logits_BxLxV: jax.Array, labels_BxL: jax.Array, lab
     mask = label_mask_BxL.astype(bool)
     nll = jnp.where(mask, log_z_BxL - label_logit_BxL, 0.0).sum()
     correct = jnp.where(mask, jnp.argmax(logits, axis=-1) == labels_BxL, False).sum()
-    return LossOutput(total=nll, weight=mask.sum().astype(jnp.float32), sums={"token_accuracy": correct.astype(jnp.float32)})
+    return LossOutput(
+        total=nll, weight=mask.sum().astype(jnp.float32), sums={"token_accuracy": correct.astype(jnp.float32)}
+    )

@@ -58,7 +58,9 @@ class KerasOptimizer(optax.GradientTransformation):
     def __new__(cls, optimizer: keras.optimizers.Optimizer, param_shapes: Mapping[str, jax.ShapeDtypeStruct]):
         paths = list(param_shapes)
         with jax.default_device(jax.devices("cpu")[0]):
-            placeholders = [keras.Variable(np.zeros(s.shape, s.dtype), name=f"p{i}") for i, s in enumerate(param_shapes.values())]
+            placeholders = [
+                keras.Variable(np.zeros(s.shape, s.dtype), name=f"p{i}") for i, s in enumerate(param_shapes.values())
+            ]
             path_of = {id(v): path for v, path in zip(placeholders, paths, strict=True)}
             owner: dict[int, str] = {}
             add_from_reference = optimizer.add_variable_from_reference
@@ -89,7 +91,9 @@ class KerasOptimizer(optax.GradientTransformation):
                 raise ValueError("KerasOptimizer.update needs params.")
             values = [state.variables[k] for k in keys]
             lr = current_lr(values)
-            new_params, new_values = optimizer.stateless_apply(values, [grads[p] for p in paths], [params[p] for p in paths])
+            new_params, new_values = optimizer.stateless_apply(
+                values, [grads[p] for p in paths], [params[p] for p in paths]
+            )
             updates = {p: new - params[p] for p, new in zip(paths, new_params, strict=True)}
             return updates, KerasOptimizerState(dict(zip(keys, new_values, strict=True)), lr)
 

@@ -24,5 +24,5 @@ class TrainState:
 
     model: ModelVariables
     opt_state: Any
-    step: jax.Array
-    rng: jax.Array
+    step: Any  # int32 scalar array (or its sharding, in the layout tree)
+    rng: Any  # PRNG key data

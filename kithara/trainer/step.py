@@ -19,7 +19,9 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[ModelVariables, Batch, jax.Array], tuple[LossOutput, dict[str, jax.Array]]]
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from ``batch``, whose arrays are ``[micro_batches, batch, ...]``.
 
     Gradients of each micro-batch's loss *sum* are added up and divided by the total weight

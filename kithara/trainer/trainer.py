@@ -95,9 +95,15 @@ class Trainer:
         seed: int = 0,
         peak_flops_per_device: float | None = None,
     ) -> None:
-        _check_positive(steps=steps, epochs=epochs, eval_steps_interval=eval_steps_interval,
-                        eval_epochs_interval=eval_epochs_interval, max_eval_samples=max_eval_samples,
-                        log_steps_interval=log_steps_interval, gradient_accumulation_steps=gradient_accumulation_steps)
+        _check_positive(
+            steps=steps,
+            epochs=epochs,
+            eval_steps_interval=eval_steps_interval,
+            eval_epochs_interval=eval_epochs_interval,
+            max_eval_samples=max_eval_samples,
+            log_steps_interval=log_steps_interval,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+        )
         if steps is not None and epochs is not None:
             raise ValueError(f"Set steps ({steps}) or epochs ({epochs}), not both.")
         if eval_steps_interval is not None and eval_epochs_interval is not None:
@@ -199,8 +205,12 @@ class Trainer:
         self._peak_flops = mesh_peak_flops(self.model.mesh, self.peak_flops_per_device)
         self._flops_per_token = self.model.flops_per_token(self.train_dataloader.sequence_length)
         self.error = None
-        logger.info("Training %d steps (%d per epoch), %s", self.total_steps, self.steps_per_epoch,
-                    f"resuming at step {self.start_step}" if self.start_step else "from scratch")
+        logger.info(
+            "Training %d steps (%d per epoch), %s",
+            self.total_steps,
+            self.steps_per_epoch,
+            f"resuming at step {self.start_step}" if self.start_step else "from scratch",
+        )
         for cb in self.callbacks:
             cb.on_train_begin(self)
         try:
@@ -225,7 +235,11 @@ class Trainer:
                 self._complete(pending)
             pending = _Pending(step, epoch, metrics)
             end_of_epoch = step % self.steps_per_epoch == 0
-            if step == self.total_steps or self._eval_due(step, end_of_epoch) or any(cb.needs_sync(step) for cb in self.callbacks):
+            if (
+                step == self.total_steps
+                or self._eval_due(step, end_of_epoch)
+                or any(cb.needs_sync(step) for cb in self.callbacks)
+            ):
                 self._complete(pending)
                 pending = None
                 if self._eval_due(step, end_of_epoch):

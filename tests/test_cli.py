@@ -1,0 +1,45 @@
+import pytest
+
+from kithara import cli
+from kithara.config import ASSETS, load_config
+
+
+def test_config_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  num_layers: 1\ndata:\n  train_file: data/train.jsonl\ntrainer:\n  steps: 7\n")
+    config = load_config(path, ["trainer.steps=9", "lora.enabled=true"])
+    assert config.model.num_layers == 1 and config.model.family == "llama3"
+    assert config.trainer.steps == 9 and config.lora.enabled is True
+    assert config.data.train_file == str(tmp_path / "data" / "train.jsonl")
+    assert config.data.tokenizer == str(ASSETS / "demo" / "tokenizer.json")
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"trainer\.stepz"):
+        load_config(None, ["trainer.stepz=3"])
+    with pytest.raises(ValueError, match="steps"):
+        load_config(None, ["trainer.steps=many"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["trainer.steps"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_kithara_train_runs_the_shipped_config(capsys, tmp_path):
+    overrides = [
+        "trainer.steps=30",
+        "trainer.log_steps_interval=10",
+        "trainer.eval_steps_interval=30",
+        f"trainer.tensorboard_dir={tmp_path}/tb",
+        "trainer.progress_bar=false",
+        "generation_eval.max_samples=16",
+        "model.hidden_dim=64",
+        "model.intermediate_dim=128",
+    ]
+    config = str(ASSETS.parent / "configs" / "demo.yaml")
+    assert cli.main(["train", config, *[arg for o in overrides for arg in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    assert "held-out exact match" in out and "train loss first -> last" in out
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
