@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
+import jax
 
 SIZES = {
     "tiny": dict(vocab_size=256, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=128),
@@ -38,7 +38,8 @@ def examples(n: int, length: int, vocab: int) -> list[dict]:
         size = int(rng.integers(length // 2, length + 1))
         seq = rng.integers(3, vocab, length + 1).astype(np.int32)
         valid = np.arange(length) < size
-        out.append({"token_ids": seq[:-1], "padding_mask": valid, "labels": seq[1:], "label_mask": valid.astype(np.int32)})
+        mask = valid.astype(np.int32)
+        out.append({"token_ids": seq[:-1], "padding_mask": valid, "labels": seq[1:], "label_mask": mask})
     return out
 
 
@@ -130,9 +131,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    plan = [("tiny", False), ("tiny", True)] if args.smoke else [("tiny", False), ("small", False), ("small", True), ("medium", False), ("medium", True)]
+    full = [("tiny", False), ("small", False), ("small", True), ("medium", False), ("medium", True)]
+    plan = [("tiny", False), ("tiny", True)] if args.smoke else full
     steps = 6 if args.smoke else 30
-    rows = [bench_size(n, SIZES[n], lora=lo, steps=steps, seq=64 if args.smoke else 128, per_device=4) for n, lo in plan]
+    seq = 64 if args.smoke else 128
+    rows = [bench_size(n, SIZES[n], lora=lo, steps=steps, seq=seq, per_device=4) for n, lo in plan]
     for row in rows:
         if not row["loss_is_finite"]:
             raise SystemExit(f"benchmark {row['size']} produced a non-finite loss")
@@ -146,13 +149,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"machine": machine, "smoke": args.smoke, "rows": rows}, indent=2))
-    header = "| size | LoRA | params | trainable | batch x seq | trainer step (s) | raw jit step (s) | overhead | tokens/s | MFU | first step (s) | peak RSS (MiB) |"
+    header = (
+        "| size | LoRA | params | trainable | batch x seq | trainer step (s) | raw jit step (s) | overhead "
+        "| tokens/s | MFU | first step (s) | peak RSS (MiB) |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['size']} | {'yes' if r['lora'] else 'no'} | {r['params']:,} | {r['trainable_params']:,} | "
             f"{r['global_batch']}x{r['seq_len']} | {r['trainer_step_s']:.4f} | {r['raw_jit_step_s']:.4f} | "
-            f"{r['overhead_ratio']:.3f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | {r['first_step_s']:.2f} | {r['peak_rss_mib']:,.0f} |"
+            f"{r['overhead_ratio']:.3f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | {r['first_step_s']:.2f} | "
+            f"{r['peak_rss_mib']:,.0f} |"
         )
     table = "\n".join(lines)
     (out / "results.md").write_text(f"Machine: {machine}\n\n{table}\n")
