@@ -18,7 +18,7 @@ from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.lora import LoraConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import optimizers
-from kithara.trainer.trainer import Trainer
+from kithara.trainer.trainer import Trainer, plan_steps
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         if eval_examples
         else None
     )
-    steps_per_epoch = len(train_loader) // t.gradient_accumulation_steps
-    total_steps = t.steps or (t.epochs or 1) * steps_per_epoch
+    _, total_steps = plan_steps(
+        len(train_loader), steps=t.steps, epochs=t.epochs, gradient_accumulation_steps=t.gradient_accumulation_steps
+    )
     trainer = Trainer(
         model,
         build_optimizer(config, total_steps),

@@ -1,5 +1,6 @@
 import json
 
+import jax
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -64,3 +65,17 @@ def test_dataloader_errors(examples):
         kithara.Dataloader([{"token_ids": np.zeros(4)}] * 8, 1)
     with pytest.raises(ValueError, match="positive int"):
         kithara.Dataloader(examples, 0)
+
+
+def test_every_process_gets_the_same_number_of_batches(examples, monkeypatch):
+    # 17 rows, 2 processes, global batch 16: process 0 has 9 rows (2 batches), process 1
+    # has 8 (1 batch). Both must yield len(loader) == 2 batches or collectives would hang.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    counts = []
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+        loader = kithara.Dataloader(examples[:17], 2, shuffle=False, drop_remainder=False)
+        batches = list(loader.epoch(0))
+        assert all(b["token_ids"].shape == (8, 16) for b in batches)
+        counts.append((len(batches), sum(int(b["label_mask"].any(axis=1).sum()) for b in batches)))
+    assert counts == [(2, 9), (2, 8)]

@@ -78,16 +78,23 @@ class Dataloader:
         return len(self.dataset[0]["token_ids"])
 
     def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """This process's local batches (``[local_batch, length]`` arrays) of one epoch."""
+        """This process's local batches (``[local_batch, length]`` arrays) of one epoch.
+
+        Every process yields exactly ``len(self)`` batches (collectives need that): when the
+        rows do not split evenly, a process short of rows gets all-masked padding batches.
+        """
         ds = self.dataset
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed + epoch)
         ds = ds[: min(len(ds), len(self) * self.global_batch_size)]
         ds = ds[jax.process_index() :: jax.process_count()]
-        for index, batch in enumerate(ds.batch(self.local_batch_size, drop_remainder=self.drop_remainder)):
-            if index >= len(self):
-                break
+        count = 0
+        for batch in ds.batch(self.local_batch_size, drop_remainder=self.drop_remainder):
+            count += 1
             yield _pad_rows(batch, self.local_batch_size)
+        empty = {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in self.dataset[0].items()}
+        for _ in range(count, len(self)):
+            yield _pad_rows(empty, self.local_batch_size)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.epoch(0)

@@ -46,7 +46,9 @@ class KerasOptimizerState(NamedTuple):
     learning_rate: jax.Array
 
 
-class KerasOptimizer(optax.GradientTransformation):
+def keras_optimizer(
+    optimizer: keras.optimizers.Optimizer, param_shapes: Mapping[str, jax.ShapeDtypeStruct]
+) -> optax.GradientTransformation:
     """A keras optimizer run statelessly, with the optax interface.
 
     The keras optimizer is built once on host memory against placeholder variables (one
@@ -54,50 +56,48 @@ class KerasOptimizer(optax.GradientTransformation):
     calls ``stateless_apply`` inside the jitted step. Slot variables are keyed by the
     parameter they belong to, so they get that parameter's sharding.
     """
+    paths = list(param_shapes)
+    with jax.default_device(jax.devices("cpu")[0]):
+        placeholders = [
+            keras.Variable(np.zeros(s.shape, s.dtype), name=f"p{i}") for i, s in enumerate(param_shapes.values())
+        ]
+        path_of = {id(v): path for v, path in zip(placeholders, paths, strict=True)}
+        owner: dict[int, str] = {}
+        add_from_reference = optimizer.add_variable_from_reference
 
-    def __new__(cls, optimizer: keras.optimizers.Optimizer, param_shapes: Mapping[str, jax.ShapeDtypeStruct]):
-        paths = list(param_shapes)
-        with jax.default_device(jax.devices("cpu")[0]):
-            placeholders = [
-                keras.Variable(np.zeros(s.shape, s.dtype), name=f"p{i}") for i, s in enumerate(param_shapes.values())
-            ]
-            path_of = {id(v): path for v, path in zip(placeholders, paths, strict=True)}
-            owner: dict[int, str] = {}
-            add_from_reference = optimizer.add_variable_from_reference
+        def recording(reference_variable: keras.Variable, name: str | None = None, initializer: Any = "zeros"):
+            variable = add_from_reference(reference_variable, name=name, initializer=initializer)
+            owner[id(variable)] = f"{path_of[id(reference_variable)]}{_SLOT_SEPARATOR}{name}"
+            return variable
 
-            def recording(reference_variable: keras.Variable, name: str | None = None, initializer: Any = "zeros"):
-                variable = add_from_reference(reference_variable, name=name, initializer=initializer)
-                owner[id(variable)] = f"{path_of[id(reference_variable)]}{_SLOT_SEPARATOR}{name}"
-                return variable
+        optimizer.add_variable_from_reference = recording
+        try:
+            optimizer.build(placeholders)
+        finally:
+            del optimizer.add_variable_from_reference
+        keys = [owner.get(id(v), v.path) for v in optimizer.variables]
+        initial = {k: np.asarray(v.value) for k, v in zip(keys, optimizer.variables, strict=True)}
 
-            optimizer.add_variable_from_reference = recording
-            try:
-                optimizer.build(placeholders)
-            finally:
-                del optimizer.add_variable_from_reference
-            keys = [owner.get(id(v), v.path) for v in optimizer.variables]
-            initial = {k: np.asarray(v.value) for k, v in zip(keys, optimizer.variables, strict=True)}
+    def current_lr(values: list[jax.Array]) -> jax.Array:
+        with StatelessScope(state_mapping=list(zip(optimizer.variables, values, strict=True))):
+            return jnp.asarray(optimizer._get_current_learning_rate(), jnp.float32)
 
-        def current_lr(values: list[jax.Array]) -> jax.Array:
-            with StatelessScope(state_mapping=list(zip(optimizer.variables, values, strict=True))):
-                return jnp.asarray(optimizer._get_current_learning_rate(), jnp.float32)
+    def init(params: Any) -> KerasOptimizerState:
+        del params
+        return KerasOptimizerState({k: jnp.asarray(v) for k, v in initial.items()}, jnp.zeros((), jnp.float32))
 
-        def init(params: Any) -> KerasOptimizerState:
-            del params
-            return KerasOptimizerState({k: jnp.asarray(v) for k, v in initial.items()}, jnp.zeros((), jnp.float32))
+    def update(grads: Any, state: KerasOptimizerState, params: Any = None) -> tuple[Any, KerasOptimizerState]:
+        if params is None:
+            raise ValueError("The keras optimizer's update needs params.")
+        values = [state.variables[k] for k in keys]
+        lr = current_lr(values)
+        new_params, new_values = optimizer.stateless_apply(
+            values, [grads[p] for p in paths], [params[p] for p in paths]
+        )
+        updates = {p: new - params[p] for p, new in zip(paths, new_params, strict=True)}
+        return updates, KerasOptimizerState(dict(zip(keys, new_values, strict=True)), lr)
 
-        def update(grads: Any, state: KerasOptimizerState, params: Any = None) -> tuple[Any, KerasOptimizerState]:
-            if params is None:
-                raise ValueError("KerasOptimizer.update needs params.")
-            values = [state.variables[k] for k in keys]
-            lr = current_lr(values)
-            new_params, new_values = optimizer.stateless_apply(
-                values, [grads[p] for p in paths], [params[p] for p in paths]
-            )
-            updates = {p: new - params[p] for p, new in zip(paths, new_params, strict=True)}
-            return updates, KerasOptimizerState(dict(zip(keys, new_values, strict=True)), lr)
-
-        return super().__new__(cls, init, update)
+    return optax.GradientTransformation(init, update)
 
 
 def as_gradient_transformation(
@@ -109,7 +109,7 @@ def as_gradient_transformation(
     if isinstance(optimizer, keras.optimizers.Optimizer):
         if optimizer.built:
             raise ValueError("Pass a fresh keras optimizer: this one is already built for other variables.")
-        return KerasOptimizer(optimizer, param_shapes)
+        return keras_optimizer(optimizer, param_shapes)
     raise TypeError(
         f"optimizer must be an optax.GradientTransformation or a keras optimizer, got {type(optimizer).__name__}."
     )

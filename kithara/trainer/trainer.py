@@ -116,13 +116,9 @@ class Trainer:
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
         self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.steps_per_epoch = len(train_dataloader) // gradient_accumulation_steps
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"The train loader has {len(train_dataloader)} batches per epoch, fewer than "
-                f"gradient_accumulation_steps={gradient_accumulation_steps}."
-            )
-        self.total_steps = steps if steps is not None else (epochs or 1) * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps = plan_steps(
+            len(train_dataloader), steps=steps, epochs=epochs, gradient_accumulation_steps=gradient_accumulation_steps
+        )
         self.log_steps_interval = log_steps_interval
         self.eval_steps_interval = eval_steps_interval
         self.eval_epochs_interval = eval_epochs_interval
@@ -234,15 +230,11 @@ class Trainer:
             if pending is not None:
                 self._complete(pending)
             pending = _Pending(step, epoch, metrics)
-            end_of_epoch = step % self.steps_per_epoch == 0
-            if (
-                step == self.total_steps
-                or self._eval_due(step, end_of_epoch)
-                or any(cb.needs_sync(step) for cb in self.callbacks)
-            ):
+            eval_due = self._eval_due(step)
+            if step == self.total_steps or eval_due or any(cb.needs_sync(step) for cb in self.callbacks):
                 self._complete(pending)
                 pending = None
-                if self._eval_due(step, end_of_epoch):
+                if eval_due:
                     self.evaluate(_step=step)
         if pending is not None:
             self._complete(pending)
@@ -286,13 +278,15 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step_end(self, pending.step, values)
 
-    def _eval_due(self, step: int, end_of_epoch: bool) -> bool:
+    def _eval_due(self, step: int) -> bool:
         if self.eval_dataloader is None:
             return False
         if self.eval_steps_interval is not None:
             return step % self.eval_steps_interval == 0
-        epoch_done = step // self.steps_per_epoch
-        return end_of_epoch and self.eval_epochs_interval is not None and epoch_done % self.eval_epochs_interval == 0
+        epochs_done, into_epoch = divmod(step, self.steps_per_epoch)
+        if into_epoch or self.eval_epochs_interval is None:
+            return False
+        return epochs_done % self.eval_epochs_interval == 0
 
     # Evaluation -------------------------------------------------------------------------
 
@@ -329,6 +323,20 @@ class Trainer:
 
     def _live_model_variables(self) -> ModelVariables:
         return self.state.model if self.state is not None else self.model.variables
+
+
+def plan_steps(
+    batches_per_epoch: int, *, steps: int | None, epochs: int | None, gradient_accumulation_steps: int = 1
+) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``: ``steps`` if set, else ``epochs`` (default 1)
+    passes, each of ``batches_per_epoch // gradient_accumulation_steps`` steps."""
+    steps_per_epoch = batches_per_epoch // gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The train loader has {batches_per_epoch} batches per epoch, fewer than "
+            f"gradient_accumulation_steps={gradient_accumulation_steps}."
+        )
+    return steps_per_epoch, steps if steps is not None else (epochs or 1) * steps_per_epoch
 
 
 def _mask_rows_past(local: dict[str, np.ndarray], index: int, loader: Dataloader, limit: int) -> dict[str, np.ndarray]:
