@@ -1,4 +1,5 @@
-"""Benchmarks: Trainer throughput and framework overhead versus a hand-written jit step.
+"""Benchmarks: Trainer throughput and framework overhead versus a hand-written jit step,
+and the data pipeline (bench/data.py).
 
 Both run side by side in one process on the same model, batch and optimizer. Results go
 to bench/results/results.json and a markdown table (bench/results/results.md).
@@ -21,6 +22,9 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax
+
+from bench.data import bench_data
+from bench.data import table as data_table
 
 SIZES = {
     "tiny": dict(vocab_size=256, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=128),
@@ -139,6 +143,10 @@ def main() -> None:
     for row in rows:
         if not row["loss_is_finite"]:
             raise SystemExit(f"benchmark {row['size']} produced a non-finite loss")
+    data_rows = bench_data(smoke=args.smoke)
+    for row in data_rows:
+        if not row["fill_ok"]:
+            raise SystemExit(f"packing filled rows worse than padding on {row['data']}")
     machine = {
         "platform": jax.default_backend(),
         "devices": jax.device_count(),
@@ -148,7 +156,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "smoke": args.smoke, "rows": rows}, indent=2))
+    (out / "results.json").write_text(json.dumps({"machine": machine, "smoke": args.smoke, "rows": rows, "data": data_rows}, indent=2))
     header = (
         "| size | LoRA | params | trainable | batch x seq | trainer step (s) | raw jit step (s) | overhead "
         "| tokens/s | MFU | first step (s) | peak RSS (MiB) |"
@@ -161,7 +169,7 @@ def main() -> None:
             f"{r['overhead_ratio']:.3f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | {r['first_step_s']:.2f} | "
             f"{r['peak_rss_mib']:,.0f} |"
         )
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\nData pipeline:\n\n" + data_table(data_rows)
     (out / "results.md").write_text(f"Machine: {machine}\n\n{table}\n")
     print(f"Machine: {machine}\n\n{table}")
 

@@ -14,8 +14,9 @@ if keras.backend.backend() != "jax":
         "Set KERAS_BACKEND=jax (or unset it) before importing keras."
     )
 
+from kithara import data
 from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger
-from kithara.data import Dataloader
+from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
@@ -40,8 +41,10 @@ __all__ = [
     "ProgressBar",
     "ShardingStrategy",
     "TensorBoardLogger",
+    "Tokenizer",
     "TrainState",
     "Trainer",
     "__version__",
+    "data",
     "optimizers",
 ]

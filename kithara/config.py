@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 class ModelConfig:
     family: str = "llama3"
     preset: str | None = None  # a keras-hub preset or HF checkpoint dir; overrides the numbers below
-    vocab_size: int = 32
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
     num_layers: int = 2
     hidden_dim: int = 128
     num_heads: int = 4
@@ -37,14 +37,18 @@ class LoraSection:
 
 @dataclasses.dataclass
 class DataConfig:
+    format: str = "prompt_completion"  # text | prompt_completion | conversational | preference
     train_file: str = "@kithara/demo/train.jsonl"
     eval_file: str | None = "@kithara/demo/eval.jsonl"
-    tokenizer: str = "@kithara/demo/tokenizer.json"
+    tokenizer: str = "@kithara/demo/tokenizer"  # a Hugging Face tokenizer directory
+    columns: dict[str, str] | None = None  # source field -> format field
     max_seq_len: int = 24
+    truncation: str = "keep_start"
+    packing: bool = False
+    completion_only_loss: bool = True
+    assistant_only_loss: bool = False
+    skip_bad_rows: bool = False
     per_device_batch_size: int = 8
-    bos_token: str | None = "<bos>"
-    eos_token: str = "<eos>"
-    pad_token: str = "<pad>"
     seed: int = 0
 
 

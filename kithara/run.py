@@ -9,11 +9,11 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from tokenizers import Tokenizer
 
 from kithara.config import RunConfig
 from kithara.data.dataloader import Dataloader
-from kithara.data.prompt_completion import read_jsonl, token_id, tokenize_prompt_completion
+from kithara.data.formats import DATASETS, Dataset
+from kithara.data.tokenizer import Tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.lora import LoraConfig
 from kithara.sharding import ShardingStrategy
@@ -34,15 +34,18 @@ def configure_cpu_devices(count: int | None) -> None:
         logger.warning("Could not set %d CPU devices (%s); using %d.", count, error, len(jax.devices()))
 
 
-def build_model(config: RunConfig) -> KerasHubModel:
+def build_model(config: RunConfig, vocab_size: int | None = None) -> KerasHubModel:
+    """The configured model; ``vocab_size`` (the tokenizer's) fills in ``model.vocab_size: null``."""
     m = config.model
+    if not m.preset and m.vocab_size is None and vocab_size is None:
+        raise ValueError("Set model.vocab_size or pass the tokenizer's vocab_size.")
     strategy = ShardingStrategy(m.sharding, tensor_parallel=m.tensor_parallel)
     lora = LoraConfig(config.lora.rank, config.lora.alpha, tuple(config.lora.targets)) if config.lora.enabled else None
     if m.preset:
         return KerasHubModel.from_preset(m.preset, precision=m.precision, sharding=strategy, lora=lora)
     return KerasHubModel.from_config(
         m.family,
-        vocab_size=m.vocab_size,
+        vocab_size=int(m.vocab_size or vocab_size or 0),
         num_layers=m.num_layers,
         hidden_dim=m.hidden_dim,
         num_heads=m.num_heads,
@@ -65,18 +68,31 @@ def build_optimizer(config: RunConfig, total_steps: int) -> optax.GradientTransf
     return optimizers.adamw(schedule, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
 
 
+def build_dataset(config: RunConfig, path: str, tokenizer: Tokenizer) -> Dataset:
+    """The configured dataset class over one data file."""
+    d = config.data
+    if d.format not in DATASETS:
+        raise ValueError(f"data.format must be one of {sorted(DATASETS)}, got {d.format!r}.")
+    options: dict[str, Any] = {}
+    if d.format == "prompt_completion":
+        options["completion_only_loss"] = d.completion_only_loss
+    if d.format == "conversational":
+        options["assistant_only_loss"] = d.assistant_only_loss
+    return DATASETS[d.format](
+        path, tokenizer, max_seq_len=d.max_seq_len, truncation=d.truncation, columns=d.columns, **options
+    )
+
+
 def exact_match(
-    model: KerasHubModel, tokenizer: Tokenizer, rows: Sequence[dict[str, str]], config: RunConfig
+    model: KerasHubModel, tokenizer: Tokenizer, rows: Sequence[dict[str, Any]], max_length: int
 ) -> tuple[float, list[tuple[str, str, str]]]:
     """Share of prompts whose greedy completion equals the reference (whitespace-trimmed),
     and ``(prompt, generated, reference)`` triples."""
-    d = config.data
-    bos = [token_id(tokenizer, d.bos_token)] if d.bos_token else []
-    eos = token_id(tokenizer, d.eos_token)
-    prompts = [bos + tokenizer.encode(r["prompt"], add_special_tokens=False).ids for r in rows]
-    outputs = model.generate(prompts, max_length=d.max_seq_len, stop_token_ids=[eos])
+    prompts = [tokenizer.encode_text(r["prompt"]) for r in rows]
+    outputs = model.generate(prompts, max_length=max_length, stop_token_ids=[tokenizer.eos_id])
     triples = [
-        (r["prompt"], tokenizer.decode(o).strip(), r["completion"].strip()) for r, o in zip(rows, outputs, strict=True)
+        (r["prompt"], tokenizer.decode(o, skip_special_tokens=True).strip(), r["completion"].strip())
+        for r, o in zip(rows, outputs, strict=True)
     ]
     return float(np.mean([gen == ref for _, gen, ref in triples])), triples
 
@@ -85,32 +101,18 @@ def run(config: RunConfig) -> dict[str, Any]:
     """Trains as configured; returns losses, eval metrics and exact match before/after."""
     configure_cpu_devices(config.cpu_devices)  # only affects the CPU platform
     d, t = config.data, config.trainer
-    tokenizer = Tokenizer.from_file(d.tokenizer)
+    tokenizer = Tokenizer.from_pretrained(d.tokenizer)
+    train_set = build_dataset(config, d.train_file, tokenizer)
+    eval_set = build_dataset(config, d.eval_file, tokenizer) if d.eval_file else None
 
-    def encode(rows: list[dict[str, Any]]) -> tuple[list[dict[str, np.ndarray]], int]:
-        return tokenize_prompt_completion(
-            rows,
-            tokenizer,
-            max_seq_len=d.max_seq_len,
-            bos_token=d.bos_token,
-            eos_token=d.eos_token,
-            pad_token=d.pad_token,
-        )
-
-    train_examples, dropped = encode(read_jsonl(d.train_file))
-    if dropped:
-        logger.warning(
-            "Dropped %d training rows left without completion tokens by max_seq_len=%d.", dropped, d.max_seq_len
-        )
-    eval_rows = read_jsonl(d.eval_file) if d.eval_file else []
-    eval_examples = encode(eval_rows)[0] if eval_rows else []
-
-    model = build_model(config)
+    model = build_model(config, vocab_size=tokenizer.vocab_size)
     logger.info("Model:\n%s", model.summary())
-    train_loader = Dataloader(train_examples, d.per_device_batch_size, seed=d.seed)
+    train_loader = Dataloader(
+        train_set, d.per_device_batch_size, seed=d.seed, packing=d.packing, skip_bad_rows=d.skip_bad_rows
+    )
     eval_loader = (
-        Dataloader(eval_examples, d.per_device_batch_size, shuffle=False, drop_remainder=False)
-        if eval_examples
+        Dataloader(eval_set, d.per_device_batch_size, shuffle=False, drop_remainder=False, packing=d.packing)
+        if eval_set is not None
         else None
     )
     _, total_steps = plan_steps(
@@ -134,9 +136,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     )
     result: dict[str, Any] = {"num_params": model.num_params, "trainable_params": model.num_trainable_params}
     g = config.generation_eval
-    sample_rows = eval_rows[: g.max_samples] if g.enabled else []
+    sample_rows: list[dict[str, Any]] = []
+    if g.enabled and eval_set is not None and d.format == "prompt_completion":
+        rows = [eval_set.source[i] for i in range(min(g.max_samples, len(eval_set)))]
+        sample_rows = [r for r in rows if isinstance(r.get("prompt"), str)]
     if sample_rows:
-        result["exact_match_before"], _ = exact_match(model, tokenizer, sample_rows, config)
+        result["exact_match_before"], _ = exact_match(model, tokenizer, sample_rows, d.max_seq_len)
     history = trainer.train()
     result["first_loss"], result["final_loss"] = history[0]["loss"], history[-1]["loss"]
     steady = [h["tokens_per_second"] for h in history[len(history) // 2 :]]
@@ -144,7 +149,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     if eval_loader is not None:
         result["eval"] = trainer.evaluate()
     if sample_rows:
-        result["exact_match_after"], triples = exact_match(model, tokenizer, sample_rows, config)
+        result["exact_match_after"], triples = exact_match(model, tokenizer, sample_rows, d.max_seq_len)
         result["samples"] = triples[: g.show]
     result["tensorboard_dir"] = t.tensorboard_dir
     return result

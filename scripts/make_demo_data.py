@@ -1,5 +1,9 @@
 """Re-makes the demo's bundled data and tokenizer (kithara/assets/demo/).
 
+The tokenizer is character-level (the task is about letters; a subword tokenizer makes it
+much harder for a tiny model), saved as a Hugging Face tokenizer directory whose
+post-processor puts ``<bos>`` in front of every sequence.
+
 The task: small string operations a tiny model can learn on a CPU in a few minutes, with
 held-out words so exact match measures generalisation, not memorisation.
 
@@ -17,7 +21,8 @@ import random
 import string
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 OUT = Path(__file__).resolve().parent.parent / "kithara" / "assets" / "demo"
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -29,14 +34,19 @@ OPS = {
 }
 
 
-def make_tokenizer() -> Tokenizer:
+def make_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one token per letter, space and '='."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + ALPHABET)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(SPECIALS)
-    return tokenizer
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def make_rows(words: list[str], rng: random.Random) -> list[dict[str, str]]:
@@ -57,7 +67,7 @@ def main() -> None:
         with open(OUT / f"{name}.jsonl", "w") as f:
             for row in make_rows(split, rng):
                 f.write(json.dumps(row) + "\n")
-    make_tokenizer().save(str(OUT / "tokenizer.json"))
+    make_tokenizer().save_pretrained(OUT / "tokenizer")
     print(f"wrote {len(train_words)} train and {len(eval_words)} eval rows and a tokenizer to {OUT}")
 
 

@@ -1,6 +1,7 @@
 """Test set-up: 8 forced CPU devices (set before JAX starts) and tiny models and data."""
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -40,3 +41,32 @@ def pattern_examples(n: int, length: int = 16, vocab: int = 64, seed: int = 0) -
 @pytest.fixture(scope="session")
 def examples() -> list[dict[str, np.ndarray]]:
     return pattern_examples(256)
+
+
+ASSETS = Path(kithara.__file__).resolve().parent / "assets"
+WORDS = ["user", "assistant", "system", "tool", "hi", "hello", "how", "are", "you", "fine", "thanks", "bye", "ok"]
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+# Word ids for literal expected tensors: <pad>=0 <s>=1 </s>=2 <|im_start|>=3 <|im_end|>=4, words from 6.
+W = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+
+
+def word_tokenizer(chat_template: str | None = None, bos: bool = True) -> kithara.Tokenizer:
+    """A word-level tokenizer with known ids and the bundled ChatML template (with
+    ``{% generation %}`` markers); newlines and punctuation vanish, so ids are easy to write out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(dict(W), unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(SPECIALS)
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    template = chat_template or (ASSETS / "tokenizer" / "chat_template.jinja").read_text()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>" if bos else None,
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=template,
+    )
+    return kithara.Tokenizer(hf)

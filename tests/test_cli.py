@@ -11,7 +11,7 @@ def test_config_defaults_file_and_overrides(tmp_path):
     assert config.model.num_layers == 1 and config.model.family == "llama3"
     assert config.trainer.steps == 9 and config.lora.enabled is True
     assert config.data.train_file == str(tmp_path / "data" / "train.jsonl")
-    assert config.data.tokenizer == str(ASSETS / "demo" / "tokenizer.json")
+    assert config.data.tokenizer == str(ASSETS / "demo" / "tokenizer")
 
 
 def test_bad_configs_fail_clearly(tmp_path):

@@ -71,13 +71,13 @@ def test_loss_falls_on_a_learnable_task():
         tiny_model(),
         examples,
         per_device=4,
-        steps=60,
+        steps=100,
         eval_dataloader=kithara.Dataloader(pattern_examples(64, seed=2), 4, shuffle=False, drop_remainder=False),
-        eval_steps_interval=60,
+        eval_steps_interval=100,
     )
     history = trainer.train()
-    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
-    assert trainer.eval_history[-1]["token_accuracy"] > 0.4
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert trainer.eval_history[-1]["token_accuracy"] > 0.55  # chance is 1/64; 3 of ~11 tokens are unguessable
 
 
 def test_trainer_argument_validation(examples):

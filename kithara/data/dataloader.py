@@ -1,7 +1,9 @@
-"""Dataloader: deterministic, per-process batches from a random-access dataset (grain)."""
+"""Dataloader: each process encodes its own rows, then pads or packs them into fixed-shape batches."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -10,111 +12,326 @@ import grain
 import jax
 import numpy as np
 
-REQUIRED_FIELDS = ("token_ids", "padding_mask", "labels", "label_mask")
+from kithara.data import packing
+from kithara.data.formats import Dataset, Example, TokenizedDataset
+from kithara.data.sources import RowError
+
+logger = logging.getLogger(__name__)
 
 
 class Dataloader:
-    """Batches of fixed-length examples, each process reading only its own rows.
+    """Batches for a device mesh, read and tokenized by the process that uses them.
 
-    Every example is a dict of equal-length 1-D arrays: ``token_ids``, ``padding_mask``,
-    ``labels`` (the next token at each position) and ``label_mask`` (which labels count in
-    the loss). The global batch is ``per_device_batch_size * num_devices`` rows; each
-    epoch is shuffled with ``seed + epoch`` (identically on every process), then process
-    ``p`` of ``P`` takes rows ``p, p + P, ...`` and batches them.
+    Rows are assigned to processes once: a permutation of all row indices (from ``seed``,
+    identical everywhere) is dealt round-robin, so process ``p`` of ``P`` owns rows
+    ``perm[p::P]`` and reads, validates and tokenizes only those, when the loader is built.
+    Each epoch reshuffles the process's rows (``seed + epoch``) and batches them into
+    ``[local_batch, length]`` numpy arrays; the trainer makes one global ``jax.Array`` of
+    them. Every process yields the same number of batches (collectives need that), padding
+    with fully masked rows where it is short.
+
+    A batch holds ``token_ids``, ``padding_mask``, ``labels`` and ``label_mask`` (prefixed
+    ``chosen_`` / ``rejected_`` for preference data) and, when packing, ``segment_ids`` and
+    ``positions``. Rows are ``max_seq_len`` long, or the smallest of ``length_buckets`` that
+    fits the longest row of the batch, so the step compiles once per bucket.
 
     Args:
-        dataset: a sequence of examples, or a ``grain.MapDataset``.
+        dataset: a ``kithara.data`` dataset, or a list of pre-tokenized examples (dicts of
+            ``token_ids``, ``labels``, ``label_mask`` and optionally ``padding_mask``).
         per_device_batch_size: rows per device per batch.
-        shuffle: reshuffle every epoch.
+        shuffle: shuffle the row assignment and every epoch.
         seed: shuffle seed.
         drop_remainder: drop the last incomplete batch (training); otherwise pad it with
-            rows whose masks are all false (evaluation sees every example once).
+            fully masked rows (evaluation then sees every row once).
+        packing: pack several examples per row (best-fit decreasing).
+        length_buckets: row lengths to choose from per batch; ``None`` pads to ``max_seq_len``.
+        skip_bad_rows: log and count malformed rows instead of raising.
+        prefetch: batches prepared ahead in a background thread (0 turns it off).
         num_devices: devices the batch is spread over; ``jax.device_count()`` by default.
+        process_index / process_count: this process and the number of processes
+            (``jax.process_index()`` / ``jax.process_count()`` by default; set both to
+            simulate one process of a multi-host job).
 
     Example:
-        >>> loader = Dataloader(examples, per_device_batch_size=4, seed=0)
+        >>> ds = kithara.data.PromptCompletionDataset("train.jsonl", tokenizer, max_seq_len=512)
+        >>> loader = kithara.Dataloader(ds, per_device_batch_size=4, seed=0, packing=True)
         >>> for batch in loader.epoch(0): ...
     """
 
     def __init__(
         self,
-        dataset: Sequence[Mapping[str, Any]] | grain.MapDataset,
+        dataset: Dataset | Sequence[Mapping[str, Any]],
         per_device_batch_size: int,
         *,
         shuffle: bool = True,
         seed: int = 0,
         drop_remainder: bool = True,
+        packing: bool = False,
+        length_buckets: Sequence[int] | None = None,
+        skip_bad_rows: bool = False,
+        prefetch: int = 2,
         num_devices: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
     ) -> None:
         if not isinstance(per_device_batch_size, int) or per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be a positive int, got {per_device_batch_size!r}.")
+        if (process_index is None) != (process_count is None):
+            raise ValueError("Set both process_index and process_count, or neither.")
+        self._simulated = process_count is not None
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.process_index = jax.process_index() if process_index is None else process_index
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count}).")
+        if not isinstance(dataset, Dataset):
+            dataset = _pretokenized(dataset)
+        if packing and not dataset.supports_packing:
+            raise ValueError(f"{type(dataset).__name__} cannot be packed (its rows are pairs); set packing=False.")
+        self.dataset = dataset
+        self.max_seq_len = dataset.max_seq_len
+        self.buckets = _buckets(length_buckets, self.max_seq_len)
         num_devices = num_devices or jax.device_count()
         self.global_batch_size = per_device_batch_size * num_devices
-        if self.global_batch_size % jax.process_count():
+        if self.global_batch_size % self.process_count:
             raise ValueError(
-                f"Global batch {self.global_batch_size} does not split over {jax.process_count()} processes."
+                f"Global batch {self.global_batch_size} does not split over {self.process_count} processes."
             )
-        self.local_batch_size = self.global_batch_size // jax.process_count()
-        self.dataset = dataset if isinstance(dataset, grain.MapDataset) else grain.MapDataset.source(dataset)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_remainder = drop_remainder
-        if len(self.dataset) == 0:
-            raise ValueError("The dataset is empty.")
-        if drop_remainder and len(self.dataset) < self.global_batch_size:
+        self.local_batch_size = self.global_batch_size // self.process_count
+        self.shuffle, self.seed, self.packing = shuffle, seed, packing
+        self.drop_remainder, self.prefetch = drop_remainder, prefetch
+
+        self.row_indices = self._assigned_rows()
+        self.examples, self.stats = self._encode(skip_bad_rows)
+        self.extras = (
+            {k: np.zeros_like(v) for k, v in self.examples[0].items() if np.ndim(v) == 0} if self.examples else {}
+        )
+        if packing and self.extras:
             raise ValueError(
-                f"The dataset has {len(self.dataset)} examples, fewer than one global batch of "
-                f"{self.global_batch_size} (per_device_batch_size x {num_devices} devices)."
+                f"Examples with per-example fields {sorted(self.extras)} cannot be packed; set packing=False."
             )
-        _check_example(self.dataset[0], index=0)
+        self.rows = self._layout()
+        total_rows = self._process_max(len(self.rows))
+        if total_rows == 0:
+            raise ValueError(f"No examples left to train on: {self.stats}.")
+        per_batch = self.local_batch_size
+        self.num_batches = total_rows // per_batch if drop_remainder else math.ceil(total_rows / per_batch)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{len(self.rows)} rows on this process, fewer than one batch of {per_batch} "
+                f"(per_device_batch_size x {num_devices} devices / {self.process_count} processes)."
+            )
+        logger.info("process %d data: %s, %d rows, %d batches per epoch", self.process_index, self.stats,
+                    len(self.rows), self.num_batches)  # fmt: skip
+
+    # Set-up -----------------------------------------------------------------------------
+
+    def _assigned_rows(self) -> np.ndarray:
+        """This process's row indices: a seeded permutation of all rows, dealt round-robin."""
+        n = len(self.dataset)
+        if n == 0:
+            raise ValueError(f"The {type(self.dataset).__name__} has no rows.")
+        order = np.random.default_rng(self.seed).permutation(n) if self.shuffle else np.arange(n)
+        return order[self.process_index :: self.process_count]
+
+    def _encode(self, skip_bad_rows: bool) -> tuple[list[Example], dict[str, int]]:
+        examples, dropped, skipped = [], 0, 0
+        for index in self.row_indices:
+            try:
+                example = self.dataset[int(index)]
+            except RowError as error:
+                if not skip_bad_rows:
+                    raise
+                skipped += 1
+                logger.warning("Skipping a bad row (skip_bad_rows=True): %s", error)
+                continue
+            if example is None:
+                dropped += 1
+            else:
+                examples.append(example)
+        stats = {"rows": len(self.row_indices), "examples": len(examples), "dropped_no_loss_tokens": dropped}
+        if skip_bad_rows:
+            stats["skipped_bad_rows"] = skipped
+        if dropped or skipped:
+            logger.warning("process %d: dropped %d rows left without loss tokens after truncation to %d, "
+                           "skipped %d bad rows", self.process_index, dropped, self.max_seq_len, skipped)  # fmt: skip
+        return examples, stats
+
+    def _layout(self) -> list[list[int]]:
+        """Example indices of each row: one per row, or best-fit-decreasing packs."""
+        if not self.packing:
+            return [[i] for i in range(len(self.examples))]
+        lengths = [len(e["token_ids"]) for e in self.examples]
+        return packing.best_fit_decreasing(lengths, self.max_seq_len)
+
+    def _process_max(self, value: int) -> int:
+        if self._simulated or jax.process_count() == 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+
+    # Batches ----------------------------------------------------------------------------
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        n = len(self.dataset) / self.global_batch_size
-        return math.floor(n) if self.drop_remainder else math.ceil(n)
+        return self.num_batches
 
     @property
     def sequence_length(self) -> int:
-        return len(self.dataset[0]["token_ids"])
+        return self.max_seq_len
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """This process's local batches (``[local_batch, length]`` arrays) of one epoch.
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the batch sequence; a restored iterator state must match it."""
+        parts = (type(self.dataset).__name__, len(self.dataset), self.max_seq_len, self.dataset.truncation,
+                 self.packing, self.buckets, self.shuffle, self.seed, self.global_batch_size, self.process_count,
+                 self.num_batches, len(self.rows))  # fmt: skip
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
-        Every process yields exactly ``len(self)`` batches (collectives need that): when the
-        rows do not split evenly, a process short of rows gets all-masked padding batches.
-        """
-        ds = self.dataset
-        if self.shuffle:
-            ds = ds.shuffle(seed=self.seed + epoch)
-        ds = ds[: min(len(ds), len(self) * self.global_batch_size)]
-        ds = ds[jax.process_index() :: jax.process_count()]
-        count = 0
-        for batch in ds.batch(self.local_batch_size, drop_remainder=self.drop_remainder):
-            count += 1
-            yield _pad_rows(batch, self.local_batch_size)
-        empty = {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in self.dataset[0].items()}
-        for _ in range(count, len(self)):
-            yield _pad_rows(empty, self.local_batch_size)
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """This process's batches ``start`` to ``stop`` of ``epoch``, prepared ahead in a
+        background thread."""
+        stop = self.num_batches if stop is None else min(stop, self.num_batches)
+        plan = self._epoch_plan(epoch)[start:stop]
+        lengths = self._batch_lengths(plan)
+        batches = grain.MapDataset.source(list(zip(plan, lengths, strict=True))).map(self._make_batch)
+        if self.prefetch:
+            options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch)
+            yield from batches.to_iter_dataset(options)
+        else:
+            yield from (batches[i] for i in range(len(batches)))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.epoch(0)
 
+    def iterator(self, state: Mapping[str, Any] | None = None, *, batches_per_epoch: int | None = None) -> DataIterator:
+        """An endless, checkpointable iterator over epochs (see ``DataIterator``)."""
+        iterator = DataIterator(self, batches_per_epoch=batches_per_epoch)
+        if state is not None:
+            iterator.set_state(state)
+        return iterator
 
-def _check_example(example: Mapping[str, Any], index: int) -> None:
-    missing = [f for f in REQUIRED_FIELDS if f not in example]
-    if missing:
-        raise ValueError(f"Example {index} lacks fields {missing}; every example needs {list(REQUIRED_FIELDS)}.")
-    lengths = {f: np.shape(example[f]) for f in REQUIRED_FIELDS}
-    if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
-        raise ValueError(f"Example {index}: fields must be 1-D arrays of one length, got shapes {lengths}.")
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Row indices of each batch of ``epoch`` (-1 for a fully masked filler row)."""
+        order = np.arange(len(self.rows))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        order = order[: self.num_batches * self.local_batch_size]
+        padded = np.full(self.num_batches * self.local_batch_size, -1)
+        padded[: len(order)] = order
+        return padded.reshape(self.num_batches, self.local_batch_size).tolist()
+
+    def _batch_lengths(self, plan: list[list[int]]) -> list[int]:
+        """Row length of each batch: the smallest bucket that fits, agreed by all processes."""
+        if len(self.buckets) == 1:
+            return [self.buckets[0]] * len(plan)
+        needed = np.array([max([self._row_length(r) for r in rows] + [1]) for rows in plan], np.int64)
+        if not self._simulated and jax.process_count() > 1 and len(needed):
+            from jax.experimental import multihost_utils
+
+            needed = np.max(multihost_utils.process_allgather(needed), axis=0)
+        return [self.buckets[np.searchsorted(self.buckets, n)] for n in needed]
+
+    def _row_length(self, row: int) -> int:
+        if row < 0:
+            return 1
+        prefixes = self.dataset.sequences
+        return max(sum(len(self.examples[i][f"{p}token_ids"]) for i in self.rows[row]) for p in prefixes)
+
+    def _make_batch(self, item: tuple[list[int], int]) -> dict[str, np.ndarray]:
+        rows, length = item
+        built = [self._make_row(r, length) for r in rows]
+        return {key: np.stack([row[key] for row in built]) for key in built[0]}
+
+    def _make_row(self, row: int, length: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for prefix in self.dataset.sequences:
+            if row < 0:
+                out.update(packing.empty_row(length, prefix, packed=self.packing))
+            elif self.packing:
+                out.update(packing.pack_row([self.examples[i] for i in self.rows[row]], length, prefix))
+            else:
+                out.update(packing.pad_row(self.examples[self.rows[row][0]], length, prefix))
+        for key, zero in self.extras.items():
+            out[key] = zero if row < 0 else self.examples[self.rows[row][0]][key]
+        return out
 
 
-def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.shape[0] < rows:
-            pad = np.zeros((rows - value.shape[0], *value.shape[1:]), value.dtype)
-            value = np.concatenate([value, pad])
-        out[key] = value
-    return out
+class DataIterator:
+    """Batches over epochs, with a state to checkpoint: after ``set_state`` the next batches
+    are exactly those an uninterrupted run would have produced.
+
+    ``get_state()`` is a small JSON-able dict (epoch, batch within it, and the loader's
+    fingerprint, so a state from different data or settings is refused).
+    """
+
+    def __init__(self, loader: Dataloader, *, batches_per_epoch: int | None = None) -> None:
+        self.loader = loader
+        self.batches_per_epoch = min(batches_per_epoch or len(loader), len(loader))
+        self.epoch, self.index = 0, 0
+        self._batches: Iterator[dict[str, np.ndarray]] | None = None
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
+        if self._batches is None:
+            self._batches = self.loader.epoch(self.epoch, self.index, self.batches_per_epoch)
+        batch = next(self._batches)
+        self.index += 1
+        return batch
+
+    def seek(self, epoch: int, batch: int) -> None:
+        """Positions the iterator before batch ``batch`` of ``epoch``."""
+        self.set_state({"epoch": epoch, "batch": batch, "fingerprint": self.loader.fingerprint})
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.index, "fingerprint": self.loader.fingerprint}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("fingerprint") != self.loader.fingerprint:
+            raise ValueError(
+                f"This data iterator state was saved for different data or loader settings (fingerprint "
+                f"{state.get('fingerprint')!r}, expected {self.loader.fingerprint!r}): same dataset, seed, batch "
+                "size, sequence length, packing and process count are needed to resume exactly."
+            )
+        epoch, index = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
+            raise ValueError(f"Invalid data iterator state {dict(state)}.")
+        self.epoch, self.index, self._batches = epoch, index, None
+
+
+def pad_length(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Right-pads every ``[batch, L]`` array of a batch to ``length`` with zeros (masked);
+    per-example ``[batch]`` fields are left alone."""
+    return {
+        k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])]) if v.ndim >= 2 else v
+        for k, v in batch.items()
+    }
+
+
+def _pretokenized(examples: Sequence[Mapping[str, Any]]) -> TokenizedDataset:
+    if not isinstance(examples, Sequence) or len(examples) == 0:
+        raise ValueError("The dataset is empty (expected a kithara.data dataset or a non-empty list of examples).")
+    first = examples[0]
+    if not isinstance(first, Mapping) or "token_ids" not in first:
+        raise ValueError(
+            "A list dataset must hold pre-tokenized examples (token_ids, labels, label_mask); wrap raw rows in a "
+            "kithara.data dataset class such as PromptCompletionDataset."
+        )
+    return TokenizedDataset(list(examples), max_seq_len=len(first["token_ids"]))
+
+
+def _buckets(length_buckets: Sequence[int] | None, max_seq_len: int) -> tuple[int, ...]:
+    if length_buckets is None:
+        return (max_seq_len,)
+    buckets = sorted({int(b) for b in length_buckets})
+    if not buckets or buckets[0] < 1 or buckets[-1] > max_seq_len:
+        raise ValueError(
+            f"length_buckets must be positive and at most max_seq_len={max_seq_len}, got {length_buckets}."
+        )
+    if buckets[-1] != max_seq_len:
+        buckets.append(max_seq_len)
+    return tuple(buckets)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kithara import sharding as sharding_lib
+from kithara.models import segments
 from kithara.models.families import Architecture, get_family, layer_layout
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import Model, ModelVariables
@@ -172,10 +173,27 @@ class KerasHubModel(Model):
         trainable = [variables.trainable[p] for p in self._trainable_paths]
         non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
         model_inputs = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
-        logits, new_non_trainable = self.causal_lm.stateless_call(
-            trainable, non_trainable, model_inputs, training=training
-        )
+        packed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if "segment_ids" in inputs:
+            if not self.supports_packing:
+                raise ValueError(
+                    f"{type(self.backbone).__name__} does not support packed sequences: its attention cannot "
+                    "take segment ids, so packing would leak attention across examples. Set packing off."
+                )
+            if "positions" not in inputs:
+                raise ValueError("Packed inputs carry segment_ids but no positions.")
+            segments.install()
+            packed = segments.packed_inputs(inputs["segment_ids"], inputs["positions"])
+        with packed:
+            logits, new_non_trainable = self.causal_lm.stateless_call(
+                trainable, non_trainable, model_inputs, training=training
+            )
         return logits, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
+
+    @property
+    def supports_packing(self) -> bool:
+        """True for the keras-hub backbones whose attention ``segments`` makes segment-aware."""
+        return type(self.backbone) in segments.SEGMENT_AWARE_BACKBONES
 
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
         b = self.backbone

@@ -58,13 +58,26 @@ class Model(abc.ABC):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Pure forward pass: returns ``(logits_BxLxV, new_non_trainable)``.
 
-        ``inputs`` holds ``token_ids`` and ``padding_mask`` (``[batch, length]``).
+        ``inputs`` holds ``token_ids`` and ``padding_mask`` (``[batch, length]``), and for packed
+        batches also ``segment_ids`` and ``positions`` (see ``supports_packing``).
         Must be traceable by ``jax.jit`` and must not read or write any Python state.
         """
 
     @abc.abstractmethod
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
         """Model FLOPs for one token at this sequence length (forward, or forward+backward)."""
+
+    @property
+    def supports_packing(self) -> bool:
+        """Whether ``apply`` accepts packed rows (several examples per row).
+
+        A model that returns True must honour ``segment_ids`` (``[batch, length]`` ints, ``1, 2, ...``
+        per example, ``0`` for padding: attention never crosses a segment boundary) and ``positions``
+        (``[batch, length]`` ints restarting at 0 for each example, used for position encodings) when
+        they are in ``apply``'s inputs, so each example's logits equal those of the example run alone.
+        A model that returns False must reject inputs carrying ``segment_ids``.
+        """
+        return False
 
     @property
     def num_params(self) -> int:

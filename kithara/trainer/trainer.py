@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ import optax
 
 from kithara import sharding as sharding_lib
 from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger
-from kithara.data.dataloader import Dataloader
+from kithara.data.dataloader import DataIterator, Dataloader, pad_length
 from kithara.models.model import Model, ModelVariables
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
@@ -57,7 +58,7 @@ class Trainer:
         eval_steps_interval / eval_epochs_interval: evaluate every this many steps or
             epochs (at most one of them). With an eval loader and neither set, evaluates
             every epoch.
-        max_eval_samples: evaluate on at most this many examples.
+        max_eval_samples: evaluate on at most this many rows (packed rows when packing).
         tensorboard_dir: local or ``gs://`` directory for TensorBoard scalars.
         profiler: a ``kithara.Profiler`` that traces a window of steps.
         checkpointer: a callback that saves (and restores) the state.
@@ -112,6 +113,13 @@ class Trainer:
             raise ValueError("An evaluation interval or max_eval_samples was set but no eval_dataloader was given.")
         if eval_dataloader is not None and eval_steps_interval is None and eval_epochs_interval is None:
             eval_epochs_interval = 1
+        for name, loader in (("train_dataloader", train_dataloader), ("eval_dataloader", eval_dataloader)):
+            if loader is not None and loader.packing and not model.supports_packing:
+                raise ValueError(
+                    f"The {name} packs several examples per row, but {type(model).__name__} cannot keep their "
+                    "attention apart (supports_packing is False); training would leak attention across "
+                    "examples. Build the loader with packing=False."
+                )
         self.model = model
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
@@ -149,6 +157,7 @@ class Trainer:
             out_shardings=sharding_lib.replicated(model.mesh),
         )
         self.state: TrainState | None = None
+        self.data_iterator: DataIterator | None = None
         self.start_step = 0
         self.error: BaseException | None = None
         self.history: list[dict[str, float]] = []
@@ -240,22 +249,22 @@ class Trainer:
             self._complete(pending)
 
     def _batches(self, start_step: int) -> Iterator[tuple[int, dict[str, jax.Array]]]:
-        """(epoch, global batch of K micro-batches) for each step from ``start_step``."""
+        """(epoch, global batch of K micro-batches) for each step from ``start_step``.
+
+        Reads through ``self.data_iterator``, whose state after step N's batches is what a
+        checkpoint of step N records.
+        """
         k = self.gradient_accumulation_steps
-        epoch, skip = divmod(start_step, self.steps_per_epoch)
-        while True:
-            micro: list[dict[str, np.ndarray]] = []
-            for index, local in enumerate(self.train_dataloader.epoch(epoch)):
-                if index < skip * k:
-                    continue
-                micro.append(local)
-                if len(micro) == k:
-                    stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
-                    yield epoch, sharding_lib.shard_batch(stacked, self.model.mesh, leading_dims=1)
-                    micro = []
-                if index + 1 >= self.steps_per_epoch * k:
-                    break
-            epoch, skip = epoch + 1, 0
+        self.data_iterator = self.train_dataloader.iterator(batches_per_epoch=self.steps_per_epoch * k)
+        epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+        self.data_iterator.seek(epoch, step_in_epoch * k)
+        for step in itertools.count(start_step):
+            epoch = step // self.steps_per_epoch
+            micro = [next(self.data_iterator) for _ in range(k)]
+            length = max(m["token_ids"].shape[-1] for m in micro)
+            micro = [pad_length(m, length) for m in micro]
+            stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+            yield epoch, sharding_lib.shard_batch(stacked, self.model.mesh, leading_dims=1)
 
     def _complete(self, pending: _Pending) -> None:
         """Reads a step's metrics (blocking on that step only), checks them, logs them."""
@@ -297,7 +306,7 @@ class Trainer:
             raise ValueError("evaluate() needs an eval_dataloader.")
         loader = self.eval_dataloader
         variables = self._live_model_variables()
-        limit = self.max_eval_samples or len(loader.dataset)
+        limit = self.max_eval_samples or math.inf
         totals: LossOutput | None = None
         for index, local in enumerate(loader.epoch(0)):
             if index * loader.global_batch_size >= limit:
@@ -339,7 +348,9 @@ def plan_steps(
     return steps_per_epoch, steps if steps is not None else (epochs or 1) * steps_per_epoch
 
 
-def _mask_rows_past(local: dict[str, np.ndarray], index: int, loader: Dataloader, limit: int) -> dict[str, np.ndarray]:
+def _mask_rows_past(
+    local: dict[str, np.ndarray], index: int, loader: Dataloader, limit: float
+) -> dict[str, np.ndarray]:
     """Zeroes the label mask of rows beyond ``limit`` (global row order by process)."""
     rows = loader.local_batch_size
     first_global = index * loader.global_batch_size
@@ -347,7 +358,7 @@ def _mask_rows_past(local: dict[str, np.ndarray], index: int, loader: Dataloader
     keep = global_rows < limit
     if keep.all():
         return local
-    return {**local, "label_mask": local["label_mask"] * keep[:, None].astype(local["label_mask"].dtype)}
+    return {k: v & keep[:, None] if k.endswith("label_mask") else v for k, v in local.items()}
 
 
 def _check_positive(**values: Any) -> None:

@@ -1,0 +1,344 @@
+"""Dataset classes: rows of user data in one format, encoded into token ids, labels and masks.
+
+Every dataset yields, per sequence, three equal-length 1-D arrays (unpadded): ``token_ids``,
+``labels`` (the next token at each position) and ``label_mask`` (which labels count in the
+loss). Preference rows yield two sequences, prefixed ``chosen_`` and ``rejected_``. Padding,
+packing and batching happen in the Dataloader.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kithara.data.sources import RowError, Source, load_source
+from kithara.data.tokenizer import Tokenizer
+
+Example = dict[str, np.ndarray]
+TRUNCATIONS = ("keep_start", "keep_end")
+# ShareGPT speaker names -> chat roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "tool": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+}
+
+
+class FormatError(ValueError):
+    """A row that does not fit its format; ``Dataset.__getitem__`` adds the file and row."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"field {field!r}: {message}" if field else message)
+
+
+class Dataset(abc.ABC):
+    """Rows from a source (file, list, Hugging Face dataset), encoded one at a time.
+
+    Rows are read and tokenized lazily, by index, so each process of a multi-host job
+    touches only the rows of its own shard. ``dataset[i]`` is the example of row ``i``, or
+    ``None`` when truncation leaves it no loss token; a bad row raises ``RowError`` naming
+    the file, row and field.
+
+    Args:
+        data: a path (local or ``gs://``; JSONL, JSON, Parquet, CSV, text), a glob, a list
+            of paths, a list of dicts, or a Hugging Face ``Dataset`` / ``DatasetDict`` (also
+            as a ``save_to_disk`` directory).
+        tokenizer: a ``kithara.Tokenizer``.
+        max_seq_len: model input length; longer sequences are truncated.
+        truncation: ``"keep_start"`` (drop the end) or ``"keep_end"`` (drop the start).
+        columns: renames source fields to this format's fields, e.g. ``{"question": "prompt"}``.
+        split: the split of a ``DatasetDict``.
+        file_format: force a file format instead of inferring it from the suffix.
+    """
+
+    fields: tuple[str, ...] = ()  # fields every row must have
+    sequences: tuple[str, ...] = ("",)  # output field prefixes, one per sequence
+    supports_packing = True
+
+    def __init__(
+        self,
+        data: Any,
+        tokenizer: Tokenizer | None,
+        *,
+        max_seq_len: int,
+        truncation: str = "keep_start",
+        columns: Mapping[str, str] | None = None,
+        split: str | None = None,
+        file_format: str | None = None,
+    ) -> None:
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}.")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
+        self.source = (
+            data if isinstance(data, Source) else load_source(data, format=file_format, columns=columns, split=split)
+        )
+        self._tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.truncation = truncation
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer.")
+        return self._tokenizer
+
+    def __len__(self) -> int:
+        """Rows in the source (before any are dropped)."""
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Example | None:
+        row = self.source[index]
+        try:
+            if not isinstance(row, Mapping):
+                raise FormatError(
+                    None, f"expected an object with fields {list(self.fields)}, got {type(row).__name__}."
+                )
+            missing = [f for f in self.fields if row.get(f) is None]
+            if missing:
+                raise FormatError(missing[0], f"missing; rows of this format need {list(self.fields)}.")
+            return self.encode(row)
+        except FormatError as error:
+            raise RowError(self.source.describe(index), error.message, error.field) from None
+
+    @abc.abstractmethod
+    def encode(self, row: Mapping[str, Any]) -> Example | None:
+        """The example for a row that has all of ``fields``."""
+
+    def sequence(self, ids: Sequence[int], targets: Sequence[bool], prefix: str = "") -> Example | None:
+        """Truncates a token sequence and shifts it into inputs and labels."""
+        limit = self.max_seq_len + 1  # n + 1 tokens give n (input, label) positions
+        if len(ids) > limit:
+            window = slice(0, limit) if self.truncation == "keep_start" else slice(len(ids) - limit, len(ids))
+            ids, targets = ids[window], targets[window]
+        ids_arr = np.asarray(ids, np.int32)
+        label_mask = np.asarray(targets[1:], bool)
+        if not label_mask.any():
+            return None
+        return {f"{prefix}token_ids": ids_arr[:-1], f"{prefix}labels": ids_arr[1:], f"{prefix}label_mask": label_mask}
+
+
+class TextDataset(Dataset):
+    """Continued pretraining on ``{"text": ...}``: ``[BOS] text EOS``, loss on every token."""
+
+    fields = ("text",)
+
+    def encode(self, row: Mapping[str, Any]) -> Example | None:
+        ids = [*self.tokenizer.encode_text(_string(row, "text")), self.tokenizer.eos_id]
+        return self.sequence(ids, [True] * len(ids))
+
+
+class PromptCompletionDataset(Dataset):
+    """``{"prompt", "completion"}``, both strings or both message lists.
+
+    Strings become ``[BOS] prompt completion EOS``; message lists go through the chat
+    template (prompt with the generation prompt, then prompt + completion). The loss covers
+    the completion only unless ``completion_only_loss=False``.
+    """
+
+    fields = ("prompt", "completion")
+
+    def __init__(self, data: Any, tokenizer: Tokenizer, *, completion_only_loss: bool = True, **kwargs: Any) -> None:
+        super().__init__(data, tokenizer, **kwargs)
+        self.completion_only_loss = completion_only_loss
+
+    def encode(self, row: Mapping[str, Any]) -> Example | None:
+        prompt, completion = _prompt_and_answer(self.tokenizer, row, "completion", row.get("tools"))
+        targets = [not self.completion_only_loss] * len(prompt) + [True] * len(completion)
+        return self.sequence(prompt + completion, targets)
+
+
+class ConversationalDataset(Dataset):
+    """``{"messages": [{"role", "content"}, ...]}`` (optional ``tools``) or ShareGPT
+    ``{"conversations": [{"from", "value"}, ...]}``, through the tokenizer's chat template.
+
+    With ``assistant_only_loss=True`` only the assistant replies count in the loss; that
+    needs a template that marks them with ``{% generation %}``.
+    """
+
+    fields = ()
+
+    def __init__(self, data: Any, tokenizer: Tokenizer, *, assistant_only_loss: bool = False, **kwargs: Any) -> None:
+        super().__init__(data, tokenizer, **kwargs)
+        if not tokenizer.chat_template:
+            raise ValueError(
+                "ConversationalDataset needs a tokenizer with a chat template (Tokenizer(chat_template=))."
+            )
+        if assistant_only_loss and not tokenizer.has_generation_markers:
+            raise ValueError(
+                "assistant_only_loss=True needs a chat template that wraps assistant replies in "
+                "{% generation %} ... {% endgeneration %}; this tokenizer's template has none. "
+                "Pass one with Tokenizer(..., chat_template=...) or set assistant_only_loss=False."
+            )
+        self.assistant_only_loss = assistant_only_loss
+
+    def encode(self, row: Mapping[str, Any]) -> Example | None:
+        if row.get("messages") is not None:
+            messages = _messages(row, "messages")
+        elif row.get("conversations") is not None:
+            messages = sharegpt_to_messages(row["conversations"])
+        else:
+            raise FormatError("messages", "missing; conversational rows need 'messages' (or ShareGPT 'conversations').")
+        ids, assistant = self.tokenizer.encode_chat(
+            messages, tools=_tools(row), assistant_mask=self.assistant_only_loss
+        )
+        return self.sequence(ids, assistant if self.assistant_only_loss else [True] * len(ids))
+
+
+class PreferenceDataset(Dataset):
+    """``{"prompt", "chosen", "rejected"}``: strings, or a prompt message list with chosen and
+    rejected assistant message lists. Yields ``chosen_*`` and ``rejected_*`` sequences whose
+    label masks cover the answers only; a pair is dropped if either answer is truncated away.
+    """
+
+    fields = ("prompt", "chosen", "rejected")
+    sequences = ("chosen_", "rejected_")
+    supports_packing = False
+
+    def encode(self, row: Mapping[str, Any]) -> Example | None:
+        example: Example = {}
+        for answer in ("chosen", "rejected"):
+            prompt, completion = _prompt_and_answer(self.tokenizer, row, answer, row.get("tools"))
+            targets = [False] * len(prompt) + [True] * len(completion)
+            sequence = self.sequence(prompt + completion, targets, prefix=f"{answer}_")
+            if sequence is None:
+                return None
+            example.update(sequence)
+        return example
+
+
+class TokenizedDataset(Dataset):
+    """Rows that are token ids already: ``token_ids``, ``labels`` (shifted by one) and
+    ``label_mask``, plus an optional ``padding_mask`` whose true entries are a prefix (the
+    padding is stripped, so the Dataloader can pad or pack the rows again). Other fields must
+    be per-example scalars; they reach the batch as ``[batch]`` arrays (not when packing).
+    """
+
+    fields = ("token_ids", "labels", "label_mask")
+
+    def __init__(self, data: Any, *, max_seq_len: int, **kwargs: Any) -> None:
+        super().__init__(data, None, max_seq_len=max_seq_len, **kwargs)
+
+    def encode(self, row: Mapping[str, Any]) -> Example | None:
+        arrays = {f: np.asarray(row[f]) for f in (*self.fields, "padding_mask") if row.get(f) is not None}
+        shapes = {f: a.shape for f, a in arrays.items()}
+        if len(set(shapes.values())) != 1 or len(shapes["token_ids"]) != 1:
+            raise FormatError(None, f"fields must be 1-D arrays of one length, got shapes {shapes}.")
+        length = len(arrays["token_ids"])
+        if "padding_mask" in arrays:
+            valid = arrays.pop("padding_mask").astype(bool)
+            length = int(valid.sum())
+            if not valid[:length].all():
+                raise FormatError("padding_mask", "true entries must come first (right padding).")
+        window = slice(0, min(length, self.max_seq_len))
+        if self.truncation == "keep_end":
+            window = slice(max(0, length - self.max_seq_len), length)
+        example = {
+            "token_ids": arrays["token_ids"][window].astype(np.int32),
+            "labels": arrays["labels"][window].astype(np.int32),
+            "label_mask": arrays["label_mask"][window].astype(bool),
+        }
+        for key, value in row.items():  # per-example scalars (weights, rewards, ...) travel along
+            if key not in example and key != "padding_mask":
+                value = np.asarray(value)
+                if value.ndim:
+                    raise FormatError(key, f"extra fields must be per-example scalars, got shape {value.shape}.")
+                example[key] = value
+        return example if example["label_mask"].any() else None
+
+
+DATASETS: dict[str, type[Dataset]] = {
+    "text": TextDataset,
+    "prompt_completion": PromptCompletionDataset,
+    "conversational": ConversationalDataset,
+    "preference": PreferenceDataset,
+}
+
+
+def sharegpt_to_messages(conversations: Any) -> list[dict[str, Any]]:
+    """ShareGPT turns (``{"from", "value"}``) as chat messages (``{"role", "content"}``)."""
+    if not isinstance(conversations, list) or not conversations:
+        raise FormatError("conversations", "expected a non-empty list of {'from', 'value'} turns.")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("from"), str) or "value" not in turn:
+            raise FormatError(f"conversations[{i}]", "expected an object with string 'from' and 'value'.")
+        role = SHAREGPT_ROLES.get(turn["from"].lower())
+        if role is None:
+            raise FormatError(
+                f"conversations[{i}].from", f"unknown speaker {turn['from']!r}; known: {sorted(SHAREGPT_ROLES)}."
+            )
+        if not isinstance(turn["value"], str):
+            raise FormatError(f"conversations[{i}].value", f"expected a string, got {type(turn['value']).__name__}.")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _prompt_and_answer(
+    tokenizer: Tokenizer, row: Mapping[str, Any], answer: str, tools: Any
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the answer that follows it, for plain or chat rows."""
+    prompt = row["prompt"]
+    if not isinstance(prompt, str | list):
+        raise FormatError("prompt", f"expected a string or a list of messages, got {type(prompt).__name__}.")
+    if isinstance(prompt, str):
+        return tokenizer.encode_text(prompt), [*tokenizer.encode(_string(row, answer)), tokenizer.eos_id]
+    prompt_messages, answer_messages = _messages(row, "prompt"), _messages(row, answer)
+    tools = _tools(row)
+    prompt_ids, _ = tokenizer.encode_chat(prompt_messages, tools=tools, add_generation_prompt=True)
+    full_ids, _ = tokenizer.encode_chat([*prompt_messages, *answer_messages], tools=tools)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise FormatError(
+            answer,
+            "the chat template renders the prompt differently once the answer follows it, so the answer's "
+            "tokens cannot be told apart; use a template whose generation prompt is a prefix of the next turn.",
+        )
+    return prompt_ids, full_ids[len(prompt_ids) :]
+
+
+def _string(row: Mapping[str, Any], field: str) -> str:
+    value = row[field]
+    if not isinstance(value, str):
+        raise FormatError(field, f"expected a string, got {type(value).__name__}.")
+    return value
+
+
+def _messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
+    value = row[field]
+    if not isinstance(value, list) or not value:
+        raise FormatError(field, f"expected a non-empty list of messages, got {type(value).__name__}.")
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise FormatError(f"{field}[{i}]", "expected a message object with a string 'role'.")
+        content = message.get("content")
+        if not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
+            raise FormatError(f"{field}[{i}].content", f"expected a string, got {type(content).__name__}.")
+    return [dict(m) for m in value]
+
+
+def _tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # tools stored as a JSON string, as some datasets do
+        import json
+
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise FormatError("tools", f"not valid JSON ({error.msg}).") from None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise FormatError("tools", "expected a list of tool (JSON schema) objects.")
+    return [dict(t) for t in tools]
