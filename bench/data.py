@@ -16,7 +16,25 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = "the a model data train token loss step batch shard mesh device host chat reply question answer".split()
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "data",
+    "train",
+    "token",
+    "loss",
+    "step",
+    "batch",
+    "shard",
+    "mesh",
+    "device",
+    "host",
+    "chat",
+    "reply",
+    "question",
+    "answer",
+]
 
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
@@ -54,7 +72,9 @@ def bench_data(*, smoke: bool) -> list[dict]:
             row: dict = {"data": name, "rows": len(dataset), "max_seq_len": dataset.max_seq_len}
             for packing in (False, True):
                 t0 = time.perf_counter()
-                loader = kithara.Dataloader(dataset, 8, packing=packing, prefetch=0, num_devices=1, drop_remainder=False)
+                loader = kithara.Dataloader(
+                    dataset, 8, packing=packing, prefetch=0, num_devices=1, drop_remainder=False
+                )
                 encode_s = time.perf_counter() - t0
                 times, real, positions = [], 0, 0
                 batches = loader.epoch(0)

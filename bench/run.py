@@ -156,7 +156,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "smoke": args.smoke, "rows": rows, "data": data_rows}, indent=2))
+    results = {"machine": machine, "smoke": args.smoke, "rows": rows, "data": data_rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     header = (
         "| size | LoRA | params | trainable | batch x seq | trainer step (s) | raw jit step (s) | overhead "
         "| tokens/s | MFU | first step (s) | peak RSS (MiB) |"

@@ -241,11 +241,14 @@ def test_trainer_trains_on_packed_batches_and_refuses_models_without_segments(mo
     model = tiny_model("qwen3")
     rng = np.random.default_rng(1)
     rows = sequence_rows(*[rng.integers(3, 64, size=int(n)) for n in rng.integers(2, 9, size=64)])
+    for row in rows:
+        row["labels"] = np.roll(row["token_ids"], -1)  # within the vocabulary
     loader = kithara.Dataloader(TokenizedDataset(rows, max_seq_len=16), 1, packing=True)
     trainer = kithara.Trainer(model, optax.adam(1e-2), loader, steps=4, progress_bar=False)
     history = trainer.train()
     assert np.isfinite([h["loss"] for h in history]).all()
-    assert trainer.data_iterator.get_state()["batch"] == 4
+    state = trainer.data_iterator.get_state()
+    assert state["epoch"] * len(loader) + state["batch"] == 4  # batches consumed by 4 steps
     monkeypatch.setattr(type(model), "supports_packing", property(lambda self: False))
     with pytest.raises(ValueError, match="leak attention"):
         kithara.Trainer(model, optax.adam(1e-2), loader, steps=1, progress_bar=False)

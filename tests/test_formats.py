@@ -198,3 +198,52 @@ def test_column_mapping(tok):
     rows = [{"question": "how are you", "answer": "fine"}]
     ds = PromptCompletionDataset(rows, tok, max_seq_len=8, columns={"question": "prompt", "answer": "completion"})
     assert ds[0]["label_mask"].sum() == 2  # "fine" and EOS
+
+
+def test_tokenizer_from_a_gs_directory(monkeypatch):
+    import fsspec
+    from etils.epath import backend as epath_backend
+
+    # gs:// needs the network, so serve the gcs protocol from fsspec's in-memory filesystem instead.
+    fs = fsspec.filesystem("memory")
+    for path in (ASSETS / "tokenizer").iterdir():
+        fs.pipe(f"gs://bucket/tok/{path.name}", path.read_bytes())
+    monkeypatch.setattr(epath_backend.fsspec_backend, "_get_filesystem", lambda name: fs)
+    remote = kithara.Tokenizer.from_pretrained("gs://bucket/tok")
+    local = kithara.Tokenizer.from_pretrained(ASSETS / "tokenizer")
+    ids, mask = remote.encode_chat(CONVERSATION[:2], assistant_mask=True)
+    assert (ids, mask) == local.encode_chat(CONVERSATION[:2], assistant_mask=True) and any(mask)
+    with pytest.raises(FileNotFoundError, match="gs://bucket/missing"):
+        kithara.Tokenizer.from_pretrained("gs://bucket/missing")
+
+
+def test_keras_hub_tokenizer_with_a_chat_template():
+    import io
+
+    import keras_hub
+    import sentencepiece as spm
+
+    text = ["hello there how are you", "fine thanks and you", "ok bye now"] * 50
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=proto, vocab_size=60, model_type="bpe", pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2,
+    )  # fmt: skip
+    template = (ASSETS / "tokenizer" / "chat_template.jinja").read_text()
+    tok = kithara.Tokenizer.from_keras_hub(keras_hub.tokenizers.GemmaTokenizer(proto=proto.getvalue()),
+                                           chat_template=template)  # fmt: skip
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+    assert tok.encode_text("hello there") == [2, *tok.encode("hello there")]
+    ids, mask = tok.encode_chat(
+        [{"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine thanks"}],
+        assistant_mask=True,
+    )
+    # Encoded piece by piece (keras-hub gives no offsets), yet equal to encoding the whole rendered
+    # text, with the template's "<bos>" string mapped to Gemma's <bos> id.
+    rendered = "<|im_start|>user\nhow are you<|im_end|>\n<|im_start|>assistant\nfine thanks<|im_end|>\n"
+    assert ids == [2, *tok.encode(rendered)]
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip() == "fine thanks<|im_end|>"
+    ds = ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=64, assistant_only_loss=True)
+    trained = tok.decode(ds[0]["labels"][ds[0]["label_mask"]].tolist())
+    assert trained.replace(" ", "") == "hello<|im_end|>okbye<|im_end|>"

@@ -22,7 +22,7 @@ from etils.epath import backend as epath_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kithara.data import sources
+from kithara.data import files, sources
 from kithara.data.sources import RowError, Source, load_source
 
 ROWS = [
@@ -75,7 +75,7 @@ def test_formats_round_trip(tmp_path: Path, rows: list[dict[str, Any]], suffix: 
 
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
 def test_parquet_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_bytes: int) -> None:
-    monkeypatch.setattr(sources, "_PARQUET_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(files, "_PARQUET_CACHE_BYTES", cache_bytes)
     rows = [{"i": i, "messages": [{"role": "user", "content": str(i)}]} for i in range(10)]
     source = load_source(str(write_parquet(tmp_path / "data.parquet", rows, row_group_size=3)))
     assert len(source) == 10
@@ -117,9 +117,9 @@ def test_text_line_and_file_modes(tmp_path: Path) -> None:
     assert [lines.describe(i) for i in range(3)] == [f"{path}:1", f"{path}:4", f"{path}:5"]
 
     (tmp_path / "other.md").write_text("# Title\nbody\n")
-    files = load_source(str(tmp_path / "*.*"), format="text", text_mode="file")
-    assert rows_of(files) == [{"text": "first line\n\n  \nsecond line\r\nlast"}, {"text": "# Title\nbody\n"}]
-    assert files.describe(0) == str(path)
+    whole = load_source(str(tmp_path / "*.*"), format="text", text_mode="file")
+    assert rows_of(whole) == [{"text": "first line\n\n  \nsecond line\r\nlast"}, {"text": "# Title\nbody\n"}]
+    assert whole.describe(0) == str(path)
 
 
 def test_format_overrides_suffix(tmp_path: Path) -> None:
@@ -312,7 +312,7 @@ def test_line_index_matches_python(lines: list[str], final_newline: bool, chunk:
         patch.setattr(sources, "_CHUNK_BYTES", chunk)  # newlines and blank lines across chunk boundaries
         path = Path(directory) / "data.jsonl"
         path.write_bytes(text.encode())
-        starts, ends, numbers = sources._index_lines(epath.Path(path))
+        starts, ends, numbers = files._index_lines(epath.Path(path))
     data = text.encode()
     assert [(int(n), data[s:e].decode()) for s, e, n in zip(starts, ends, numbers, strict=True)] == expected
 

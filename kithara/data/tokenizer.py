@@ -184,15 +184,42 @@ class Tokenizer:
         ids: list[int] = []
         mask: list[bool] = []
         for (start, end), is_assistant in zip(itertools.pairwise(cuts), flags, strict=True):
-            piece = self.encode(text[start:end]) if end > start else []
+            piece = self._encode_with_specials(text[start:end], at_start=start == 0) if end > start else []
             ids += piece
             mask += [is_assistant] * len(piece)
         return ids, mask
 
     # Helpers -----------------------------------------------------------------------------
 
+    def _encode_with_specials(self, text: str, *, at_start: bool) -> list[int]:
+        """Encodes a piece of rendered template text, mapping the BOS/EOS strings the template
+        wrote to their ids (sentencepiece does not parse control tokens out of text)."""
+        specials = {self._special_text(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        specials.pop("", None)
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+        ids: list[int] = []
+        for i, part in enumerate(re.split(pattern, text) if specials else [text]):
+            if i % 2:
+                ids.append(specials[part])
+            elif part:
+                ids += self._encode_mid_text(part) if ids or not at_start else self.encode(part)
+        return ids
+
+    def _encode_mid_text(self, text: str) -> list[int]:
+        """Encodes text that continues a line: sentencepiece would otherwise add the word-start
+        marker it puts at the start of a string. Encoding after a newline and dropping the
+        newline's ids avoids that (the same trick transformers uses)."""
+        newline = self.encode("\n")
+        ids = self.encode("\n" + text)
+        return ids[len(newline) :] if ids[: len(newline)] == newline else self.encode(text)
+
     def _special_text(self, token_id: int | None) -> str:
-        return "" if token_id is None else self.decode([token_id])
+        """A special token's string (``decode`` would drop a control token)."""
+        if token_id is None:
+            return ""
+        if self._is_hf:
+            return str(self.backend.convert_ids_to_tokens(token_id))
+        return str(self.backend.id_to_token(token_id))
 
     def _special_prefix(self) -> list[int]:
         """The ids the tokenizer's post-processor puts before a sequence (BOS, if any).
