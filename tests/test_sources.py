@@ -309,7 +309,7 @@ def test_line_index_matches_python(lines: list[str], final_newline: bool, chunk:
     text = "\n".join(lines) + ("\n" if final_newline else "")
     expected = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     with tempfile.TemporaryDirectory() as directory, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sources, "_CHUNK_BYTES", chunk)  # newlines and blank lines across chunk boundaries
+        patch.setattr(files, "_CHUNK_BYTES", chunk)  # newlines and blank lines across chunk boundaries
         path = Path(directory) / "data.jsonl"
         path.write_bytes(text.encode())
         starts, ends, numbers = files._index_lines(epath.Path(path))
