@@ -22,7 +22,7 @@ from etils.epath import backend as epath_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kithara.data import files, sources
+from kithara.data import files
 from kithara.data.sources import RowError, Source, load_source
 
 ROWS = [
