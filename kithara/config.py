@@ -42,6 +42,7 @@ class DataConfig:
     eval_file: str | None = "@kithara/demo/eval.jsonl"
     tokenizer: str = "@kithara/demo/tokenizer"  # a Hugging Face tokenizer directory
     columns: dict[str, str] | None = None  # source field -> format field
+    split: str | None = None  # the split of a saved Hugging Face DatasetDict
     max_seq_len: int = 24
     truncation: str = "keep_start"
     packing: bool = False

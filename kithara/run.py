@@ -73,13 +73,21 @@ def build_dataset(config: RunConfig, path: str, tokenizer: Tokenizer) -> Dataset
     d = config.data
     if d.format not in DATASETS:
         raise ValueError(f"data.format must be one of {sorted(DATASETS)}, got {d.format!r}.")
+    if d.format == "preference":
+        raise ValueError("data.format=preference needs a preference objective (DPO), which the base trainer is not.")
     options: dict[str, Any] = {}
     if d.format == "prompt_completion":
         options["completion_only_loss"] = d.completion_only_loss
     if d.format == "conversational":
         options["assistant_only_loss"] = d.assistant_only_loss
     return DATASETS[d.format](
-        path, tokenizer, max_seq_len=d.max_seq_len, truncation=d.truncation, columns=d.columns, **options
+        path,
+        tokenizer,
+        max_seq_len=d.max_seq_len,
+        truncation=d.truncation,
+        columns=d.columns,
+        split=d.split,
+        **options,
     )
 
 
@@ -111,7 +119,14 @@ def run(config: RunConfig) -> dict[str, Any]:
         train_set, d.per_device_batch_size, seed=d.seed, packing=d.packing, skip_bad_rows=d.skip_bad_rows
     )
     eval_loader = (
-        Dataloader(eval_set, d.per_device_batch_size, shuffle=False, drop_remainder=False, packing=d.packing)
+        Dataloader(
+            eval_set,
+            d.per_device_batch_size,
+            shuffle=False,
+            drop_remainder=False,
+            packing=d.packing,
+            skip_bad_rows=d.skip_bad_rows,
+        )
         if eval_set is not None
         else None
     )

@@ -252,3 +252,13 @@ def test_trainer_trains_on_packed_batches_and_refuses_models_without_segments(mo
     monkeypatch.setattr(type(model), "supports_packing", property(lambda self: False))
     with pytest.raises(ValueError, match="leak attention"):
         kithara.Trainer(model, optax.adam(1e-2), loader, steps=1, progress_bar=False)
+
+
+def test_pretokenized_lists_keep_their_longest_example_and_resume_checks_the_epoch_length():
+    rows = sequence_rows([1, 2], [3, 4, 5, 6, 7, 8])
+    loader = kithara.Dataloader(rows, 1, shuffle=False, num_devices=1)
+    assert loader.max_seq_len == 6
+    np.testing.assert_array_equal(list(loader.epoch(0))[1]["token_ids"], [[3, 4, 5, 6, 7, 8]])
+    state = loader.iterator(batches_per_epoch=2).get_state()
+    with pytest.raises(ValueError, match="batches per epoch"):
+        loader.iterator(state, batches_per_epoch=1)

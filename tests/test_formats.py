@@ -247,3 +247,41 @@ def test_keras_hub_tokenizer_with_a_chat_template():
     ds = ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=64, assistant_only_loss=True)
     trained = tok.decode(ds[0]["labels"][ds[0]["label_mask"]].tolist())
     assert trained.replace(" ", "") == "hello<|im_end|>okbye<|im_end|>"
+
+
+def test_template_errors_become_row_errors_and_can_be_skipped(tok):
+    strict = (
+        "{% for m in messages %}{% if loop.index0 % 2 == 0 and m.role != 'user' %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    rows = [{"messages": CONVERSATION}, {"messages": [CONVERSATION[1], CONVERSATION[0]]}] * 4
+    ds = ConversationalDataset(rows, word_tokenizer(chat_template=strict), max_seq_len=32)
+    with pytest.raises(RowError, match=r"rows\[1\]: TemplateError: Conversation roles must alternate"):
+        ds[1]
+    loader = kithara.Dataloader(ds, 1, num_devices=1, skip_bad_rows=True)
+    assert loader.stats["skipped_bad_rows"] == 4 and loader.stats["examples"] == 4
+
+
+def test_named_chat_templates_pick_tool_use_when_tools_are_given():
+    default = (ASSETS / "tokenizer" / "chat_template.jinja").read_text()
+    tool_use = "TOOLS {{ tools | length }} " + default
+    tok = word_tokenizer(chat_template={"default": default, "tool_use": tool_use})
+    plain, _ = tok.encode_chat(CONVERSATION[:2])
+    with_tools, _ = tok.encode_chat(CONVERSATION[:2], tools=[{"type": "function", "function": {"name": "f"}}])
+    assert plain == CHAT_IDS[:9] and with_tools[:3] == [W["[UNK]"], W["[UNK]"], BOS]  # "TOOLS 1 " then <s>
+
+
+def test_preference_keep_end_keeps_the_same_prompt_for_both_answers(tok):
+    row = {"prompt": "how are you how are you", "chosen": "fine", "rejected": "ok thanks bye"}
+    ex = PreferenceDataset([row], tok, max_seq_len=6, truncation="keep_end")[0]
+    chosen_prompt = ex["chosen_token_ids"][~ex["chosen_label_mask"]]
+    rejected_prompt = ex["rejected_token_ids"][~ex["rejected_label_mask"]]
+    assert len(ex["rejected_token_ids"]) == 6 and len(ex["chosen_token_ids"]) == 4
+    np.testing.assert_array_equal(chosen_prompt, rejected_prompt)
+
+
+def test_source_options_are_refused_with_a_ready_source(tok):
+    source = kithara.data.load_source([{"text": "hi"}])
+    with pytest.raises(ValueError, match="pass them to load_source"):
+        TextDataset(source, tok, max_seq_len=8, columns={"body": "text"})

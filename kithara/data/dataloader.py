@@ -134,20 +134,32 @@ class Dataloader:
         return order[self.process_index :: self.process_count]
 
     def _encode(self, skip_bad_rows: bool) -> tuple[list[Example], dict[str, int]]:
-        examples, dropped, skipped = [], 0, 0
-        for index in self.row_indices:
+        # Read in file order (Parquet row groups and gs:// reads stay sequential); the epochs
+        # shuffle the rows anyway.
+        examples: list[Example] = []
+        dropped = skipped = 0
+        error: RowError | None = None
+        for index in np.sort(self.row_indices):
             try:
                 example = self.dataset[int(index)]
-            except RowError as error:
+            except RowError as bad:
                 if not skip_bad_rows:
-                    raise
+                    error = bad
+                    break
                 skipped += 1
-                logger.warning("Skipping a bad row (skip_bad_rows=True): %s", error)
+                logger.warning("Skipping a bad row (skip_bad_rows=True): %s", bad)
                 continue
             if example is None:
                 dropped += 1
+            elif examples and example.keys() != examples[0].keys():
+                error = RowError(self.dataset.source.describe(int(index)),
+                                 f"has fields {sorted(example)}, other rows {sorted(examples[0])}.")  # fmt: skip
+                break
             else:
                 examples.append(example)
+        # Every process must stop together, or the others would wait for it in a collective.
+        if self._process_max(int(error is not None)):
+            raise error or RowError(f"process {self.process_index}", "another process hit a bad row; see its log.")
         stats = {"rows": len(self.row_indices), "examples": len(examples), "dropped_no_loss_tokens": dropped}
         if skip_bad_rows:
             stats["skipped_bad_rows"] = skipped
@@ -288,9 +300,15 @@ class DataIterator:
         self.set_state({"epoch": epoch, "batch": batch, "fingerprint": self.loader.fingerprint})
 
     def get_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.index, "fingerprint": self.loader.fingerprint}
+        return {"epoch": self.epoch, "batch": self.index, "batches_per_epoch": self.batches_per_epoch,
+                "fingerprint": self.loader.fingerprint}  # fmt: skip
 
     def set_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("batches_per_epoch", self.batches_per_epoch) != self.batches_per_epoch:
+            raise ValueError(
+                f"This data iterator state has {state['batches_per_epoch']} batches per epoch, this run "
+                f"{self.batches_per_epoch} (different steps or gradient accumulation); it cannot resume exactly."
+            )
         if state.get("fingerprint") != self.loader.fingerprint:
             raise ValueError(
                 f"This data iterator state was saved for different data or loader settings (fingerprint "
@@ -313,15 +331,20 @@ def pad_length(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.nda
 
 
 def _pretokenized(examples: Sequence[Mapping[str, Any]]) -> TokenizedDataset:
-    if not isinstance(examples, Sequence) or len(examples) == 0:
-        raise ValueError("The dataset is empty (expected a kithara.data dataset or a non-empty list of examples).")
+    if not isinstance(examples, Sequence):
+        raise ValueError(
+            f"Expected a kithara.data dataset (e.g. PromptCompletionDataset(data, tokenizer, ...), which also reads "
+            f"Hugging Face datasets) or a list of pre-tokenized examples, got {type(examples).__name__}."
+        )
+    if len(examples) == 0:
+        raise ValueError("The dataset is empty.")
     first = examples[0]
     if not isinstance(first, Mapping) or "token_ids" not in first:
         raise ValueError(
             "A list dataset must hold pre-tokenized examples (token_ids, labels, label_mask); wrap raw rows in a "
             "kithara.data dataset class such as PromptCompletionDataset."
         )
-    return TokenizedDataset(list(examples), max_seq_len=len(first["token_ids"]))
+    return TokenizedDataset(list(examples), max_seq_len=max(len(e["token_ids"]) for e in examples))
 
 
 def _buckets(length_buckets: Sequence[int] | None, max_seq_len: int) -> tuple[int, ...]:

@@ -129,7 +129,9 @@ class _JsonSource(_FileSource):
             data = json.loads(path.read_bytes())
         except ValueError as error:
             lines = "Extra data" in str(error)
-            hint = " If it holds one object per line, name it .jsonl or pass format='jsonl'." if lines else ""
+            hint = (
+                " One object per line? Name it .jsonl or pass format='jsonl' (datasets: file_format=)." if lines else ""
+            )
             raise ValueError(f"{self.name}: not valid JSON ({error}).{hint}") from None
         self._key = None
         if isinstance(data, dict):

@@ -82,6 +82,8 @@ class Dataset(abc.ABC):
             raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}.")
         if truncation not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
+        if isinstance(data, Source) and (columns or split or file_format):
+            raise ValueError("columns=, split= and file_format= apply when loading data; pass them to load_source().")
         self.source = (
             data if isinstance(data, Source) else load_source(data, format=file_format, columns=columns, split=split)
         )
@@ -112,6 +114,10 @@ class Dataset(abc.ABC):
             return self.encode(row)
         except FormatError as error:
             raise RowError(self.source.describe(index), error.message, error.field) from None
+        except RowError:
+            raise
+        except Exception as error:  # a chat template's raise_exception, a tokenizer refusing input, ...
+            raise RowError(self.source.describe(index), f"{type(error).__name__}: {error}") from error
 
     @abc.abstractmethod
     def encode(self, row: Mapping[str, Any]) -> Example | None:
@@ -155,7 +161,7 @@ class PromptCompletionDataset(Dataset):
         self.completion_only_loss = completion_only_loss
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
-        prompt, completion = _prompt_and_answer(self.tokenizer, row, "completion", row.get("tools"))
+        prompt, completion = _prompt_and_answer(self.tokenizer, row, "completion")
         targets = [not self.completion_only_loss] * len(prompt) + [True] * len(completion)
         return self.sequence(prompt + completion, targets)
 
@@ -208,9 +214,14 @@ class PreferenceDataset(Dataset):
     supports_packing = False
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
+        pairs = {answer: _prompt_and_answer(self.tokenizer, row, answer) for answer in ("chosen", "rejected")}
+        if self.truncation == "keep_end":
+            # Cut the same prompt tokens from both, so chosen and rejected keep the same context.
+            longest = max(len(p) + len(a) for p, a in pairs.values())
+            cut = max(0, longest - (self.max_seq_len + 1))
+            pairs = {k: (p[cut:], a) for k, (p, a) in pairs.items()}
         example: Example = {}
-        for answer in ("chosen", "rejected"):
-            prompt, completion = _prompt_and_answer(self.tokenizer, row, answer, row.get("tools"))
+        for answer, (prompt, completion) in pairs.items():
             targets = [False] * len(prompt) + [True] * len(completion)
             sequence = self.sequence(prompt + completion, targets, prefix=f"{answer}_")
             if sequence is None:
@@ -253,8 +264,8 @@ class TokenizedDataset(Dataset):
         for key, value in row.items():  # per-example scalars (weights, rewards, ...) travel along
             if key not in example and key != "padding_mask":
                 value = np.asarray(value)
-                if value.ndim:
-                    raise FormatError(key, f"extra fields must be per-example scalars, got shape {value.shape}.")
+                if value.ndim or value.dtype.kind not in "biuf":
+                    raise FormatError(key, f"extra fields must be numeric per-example scalars, got {value!r}.")
                 example[key] = value
         return example if example["label_mask"].any() else None
 
@@ -286,15 +297,20 @@ def sharegpt_to_messages(conversations: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _prompt_and_answer(
-    tokenizer: Tokenizer, row: Mapping[str, Any], answer: str, tools: Any
-) -> tuple[list[int], list[int]]:
+def _prompt_and_answer(tokenizer: Tokenizer, row: Mapping[str, Any], answer: str) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the answer that follows it, for plain or chat rows."""
     prompt = row["prompt"]
     if not isinstance(prompt, str | list):
         raise FormatError("prompt", f"expected a string or a list of messages, got {type(prompt).__name__}.")
     if isinstance(prompt, str):
-        return tokenizer.encode_text(prompt), [*tokenizer.encode(_string(row, answer)), tokenizer.eos_id]
+        # Tokenize the joined text, as the model will see it at inference: encoding the answer
+        # alone would, with sentencepiece, start it with a spurious word-start token.
+        prompt_ids = tokenizer.encode_text(prompt)
+        joined = tokenizer.encode_text(prompt + _string(row, answer))
+        if joined[: len(prompt_ids)] == prompt_ids:
+            return prompt_ids, [*joined[len(prompt_ids) :], tokenizer.eos_id]
+        # A token spans the boundary: keep the prompt's own tokens and encode the answer alone.
+        return prompt_ids, [*tokenizer.encode(_string(row, answer)), tokenizer.eos_id]
     prompt_messages, answer_messages = _messages(row, "prompt"), _messages(row, answer)
     tools = _tools(row)
     prompt_ids, _ = tokenizer.encode_chat(prompt_messages, tools=tools, add_generation_prompt=True)

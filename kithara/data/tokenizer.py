@@ -43,7 +43,17 @@ class Tokenizer:
     def __init__(self, backend: Any, *, chat_template: str | None = None) -> None:
         self.backend = backend
         self._is_hf = hasattr(backend, "apply_chat_template")
-        self.chat_template = chat_template or (getattr(backend, "chat_template", None) if self._is_hf else None)
+        template = chat_template or (getattr(backend, "chat_template", None) if self._is_hf else None)
+        if isinstance(template, Mapping):  # named templates (e.g. "default" and "tool_use")
+            self.chat_templates: dict[str, str] = dict(template)
+            if "default" not in self.chat_templates:
+                raise ValueError(
+                    f"The tokenizer has named chat templates {sorted(self.chat_templates)} but no 'default'; "
+                    "pass chat_template= to choose one."
+                )
+        else:
+            self.chat_templates = {"default": template} if template else {}
+        self.chat_template: str | None = self.chat_templates.get("default")
         if self._is_hf:
             eos, pad, bos = backend.eos_token_id, backend.pad_token_id, backend.bos_token_id
         else:
@@ -145,11 +155,14 @@ class Tokenizer:
                 "Pass a template that has them (chat_template=...) or turn assistant-only loss off."
             )
         tools_list = list(tools) if tools else None
+        template = self.chat_templates.get("tool_use", self.chat_template) if tools_list else self.chat_template
+        if assistant_mask and not _GENERATION_TAG.search(template or ""):
+            raise ValueError("The tool_use chat template has no {% generation %} markers for assistant-only loss.")
         if self._is_hf:
             out = self.backend.apply_chat_template(
                 list(messages),
                 tools=tools_list,
-                chat_template=self.chat_template,
+                chat_template=template,
                 tokenize=True,
                 return_dict=True,
                 return_assistant_tokens_mask=assistant_mask,
@@ -158,10 +171,10 @@ class Tokenizer:
             ids = list(out["input_ids"])
             mask = [bool(m) for m in out["assistant_masks"]] if assistant_mask else [False] * len(ids)
             return ids, mask
-        return self._encode_chat_pieces(list(messages), tools_list, add_generation_prompt)
+        return self._encode_chat_pieces(list(messages), tools_list, add_generation_prompt, template)
 
     def _encode_chat_pieces(
-        self, messages: list[Any], tools: list[Any] | None, add_generation_prompt: bool
+        self, messages: list[Any], tools: list[Any] | None, add_generation_prompt: bool, template: str | None
     ) -> tuple[list[int], list[bool]]:
         """keras-hub tokenizers give no character offsets: encode the text between
         generation boundaries piece by piece instead."""
@@ -170,7 +183,7 @@ class Tokenizer:
         rendered, spans = cast(Any, render_jinja_template)(
             [messages],
             tools=tools,
-            chat_template=self.chat_template,
+            chat_template=template,
             return_assistant_tokens_mask=True,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._special_text(self.bos_id),
