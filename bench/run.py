@@ -6,6 +6,7 @@ to bench/results/results.json and a markdown table (bench/results/results.md).
 
     python -m bench.run            # full sizes
     python -m bench.run --smoke    # tiny sizes, few steps (what CI runs)
+    python -m bench.run --only data  # one of the two suites
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and few steps, to prove the suite runs")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--cpu-devices", type=int, default=None)
+    parser.add_argument("--only", choices=["model", "data"], default=None, help="run one of the two suites")
     args = parser.parse_args()
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -139,11 +141,13 @@ def main() -> None:
     plan = [("tiny", False), ("tiny", True)] if args.smoke else full
     steps = 6 if args.smoke else 30
     seq = 64 if args.smoke else 128
+    if args.only == "data":
+        plan = []
     rows = [bench_size(n, SIZES[n], lora=lo, steps=steps, seq=seq, per_device=4) for n, lo in plan]
     for row in rows:
         if not row["loss_is_finite"]:
             raise SystemExit(f"benchmark {row['size']} produced a non-finite loss")
-    data_rows = bench_data(smoke=args.smoke)
+    data_rows = [] if args.only == "model" else bench_data(smoke=args.smoke)
     for row in data_rows:
         if not row["fill_ok"]:
             raise SystemExit(f"packing filled rows worse than padding on {row['data']}")
