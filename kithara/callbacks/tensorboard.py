@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
-from tensorboardX import SummaryWriter
 
 from kithara.callbacks.base import Callback
 
@@ -27,7 +26,7 @@ class TensorBoardLogger(Callback):
             raise ValueError(f"every must be >= 1, got {every}.")
         self.log_dir = log_dir
         self.every = every
-        self._writer: SummaryWriter | None = None
+        self._writer: Any = None  # a tensorboardX SummaryWriter, opened on the first write
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self._open()
@@ -46,6 +45,9 @@ class TensorBoardLogger(Callback):
 
     def _open(self) -> None:
         if self._writer is None and jax.process_index() == 0:
+            # Imported here: tensorboardX imports torch when it is installed (about 2 s).
+            from tensorboardX import SummaryWriter
+
             self._writer = SummaryWriter(self.log_dir)
 
     def _write(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
