@@ -1,0 +1,106 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_model
+
+import kithara
+
+WORKTREE = str(Path(__file__).resolve().parents[1])
+
+
+def make_trainer(model, examples, steps, checkpointer=None, **kwargs):
+    loader = kithara.Dataloader(examples, kwargs.pop("per_device", 1), seed=0, num_devices=kwargs.pop("num_devices", None))
+    tx = kithara.optimizers.adamw(optax.linear_schedule(1e-2, 1e-3, 12), weight_decay=0.01)
+    return kithara.Trainer(model, tx, loader, steps=steps, checkpointer=checkpointer, progress_bar=False, **kwargs)
+
+
+def losses(history):
+    return np.asarray([h["loss"] for h in history])
+
+
+def test_resume_is_exact(examples, tmp_path):
+    data = examples[:48]  # 6 steps per epoch: the resumed run crosses an epoch boundary
+    reference = make_trainer(tiny_model(), data, steps=10)
+    expected = losses(reference.train())
+
+    ckpt = kithara.Checkpointer(str(tmp_path), save_interval=4, max_to_keep=2)
+    first = make_trainer(tiny_model(), data, steps=7, checkpointer=ckpt)
+    np.testing.assert_array_equal(losses(first.train()), expected[:7])
+    assert ckpt.manager.all_steps() == [4, 7]  # every 4 steps and the last
+
+    second = make_trainer(tiny_model(seed=1), data, steps=10, checkpointer=kithara.Checkpointer(str(tmp_path), 4, 2))
+    history = second.train()
+    assert second.restored_step == 7 and [h["step"] for h in history] == [8, 9, 10]
+    np.testing.assert_array_equal(losses(history), expected[7:])
+    for path, value in reference.model.variables.trainable.items():
+        np.testing.assert_array_equal(np.asarray(second.model.variables.trainable[path]), np.asarray(value))
+    assert kithara.Checkpointer(str(tmp_path)).manager.all_steps() == [8, 10]  # max_to_keep=2
+
+    fresh = make_trainer(tiny_model(), data, steps=2, checkpointer=kithara.Checkpointer(str(tmp_path), resume=False))
+    assert [h["step"] for h in fresh.train()] == [1, 2] and fresh.restored_step is None
+
+
+def test_restore_onto_another_mesh(examples, tmp_path):
+    ckpt = kithara.Checkpointer(str(tmp_path), save_interval=3)
+    trained = make_trainer(tiny_model(sharding="fsdp"), examples, steps=3, checkpointer=ckpt)
+    trained.train()
+    one = kithara.ShardingStrategy("dp", devices=jax.devices()[:1])
+    target = make_trainer(tiny_model(sharding=one, seed=5), examples, steps=3, per_device=8, num_devices=1)
+    state, data_state = kithara.Checkpointer(str(tmp_path)).restore(target)
+    assert int(state.step) == 3 and data_state["batch"] == 3
+    for path, value in trained.model.variables.trainable.items():
+        restored = state.model.trainable[path]
+        assert restored.sharding == target.state_shardings.model.trainable[path]
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(value))
+    mu = state.opt_state.inner_state[1][0].mu
+    np.testing.assert_array_equal(
+        np.asarray(mu["token_embedding/embeddings"]),
+        np.asarray(trained.state.opt_state.inner_state[1][0].mu["token_embedding/embeddings"]),
+    )
+    # The restored run uses different data settings (batch size, devices): refused clearly.
+    target.checkpointer = kithara.Checkpointer(str(tmp_path))
+    target.total_steps = 5
+    with pytest.raises(ValueError, match="different data or loader settings"):
+        target.train()
+
+
+def test_bad_checkpoints_give_clear_errors(examples, tmp_path):
+    make_trainer(tiny_model(), examples, steps=2, checkpointer=kithara.Checkpointer(str(tmp_path / "a"), 2)).train()
+    wider = make_trainer(tiny_model(hidden_dim=48), examples, steps=4)
+    with pytest.raises(ValueError, match=r"token_embedding/embeddings: saved float32\[64, 32\].*float32\[64, 48\]"):
+        kithara.Checkpointer(str(tmp_path / "a")).restore(wider)
+    wider.checkpointer = kithara.Checkpointer(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="does not match this model"):
+        wider.train()
+    same = make_trainer(tiny_model(), examples, steps=4)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        kithara.Checkpointer(str(tmp_path / "missing")).restore(same)
+    with pytest.raises(FileNotFoundError, match="No complete checkpoint of step 9"):
+        kithara.Checkpointer(str(tmp_path / "a")).restore(same, step=9)
+    # Corrupt every data file of the arrays (what a disk error or a bad copy would do).
+    files = [f for f in (tmp_path / "a" / "2" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files
+    for f in files:
+        f.write_bytes(b"\0" * 7)
+    with pytest.raises(ValueError, match="could not be read"):
+        kithara.Checkpointer(str(tmp_path / "a")).restore(same)
+    (tmp_path / "a" / "2" / "state" / "_METADATA").write_text("{not json")
+    with pytest.raises(ValueError, match="step 2"):
+        kithara.Checkpointer(str(tmp_path / "a")).restore(same)
+
+
+def test_checkpointer_argument_validation():
+    with pytest.raises(ValueError, match="save_interval"):
+        kithara.Checkpointer("x", save_interval=0)
+    with pytest.raises(ValueError, match="max_to_keep"):
+        kithara.Checkpointer("x", max_to_keep=0)
