@@ -131,17 +131,21 @@ class Checkpointer(Callback):
         try:
             metadata = self.manager.item_metadata(step)["state"]
         except Exception as error:
-            raise ValueError(f"Checkpoint of step {step} in {self.save_dir!r} is unreadable: {error}") from error
+            raise self._unreadable(step, error) from error
         _check_matches(metadata, target, where=f"checkpoint of step {step} in {self.save_dir!r}")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as error:
-            raise ValueError(
-                f"Checkpoint of step {step} in {self.save_dir!r} could not be read (corrupt or incomplete "
-                f"file?): {type(error).__name__}: {error}"
-            ) from error
+            raise self._unreadable(step, error) from error
         return restored["state"], dict(restored["data"] or {})
+
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        detail = str(error).split(" [tensorstore_spec=")[0][:500]
+        return ValueError(
+            f"Checkpoint of step {step} in {self.save_dir!r} could not be read (a corrupt or truncated file?): "
+            f"{type(error).__name__}: {detail}. Delete that step's directory to resume from an earlier one."
+        )
 
     # Callback hooks ---------------------------------------------------------------------
 
