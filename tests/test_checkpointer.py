@@ -89,6 +89,17 @@ def test_bad_checkpoints_give_clear_errors(examples, tmp_path):
         kithara.Checkpointer(str(tmp_path / "missing")).restore(same)
     with pytest.raises(FileNotFoundError, match="No complete checkpoint of step 9"):
         kithara.Checkpointer(str(tmp_path / "a")).restore(same, step=9)
+    # A changed byte inside an array's data is caught by the saved checksums.
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for f in (tmp_path / "b" / "2" / "state").rglob("*"):
+        if f.parent.name == "d" and f.stat().st_size > 10_000:
+            raw = bytearray(f.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="could not be read|is corrupt"):
+        kithara.Checkpointer(str(tmp_path / "b")).restore(same)
     # Corrupt every data file of the arrays (what a disk error or a bad copy would do).
     files = [f for f in (tmp_path / "a" / "2" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
     assert files

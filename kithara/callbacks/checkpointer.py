@@ -8,6 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -104,7 +105,8 @@ class Checkpointer(Callback):
     def save(self, trainer: Trainer, step: int) -> None:
         """Saves ``trainer.state`` (which must be the state after ``step``) and the data position."""
         data_state = trainer.data_iterator.get_state() if trainer.data_iterator is not None else {}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), data=ocp.args.JsonSave(data_state))
+        meta = {"iterator": data_state, "checksums": checksums(trainer.state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), data=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         self._last_saved = step
         logger.info("Checkpoint of step %d %s to %s", step, "dispatched" if self.async_save else "written", self.save_dir)
@@ -138,7 +140,16 @@ class Checkpointer(Callback):
             restored = self.manager.restore(step, args=args)
         except Exception as error:
             raise self._unreadable(step, error) from error
-        return restored["state"], dict(restored["data"] or {})
+        state, meta = restored["state"], dict(restored["data"] or {})
+        expected, found = meta.get("checksums", {}), checksums(state)
+        bad = sorted(name for name in found if name in expected and expected[name] != found[name])
+        if bad or set(expected) != set(found):
+            raise ValueError(
+                f"Checkpoint of step {step} in {self.save_dir!r} is corrupt: the data read back differs from "
+                f"what was saved ({', '.join(bad[:5]) or 'the checksum list'}). Delete that step's directory "
+                "to resume from an earlier one."
+            )
+        return state, dict(meta.get("iterator", {}))
 
     def _unreadable(self, step: int, error: Exception) -> ValueError:
         detail = str(error).split(" [tensorstore_spec=")[0][:500]
@@ -251,3 +262,26 @@ def _check_matches(metadata: Any, target: Any, *, where: str) -> None:
             f"The {where} does not match this model and optimizer (different architecture, LoRA "
             f"setting or optimizer?):\n  {shown}{more}\nPoint save_dir elsewhere or pass resume=False."
         )
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+    """Two 32-bit sums per array (of its words, and of its words times their positions),
+    computed on device and independent of sharding: they catch a file that was changed or
+    damaged after the save, which the array store itself would read back silently."""
+    named = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    sums = jax.device_get(_device_checksums(named))
+    return {name: [int(a), int(b)] for name, (a, b) in sums.items()}
+
+
+@jax.jit
+def _device_checksums(named: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def one(x: jax.Array) -> jax.Array:
+        x = jnp.ravel(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32).ravel()
+        position = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+        return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * position, dtype=jnp.uint32)])
+
+    return {name: one(x) for name, x in named.items()}
