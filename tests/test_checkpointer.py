@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,9 +90,15 @@ def test_bad_checkpoints_give_clear_errors(examples, tmp_path):
         kithara.Checkpointer(str(tmp_path / "missing")).restore(same)
     with pytest.raises(FileNotFoundError, match="No complete checkpoint of step 9"):
         kithara.Checkpointer(str(tmp_path / "a")).restore(same, step=9)
-    # A changed byte inside an array's data is caught by the saved checksums.
-    import shutil
-
+    # Arrays that read back differently from what was saved are refused (checksums).
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    meta_file = tmp_path / "c" / "2" / "data" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["checksums"]["model.trainable.token_embedding/embeddings"][0] += 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"is corrupt.*token_embedding/embeddings"):
+        kithara.Checkpointer(str(tmp_path / "c")).restore(same)
+    # A changed byte inside an array file.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for f in (tmp_path / "b" / "2" / "state").rglob("*"):
         if f.parent.name == "d" and f.stat().st_size > 10_000:
