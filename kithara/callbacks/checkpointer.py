@@ -109,7 +109,9 @@ class Checkpointer(Callback):
         args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), data=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         self._last_saved = step
-        logger.info("Checkpoint of step %d %s to %s", step, "dispatched" if self.async_save else "written", self.save_dir)
+        logger.info(
+            "Checkpoint of step %d %s to %s", step, "dispatched" if self.async_save else "written", self.save_dir
+        )
 
     def restore(self, trainer: Trainer, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """Reads a checkpoint (the latest by default) laid out for ``trainer``'s model and mesh,
