@@ -198,7 +198,7 @@ class Checkpointer(Callback):
         self.save(trainer, step)
         if self.preempted:
             trainer.stop_training = True
-            trainer.preempted = self.exit_on_preemption
+            trainer.preempted = True
 
     def on_train_end(self, trainer: Trainer) -> None:
         try:

@@ -164,7 +164,7 @@ class Trainer:
         self.restored_step: int | None = None
         self._restored_data_state: dict[str, Any] | None = None
         self.stop_training = False  # a callback sets it to end training after the current step
-        self.preempted = False  # set on SIGTERM by the checkpointer: train() then exits the process
+        self.preempted = False  # set on SIGTERM by the checkpointer, after its save
         self.error: BaseException | None = None
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
@@ -237,7 +237,7 @@ class Trainer:
             self.model.variables = self._live_model_variables()
             for cb in self.callbacks:
                 cb.on_train_end(self)
-        if self.preempted:
+        if self.preempted and (self.checkpointer is None or self.checkpointer.exit_on_preemption):
             logger.warning("Preempted: stopped and saved at step %d; exiting.", int(jax.device_get(self.state.step)))
             raise SystemExit(0)
         return self.history
