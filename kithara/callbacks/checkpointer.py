@@ -167,7 +167,7 @@ class Checkpointer(Callback):
         self._last_saved = trainer.start_step if trainer.restored_step is not None else None
         self.preempted = False
         self._sigterm.clear()
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -178,8 +178,12 @@ class Checkpointer(Callback):
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            # Agreed by all processes at the same step (needs jax.distributed's preemption service).
-            return bool(multihost_utils.reached_preemption_sync_point(step)) or self._sigterm.is_set()
+            # jax.distributed's preemption service catches SIGTERM and picks one step for all
+            # processes; a local flag could stop them at different steps and hang the save.
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # the service is not running
+                return False
         return self._sigterm.is_set()
 
     def needs_sync(self, step: int) -> bool:
