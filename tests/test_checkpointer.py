@@ -84,6 +84,9 @@ def test_bad_checkpoints_give_clear_errors(examples, tmp_path):
     with pytest.raises(ValueError, match="does not match this model"):
         wider.train()
     same = make_trainer(tiny_model(), examples, steps=4)
+    sgd = kithara.Trainer(tiny_model(), optax.sgd(0.1), kithara.Dataloader(examples, 1), progress_bar=False)
+    with pytest.raises(ValueError, match=r"opt_state.*in the checkpoint but not in this model/optimizer"):
+        kithara.Checkpointer(str(tmp_path / "a")).restore(sgd)
     other_data = make_trainer(
         tiny_model(), examples[:100], steps=4, checkpointer=kithara.Checkpointer(str(tmp_path / "a"))
     )
