@@ -75,6 +75,7 @@ def test_restore_onto_another_mesh(examples, tmp_path):
     assert [h["step"] for h in target.train()] == [4, 5]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop after a read error
 def test_bad_checkpoints_give_clear_errors(examples, tmp_path):
     make_trainer(tiny_model(), examples, steps=2, checkpointer=kithara.Checkpointer(str(tmp_path / "a"), 2)).train()
     wider = make_trainer(tiny_model(hidden_dim=48), examples, steps=4)
