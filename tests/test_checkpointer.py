@@ -49,6 +49,11 @@ def test_resume_is_exact(examples, tmp_path):
     assert kithara.Checkpointer(str(tmp_path)).manager.all_steps() == [8, 10]  # max_to_keep=2
 
     fresh = make_trainer(tiny_model(), data, steps=2, checkpointer=kithara.Checkpointer(str(tmp_path), resume=False))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        fresh.train()
+    fresh = make_trainer(
+        tiny_model(), data, steps=2, checkpointer=kithara.Checkpointer(str(tmp_path / "new"), resume=False)
+    )
     assert [h["step"] for h in fresh.train()] == [1, 2] and fresh.restored_step is None
 
 

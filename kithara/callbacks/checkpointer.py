@@ -32,7 +32,8 @@ class Checkpointer(Callback):
     written to a temporary directory and renamed when complete, so a process killed mid-save
     leaves the previous checkpoint loadable. On SIGTERM the trainer finishes the step in
     flight, saves it and exits with code 0. Arrays are stored with tensorstore and the data
-    position as JSON: nothing is pickled.
+    position and per-array checksums as JSON: nothing is pickled. Restoring checks names,
+    shapes and dtypes against the model before reading, and the checksums after.
 
     Args:
         save_dir: directory holding one subdirectory per saved step.
@@ -40,8 +41,9 @@ class Checkpointer(Callback):
         max_to_keep: keep only the newest this many checkpoints (None keeps all).
         async_save: write in a background thread while training goes on (arrays are copied
             to host memory first, so the next step can reuse the device buffers).
-        resume: restore the latest checkpoint in ``save_dir`` when training starts; False
-            starts from the model's current variables (and later saves still go to ``save_dir``).
+        resume: restore the latest checkpoint in ``save_dir`` when training starts. False
+            starts from the model's current variables and needs a ``save_dir`` without
+            checkpoints (two runs in one directory would mix their steps).
         exit_on_preemption: after the save triggered by SIGTERM, raise ``SystemExit(0)`` from
             ``Trainer.train()``; False returns normally (``trainer.preempted`` is then True).
 
@@ -163,6 +165,11 @@ class Checkpointer(Callback):
     # Callback hooks ---------------------------------------------------------------------
 
     def on_train_begin(self, trainer: Trainer) -> None:
+        if not self.resume and trainer.restored_step is None and (latest := self.latest_step()) is not None:
+            raise ValueError(
+                f"save_dir {self.save_dir!r} already holds checkpoints (latest step {latest}) and resume=False: "
+                "this run's saves would mix with them. Use a new save_dir, delete the old one, or resume=True."
+            )
         self._total_steps = trainer.total_steps
         self._last_saved = trainer.start_step if trainer.restored_step is not None else None
         self.preempted = False
