@@ -75,9 +75,9 @@ def test_restore_onto_another_mesh(examples, tmp_path):
         np.asarray(trained.state.opt_state.inner_state[1][0].mu["token_embedding/embeddings"]),
     )
     # Same global batch on one device: training goes on from step 4.
-    target.checkpointer = kithara.Checkpointer(str(tmp_path))
-    target.total_steps = 5
-    assert [h["step"] for h in target.train()] == [4, 5]
+    ckpt = kithara.Checkpointer(str(tmp_path), save_interval=3)
+    go_on = make_trainer(tiny_model(sharding=one), examples, steps=5, per_device=8, num_devices=1, checkpointer=ckpt)
+    assert [h["step"] for h in go_on.train()] == [4, 5] and ckpt.manager.all_steps() == [3, 5]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop after a read error
