@@ -306,3 +306,26 @@ def test_two_processes_write_one_checkpoint_that_restores_on_one(examples, tmp_p
     with np.load(params_file, allow_pickle=False) as saved:
         for key in saved.files:
             np.testing.assert_array_equal(np.asarray(state.model.trainable[key.replace("|", "/")]), saved[key])
+
+
+def test_resume_with_a_keras_optimizer_is_exact(examples, tmp_path):
+    import keras
+
+    def run(steps, checkpointer=None):
+        loader = kithara.Dataloader(examples[:32], 1, seed=0)
+        schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=1, decay_rate=0.5)
+        trainer = kithara.Trainer(
+            tiny_model(),
+            keras.optimizers.Adam(schedule),
+            loader,
+            steps=steps,
+            checkpointer=checkpointer,
+            progress_bar=False,
+        )
+        return trainer, losses(trainer.train())
+
+    _, expected = run(4)
+    run(2, kithara.Checkpointer(str(tmp_path), save_interval=2))
+    resumed, tail = run(4, kithara.Checkpointer(str(tmp_path), save_interval=2))
+    assert resumed.restored_step == 2
+    np.testing.assert_array_equal(tail, expected[2:])
