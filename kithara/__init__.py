@@ -15,7 +15,7 @@ if keras.backend.backend() != "jax":
     )
 
 from kithara import data
-from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger
+from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
 from kithara.sharding import ShardingStrategy
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Architecture",
     "Callback",
+    "Checkpointer",
     "Dataloader",
     "KerasHubModel",
     "LoraConfig",

@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 def _report(console: Console, result: dict[str, Any]) -> None:
     table = Table("metric", "value", title="kithara run")
     table.add_row("parameters (trainable)", f"{result['num_params']:,} ({result['trainable_params']:,})")
-    table.add_row("train loss first -> last", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}")
-    table.add_row("tokens/s (steady state)", f"{result['tokens_per_second']:,.0f}")
+    if "first_loss" in result:
+        table.add_row("train loss first -> last", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}")
+        table.add_row("tokens/s (steady state)", f"{result['tokens_per_second']:,.0f}")
     if "eval" in result:
         e = result["eval"]
         table.add_row(

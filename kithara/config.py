@@ -72,6 +72,9 @@ class TrainerConfig:
     max_eval_samples: int | None = None
     gradient_accumulation_steps: int = 1
     tensorboard_dir: str | None = "runs/demo"
+    checkpoint_dir: str | None = None  # save here every checkpoint_interval steps; a rerun resumes
+    checkpoint_interval: int = 200
+    max_checkpoints: int | None = 3
     progress_bar: bool = True
     seed: int = 0
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 
+from kithara.callbacks import Checkpointer
 from kithara.config import RunConfig
 from kithara.data.dataloader import Dataloader
 from kithara.data.formats import DATASETS, Dataset
@@ -145,6 +146,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         eval_epochs_interval=t.eval_epochs_interval if eval_loader else None,
         max_eval_samples=t.max_eval_samples if eval_loader else None,
         tensorboard_dir=t.tensorboard_dir,
+        checkpointer=Checkpointer(t.checkpoint_dir, t.checkpoint_interval, t.max_checkpoints)
+        if t.checkpoint_dir
+        else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         progress_bar=t.progress_bar,
         seed=t.seed,
@@ -158,9 +162,10 @@ def run(config: RunConfig) -> dict[str, Any]:
     if sample_rows:
         result["exact_match_before"], _ = exact_match(model, tokenizer, sample_rows, d.max_seq_len)
     history = trainer.train()
-    result["first_loss"], result["final_loss"] = history[0]["loss"], history[-1]["loss"]
-    steady = [h["tokens_per_second"] for h in history[len(history) // 2 :]]
-    result["tokens_per_second"] = float(np.median(steady))
+    if history:  # empty when resumed from a checkpoint of the last step
+        result["first_loss"], result["final_loss"] = history[0]["loss"], history[-1]["loss"]
+        steady = [h["tokens_per_second"] for h in history[len(history) // 2 :]]
+        result["tokens_per_second"] = float(np.median(steady))
     if eval_loader is not None:
         result["eval"] = trainer.evaluate()
     if sample_rows:

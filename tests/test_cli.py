@@ -33,6 +33,7 @@ def test_kithara_train_runs_the_shipped_config(capsys, tmp_path):
         "trainer.log_steps_interval=10",
         "trainer.eval_steps_interval=30",
         f"trainer.tensorboard_dir={tmp_path}/tb",
+        f"trainer.checkpoint_dir={tmp_path}/ckpt",
         "trainer.progress_bar=false",
         "generation_eval.max_samples=16",
         "model.hidden_dim=64",
@@ -43,3 +44,8 @@ def test_kithara_train_runs_the_shipped_config(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "held-out exact match" in out and "train loss first -> last" in out
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [30]
+    # The same command with more steps resumes from the checkpoint.
+    more = [o if o != "trainer.steps=30" else "trainer.steps=32" for o in overrides] + ["generation_eval.enabled=false"]
+    assert cli.main(["train", config, *[arg for o in more for arg in ("--set", o)]]) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [30, 32]

@@ -42,7 +42,7 @@ def adamw(
 
 
 class KerasOptimizerState(NamedTuple):
-    variables: dict[str, jax.Array]  # keyed "param path#slot" for slots, the keras path otherwise
+    variables: dict[str, jax.Array]  # keyed "param path#slot" for slots, the variable's name otherwise
     learning_rate: jax.Array
 
 
@@ -75,7 +75,10 @@ def keras_optimizer(
             optimizer.build(placeholders)
         finally:
             del optimizer.add_variable_from_reference
-        keys = [owner.get(id(v), v.path) for v in optimizer.variables]
+        # Keras names optimizers with a process-wide counter ("adam_3/iteration"); drop that
+        # prefix so a checkpoint's keys match the same optimizer built in another process.
+        prefix = f"{optimizer.name}/"
+        keys = [owner.get(id(v), v.path.removeprefix(prefix)) for v in optimizer.variables]
         initial = {k: np.asarray(v.value) for k, v in zip(keys, optimizer.variables, strict=True)}
 
     def current_lr(values: list[jax.Array]) -> jax.Array:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from kithara import sharding as sharding_lib
-from kithara.callbacks import Callback, Profiler, ProgressBar, TensorBoardLogger
+from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data.dataloader import DataIterator, Dataloader, pad_length
 from kithara.models.model import Model, ModelVariables
 from kithara.trainer import step as step_lib
@@ -61,7 +61,8 @@ class Trainer:
         max_eval_samples: evaluate on at most this many rows (packed rows when packing).
         tensorboard_dir: local or ``gs://`` directory for TensorBoard scalars.
         profiler: a ``kithara.Profiler`` that traces a window of steps.
-        checkpointer: a callback that saves (and restores) the state.
+        checkpointer: a ``kithara.Checkpointer``: saves the state periodically, and
+            ``train()`` resumes from its latest checkpoint (unless ``resume=False``).
         callbacks: more ``Callback`` objects.
         gradient_accumulation_steps: micro-batches (loader batches) per optimizer step.
         progress_bar: show a rich progress bar on process 0.
@@ -88,7 +89,7 @@ class Trainer:
         max_eval_samples: int | None = None,
         tensorboard_dir: str | None = None,
         profiler: Profiler | None = None,
-        checkpointer: Callback | None = None,
+        checkpointer: Checkpointer | None = None,
         callbacks: Sequence[Callback] = (),
         *,
         gradient_accumulation_steps: int = 1,
@@ -133,6 +134,7 @@ class Trainer:
         self.max_eval_samples = max_eval_samples
         self.tensorboard_dir = tensorboard_dir
         self.seed = seed
+        self.checkpointer = checkpointer
         self.peak_flops_per_device = peak_flops_per_device
         self.callbacks: list[Callback] = [cb for cb in (checkpointer, profiler) if cb is not None]
         if tensorboard_dir is not None:
@@ -159,6 +161,10 @@ class Trainer:
         self.state: TrainState | None = None
         self.data_iterator: DataIterator | None = None
         self.start_step = 0
+        self.restored_step: int | None = None
+        self._restored_data_state: dict[str, Any] | None = None
+        self.stop_training = False  # a callback sets it to end training after the current step
+        self.preempted = False  # set on SIGTERM by the checkpointer, after its save
         self.error: BaseException | None = None
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
@@ -203,13 +209,17 @@ class Trainer:
     # The loop ---------------------------------------------------------------------------
 
     def train(self) -> list[dict[str, float]]:
-        """Runs training; returns the per-step metrics (also in ``self.history``)."""
+        """Runs training; returns the per-step metrics (also in ``self.history``).
+
+        With a checkpointer (and no state yet), resumes from its latest checkpoint if any.
+        """
         if self.state is None:
-            self.state = self.init_state()
+            self.state = self._restore_or_init()
         self.start_step = int(jax.device_get(self.state.step))
         self._peak_flops = mesh_peak_flops(self.model.mesh, self.peak_flops_per_device)
         self._flops_per_token = self.model.flops_per_token(self.train_dataloader.sequence_length)
         self.error = None
+        self.stop_training = self.preempted = False
         logger.info(
             "Training %d steps (%d per epoch), %s",
             self.total_steps,
@@ -227,7 +237,19 @@ class Trainer:
             self.model.variables = self._live_model_variables()
             for cb in self.callbacks:
                 cb.on_train_end(self)
+        if self.preempted and (self.checkpointer is None or self.checkpointer.exit_on_preemption):
+            logger.warning("Preempted: stopped and saved at step %d; exiting.", int(jax.device_get(self.state.step)))
+            raise SystemExit(0)
         return self.history
+
+    def _restore_or_init(self) -> TrainState:
+        ckpt = self.checkpointer
+        if ckpt is not None and ckpt.resume and ckpt.latest_step() is not None:
+            state, self._restored_data_state = ckpt.restore(self)
+            self.restored_step = int(jax.device_get(state.step))
+            logger.info("Restored step %d from %s", self.restored_step, ckpt.save_dir)
+            return state
+        return self.init_state()
 
     def _run(self) -> None:
         batches = self._batches(self.start_step)
@@ -240,11 +262,14 @@ class Trainer:
                 self._complete(pending)
             pending = _Pending(step, epoch, metrics)
             eval_due = self._eval_due(step)
-            if step == self.total_steps or eval_due or any(cb.needs_sync(step) for cb in self.callbacks):
+            sync = [cb.needs_sync(step) for cb in self.callbacks]  # every callback sees every step
+            if step == self.total_steps or eval_due or any(sync):
                 self._complete(pending)
                 pending = None
                 if eval_due:
                     self.evaluate(_step=step)
+            if self.stop_training:
+                break
         if pending is not None:
             self._complete(pending)
 
@@ -256,8 +281,13 @@ class Trainer:
         """
         k = self.gradient_accumulation_steps
         self.data_iterator = self.train_dataloader.iterator(batches_per_epoch=self.steps_per_epoch * k)
-        epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
-        self.data_iterator.seek(epoch, step_in_epoch * k)
+        if self._restored_data_state is not None:
+            # Refuses, with the loader's message, a state saved for other data or settings.
+            self.data_iterator.set_state(self._restored_data_state)
+            self._restored_data_state = None
+        else:
+            epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+            self.data_iterator.seek(epoch, step_in_epoch * k)
         for step in itertools.count(start_step):
             epoch = step // self.steps_per_epoch
             micro = [next(self.data_iterator) for _ in range(k)]

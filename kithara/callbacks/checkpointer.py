@@ -1,0 +1,300 @@
+"""Saves and restores the training state with orbax: periodic, async, atomic, preemption-safe."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+from kithara.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from kithara.trainer.state import TrainState
+    from kithara.trainer.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+_ITEMS = ("state", "data")
+
+
+class Checkpointer(Callback):
+    """Saves the train state (model variables, optimizer state, step, RNG) and the data
+    iterator's position together, every ``save_interval`` steps and at the end of training,
+    with orbax's ``CheckpointManager``; the Trainer resumes from the latest one.
+
+    Every process writes its own shards into one directory (local or ``gs://``). A step is
+    written to a temporary directory and renamed when complete, so a process killed mid-save
+    leaves the previous checkpoint loadable. On SIGTERM the trainer finishes the step in
+    flight, saves it and exits with code 0. Arrays are stored with tensorstore and the data
+    position and per-array checksums as JSON: nothing is pickled. Restoring checks names,
+    shapes and dtypes against the model before reading, and the checksums after.
+
+    Args:
+        save_dir: directory holding one subdirectory per saved step.
+        save_interval: save every this many optimizer steps (the last step is always saved).
+        max_to_keep: keep only the newest this many checkpoints (None keeps all).
+        async_save: write in a background thread while training goes on (arrays are copied
+            to host memory first, so the next step can reuse the device buffers).
+        resume: restore the latest checkpoint in ``save_dir`` when training starts. False
+            starts from the model's current variables and needs a ``save_dir`` without
+            checkpoints (two runs in one directory would mix their steps).
+        exit_on_preemption: after the save triggered by SIGTERM, raise ``SystemExit(0)`` from
+            ``Trainer.train()``; False returns normally (``trainer.preempted`` is then True).
+
+    Example:
+        >>> ckpt = kithara.Checkpointer("runs/exp1/ckpt", save_interval=100, max_to_keep=3)
+        >>> kithara.Trainer(model, tx, loader, steps=1000, checkpointer=ckpt).train()
+        >>> # Run the same script again: it resumes at the latest saved step.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_interval: int = 1000,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        *,
+        resume: bool = True,
+        exit_on_preemption: bool = True,
+    ) -> None:
+        if not isinstance(save_interval, int) or save_interval < 1:
+            raise ValueError(f"save_interval must be a positive int, got {save_interval!r}.")
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
+        self.save_dir = str(save_dir)
+        self.save_interval = save_interval
+        self.max_to_keep = max_to_keep
+        self.async_save = async_save
+        self.resume = resume
+        self.exit_on_preemption = exit_on_preemption
+        self.preempted = False
+        self._sigterm = threading.Event()
+        self._previous_handler: Any = None
+        self._manager: ocp.CheckpointManager | None = None
+        self._total_steps = 0
+        self._due: set[int] = set()
+        self._last_saved: int | None = None
+
+    # Orbax ------------------------------------------------------------------------------
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        """The orbax ``CheckpointManager`` over ``save_dir`` (created on first use)."""
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.max_to_keep,
+                enable_async_checkpointing=self.async_save,
+                cleanup_tmp_directories=True,
+            )
+            handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+            self._manager = ocp.CheckpointManager(
+                self.save_dir, options=options, item_names=_ITEMS, item_handlers=handlers
+            )
+        return self._manager
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None (also when ``save_dir`` is missing)."""
+        if not epath.Path(self.save_dir).exists():
+            return None
+        return self.manager.latest_step()
+
+    def save(self, trainer: Trainer, step: int) -> None:
+        """Saves ``trainer.state`` (which must be the state after ``step``) and the data position."""
+        data_state = trainer.data_iterator.get_state() if trainer.data_iterator is not None else {}
+        meta = {"iterator": data_state, "checksums": checksums(trainer.state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), data=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, force=True)
+        self._last_saved = step
+        logger.info(
+            "Checkpoint of step %d %s to %s", step, "dispatched" if self.async_save else "written", self.save_dir
+        )
+
+    def restore(self, trainer: Trainer, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """Reads a checkpoint (the latest by default) laid out for ``trainer``'s model and mesh,
+        which may differ from the ones that saved it. Returns ``(state, data_iterator_state)``.
+
+        Raises:
+            FileNotFoundError: ``save_dir`` is missing or holds no such checkpoint.
+            ValueError: the checkpoint does not match the model and optimizer (names, shapes,
+                dtypes), or a file in it cannot be read.
+        """
+        if not epath.Path(self.save_dir).exists():
+            raise FileNotFoundError(f"Checkpoint directory {self.save_dir!r} does not exist.")
+        available = list(self.manager.all_steps())
+        step = self.manager.latest_step() if step is None else step
+        if step is None or step not in available:
+            raise FileNotFoundError(
+                f"No complete checkpoint{'' if step is None else f' of step {step}'} in {self.save_dir!r} "
+                f"(complete steps: {sorted(available)})."
+            )
+        target = _abstract_state(trainer)
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception as error:
+            raise self._unreadable(step, error) from error
+        _check_matches(metadata, target, where=f"checkpoint of step {step} in {self.save_dir!r}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+        try:
+            restored = self.manager.restore(step, args=args)
+        except Exception as error:
+            raise self._unreadable(step, error) from error
+        state, meta = restored["state"], dict(restored["data"] or {})
+        expected, found = meta.get("checksums", {}), checksums(state)
+        bad = sorted(name for name in found if name in expected and expected[name] != found[name])
+        if bad or set(expected) != set(found):
+            raise ValueError(
+                f"Checkpoint of step {step} in {self.save_dir!r} is corrupt: the data read back differs from "
+                f"what was saved ({', '.join(bad[:5]) or 'the checksum list'}). Delete that step's directory "
+                "to resume from an earlier one."
+            )
+        return state, dict(meta.get("iterator", {}))
+
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        detail = str(error).split(" [tensorstore_spec=")[0][:500]
+        return ValueError(
+            f"Checkpoint of step {step} in {self.save_dir!r} could not be read (a corrupt or truncated file?): "
+            f"{type(error).__name__}: {detail}. Delete that step's directory to resume from an earlier one."
+        )
+
+    # Callback hooks ---------------------------------------------------------------------
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if not self.resume and trainer.restored_step is None and (latest := self.latest_step()) is not None:
+            raise ValueError(
+                f"save_dir {self.save_dir!r} already holds checkpoints (latest step {latest}) and resume=False: "
+                "this run's saves would mix with them. Use a new save_dir, delete the old one, or resume=True."
+            )
+        self._total_steps = trainer.total_steps
+        self._last_saved = trainer.start_step if trainer.restored_step is not None else None
+        self.preempted = False
+        self._sigterm.clear()
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM received: finishing the current step, then saving and stopping.")
+        self._sigterm.set()
+
+    def _preemption_requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            # jax.distributed's preemption service catches SIGTERM and picks one step for all
+            # processes; a local flag could stop them at different steps and hang the save.
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # the service is not running
+                return False
+        return self._sigterm.is_set()
+
+    def needs_sync(self, step: int) -> bool:
+        due = step % self.save_interval == 0 or step == self._total_steps
+        if self._preemption_requested(step):
+            self.preempted = True
+            due = True
+        if due:
+            self._due.add(step)
+        return due
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step not in self._due:
+            return
+        self._due.discard(step)
+        self.save(trainer, step)
+        if self.preempted:
+            trainer.stop_training = True
+            trainer.preempted = True
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        try:
+            if trainer.error is None and trainer.state is not None:
+                step = int(jax.device_get(trainer.state.step))
+                if step and step != self._last_saved:
+                    self.save(trainer, step)
+            if self._manager is not None:
+                self._manager.wait_until_finished()
+        finally:
+            self._due.clear()
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+                self._previous_handler = None
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+
+def _abstract_state(trainer: Trainer) -> TrainState:
+    """Shapes, dtypes and shardings of ``trainer``'s state, without allocating it."""
+    shapes = jax.eval_shape(trainer.init_state)
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes,
+        trainer.state_shardings,
+    )
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
+
+
+def _check_matches(metadata: Any, target: Any, *, where: str) -> None:
+    """Raises a ValueError naming the first variables whose name, shape or dtype differ."""
+    tree = getattr(metadata, "tree", metadata)
+    if tree is None:
+        raise ValueError(f"The {where} has no readable array metadata (corrupt or not a kithara checkpoint).")
+    saved = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    wanted = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    problems = [f"{name}: missing from the checkpoint" for name in wanted if name not in saved]
+    problems += [f"{name}: in the checkpoint but not in this model/optimizer" for name in saved if name not in wanted]
+    for name in wanted.keys() & saved.keys():
+        have, want = saved[name], wanted[name]
+        if tuple(have.shape) != tuple(want.shape) or jax.numpy.dtype(have.dtype) != want.dtype:
+            problems.append(
+                f"{name}: saved {have.dtype}{list(have.shape)}, this model needs {want.dtype}{list(want.shape)}"
+            )
+    if problems:
+        shown = "\n  ".join(sorted(problems)[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(
+            f"The {where} does not match this model and optimizer (different architecture, LoRA "
+            f"setting or optimizer?):\n  {shown}{more}\nPoint save_dir elsewhere or pass resume=False."
+        )
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+    """Two 32-bit sums per array (of its words, and of its words times their positions),
+    computed on device and independent of sharding: they catch a file that was changed or
+    damaged after the save, which the array store itself would read back silently."""
+    named = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    sums = jax.device_get(_device_checksums(named))
+    return {name: [int(a), int(b)] for name, (a, b) in sums.items()}
+
+
+@jax.jit
+def _device_checksums(named: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def one(x: jax.Array) -> jax.Array:
+        x = jnp.ravel(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32).ravel()
+        position = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+        return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * position, dtype=jnp.uint32)])
+
+    return {name: one(x) for name, x in named.items()}
