@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kithara import sharding as sharding_lib
-from kithara.models import segments
+from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import Model, ModelVariables
@@ -64,6 +64,7 @@ class KerasHubModel(Model):
         self.backbone = causal_lm.backbone
         self.family = family or type(causal_lm).__name__
         self.lora = lora
+        self.hf_config: dict[str, Any] | None = None  # config.json of the checkpoint it came from
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
@@ -128,6 +129,12 @@ class KerasHubModel(Model):
         (``config.json`` + safetensors). ``hf://``, ``kaggle://`` and built-in preset names
         are passed to keras-hub as they are (they need network access)."""
         _check_local_preset(handle)
+        if hf.is_hf_checkpoint(handle) and not load_preprocessor and not kwargs:
+            with _host_device():
+                causal_lm, hf_config = hf.load_causal_lm(handle, dtype=keras_policy(precision))
+            model = cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"])
+            model.hf_config = hf_config
+            return model
         if not load_preprocessor:
             kwargs["preprocessor"] = None
         with _host_device():
