@@ -224,6 +224,32 @@ class KerasHubModel(Model):
         # Frozen weights still back-propagate activations; only adapters get weight grads.
         return float(forward + 2 * base + 2 * attention + 4 * lora)
 
+    def save_in_hf_format(
+        self,
+        path: str | Path,
+        *,
+        max_shard_size: int | str = "5GB",
+        dtype: str = "float32",
+        tokenizer: Any = None,
+    ) -> None:
+        """Writes the model as a Hugging Face checkpoint directory that
+        ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads.
+
+        The directory gets safetensors shards of at most ``max_shard_size`` (bytes, or
+        ``"5GB"``/``"500MB"``) with ``model.safetensors.index.json`` when there are several,
+        ``config.json``, ``generation_config.json`` and, given a kithara ``Tokenizer``, its
+        tokenizer files. LoRA adapters are merged into the weights (see
+        ``save_peft_adapter`` for the adapter alone). Variables are gathered to host one at a
+        time; in a multi-process run every process must call this, and process 0 writes.
+
+        Args:
+            path: a local directory (created if needed; earlier weight files in it are replaced).
+            max_shard_size: the largest safetensors file to write.
+            dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the written tensors.
+            tokenizer: a kithara ``Tokenizer`` whose files go next to the weights.
+        """
+        hf.save_in_hf_format(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)
+
     def generate(
         self,
         token_ids: Sequence[Sequence[int]],

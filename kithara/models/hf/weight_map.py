@@ -122,5 +122,14 @@ class _RecordingLoader:
 def weight_map(backbone: keras.Model, config: Mapping[str, Any]) -> list[Entry]:
     """The entries that fill every weight of ``backbone`` from a checkpoint with ``config``."""
     loader = _RecordingLoader(config)
-    converter(config["model_type"]).convert_weights(backbone, loader, dict(config))
+    # An adapted layer's ``kernel`` property returns the merged tensor, not the variable;
+    # switch adapters off while the converter names variables.
+    adapted = [layer for layer in backbone._flatten_layers(include_self=False) if getattr(layer, "lora_enabled", False)]
+    for layer in adapted:
+        layer.lora_enabled = False
+    try:
+        converter(config["model_type"]).convert_weights(backbone, loader, dict(config))
+    finally:
+        for layer in adapted:
+            layer.lora_enabled = True
     return loader.entries
