@@ -12,7 +12,8 @@ import keras
 import keras_hub
 import numpy as np
 
-from kithara.models.hf.weight_map import converter, weight_map
+from kithara.models.hf.config import apply_to_layers, backbone_args
+from kithara.models.hf.weight_map import weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,16 @@ def load_causal_lm(path: str | Path, *, dtype: Any) -> tuple[keras_hub.models.Ca
     Returns the model and the checkpoint's ``config.json`` (kept for export).
     """
     config = read_config(path)
-    converter(config.get("model_type", "?"))  # clear error for unsupported families
-    causal_lm = keras_hub.models.CausalLM.from_preset(str(path), dtype=dtype, preprocessor=None, load_weights=False)
-    load_weights(causal_lm.backbone, path, config)
+    backbone_class, causal_lm_class, kwargs = backbone_args(config)
+    backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
+    causal_lm = getattr(keras_hub.models, causal_lm_class)(backbone=backbone, preprocessor=None)
+    load_weights(backbone, path, config)
     return causal_lm, config
 
 
 def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]) -> None:
     """Fills ``backbone`` from the safetensors at ``path`` without rounding, and applies the
-    config values keras-hub's converters drop (Qwen3's q/k-norm epsilon)."""
+    config values keras-hub hard-codes in layers (see ``config.apply_to_layers``)."""
     by_path = {v.path: v for v in backbone.weights}
     with SafetensorReader(path) as reader:
         used = set()
@@ -100,13 +102,4 @@ def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]
         unused = sorted(k for k in reader.keys() if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if unused and unused != ["lm_head.weight"]:
             logger.warning("%s: %d tensors were not used, e.g. %s", path, len(unused), unused[:3])
-    apply_config_fixes(backbone, config)
-
-
-def apply_config_fixes(backbone: keras.Model, config: dict[str, Any]) -> None:
-    """Qwen3 normalises queries and keys with ``rms_norm_eps``; keras-hub fixes 1e-5 there."""
-    if config.get("model_type") != "qwen3":
-        return
-    for layer in backbone._flatten_layers(include_self=False):
-        if type(layer).__name__ == "Qwen3LayerNorm":
-            layer.epsilon = config["rms_norm_eps"]
+    apply_to_layers(backbone, config)
