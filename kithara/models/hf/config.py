@@ -85,9 +85,7 @@ def _llama(config: Config) -> dict[str, Any]:
     params = rope(config)
     args = {**_common(config), "tie_word_embeddings": config.get("tie_word_embeddings", False)}
     args["rope_max_wavelength"] = params["rope_theta"]
-    if params["rope_type"] == "linear":
-        args["rope_position_scaling_factor"] = params["factor"]
-    elif params["rope_type"] == "llama3":
+    if params["rope_type"] == "llama3":
         args.update(
             rope_frequency_adjustment_factor=params["factor"],
             rope_low_freq_factor=params["low_freq_factor"],
@@ -95,7 +93,8 @@ def _llama(config: Config) -> dict[str, Any]:
             rope_pretraining_sequence_length=params["original_max_position_embeddings"],
         )
     elif params["rope_type"] != "default":
-        raise _refuse(config, "rope_parameters", f"rope_type {params['rope_type']!r} (default, linear, llama3)")
+        # keras-hub's LlamaRotaryEmbedding ignores its position scaling factor, so linear is out too.
+        raise _refuse(config, "rope_parameters", f"rope_type {params['rope_type']!r} (default, llama3)")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise _refuse(config, "attention_bias", "Llama3Backbone has no projection biases")
     return args
