@@ -151,9 +151,10 @@ def test_lora_export_merges_adapters(tmp_path):
     assert diff < 1e-4
 
 
-def test_export_from_config_model(tmp_path):
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
+def test_export_from_config_model(tmp_path, family):
     model = kithara.KerasHubModel.from_config(
-        "qwen3", vocab_size=128, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=96
+        family, vocab_size=128, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=96
     )
     model.save_in_hf_format(tmp_path)
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

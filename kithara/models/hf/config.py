@@ -233,3 +233,99 @@ def apply_to_layers(backbone: keras.Model, config: Config) -> None:
             params = rope(config, "sliding_attention" if sliding else "full_attention")
             theta = params.get("rope_theta") or (config.get("rope_local_base_freq") if sliding else None)
             layer.rope_wavelength = layer.rope_layer.max_wavelength = theta or (1e4 if sliding else 1e6)
+
+
+def hf_config_from_backbone(backbone: keras.Model) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for a backbone built from numbers (``from_config``);
+    models loaded from a checkpoint export that checkpoint's own config instead."""
+    kind = type(backbone).__name__
+    b = backbone
+    config: dict[str, Any] = {
+        "vocab_size": b.vocabulary_size,
+        "hidden_size": b.hidden_dim,
+        "num_hidden_layers": b.num_layers,
+        "num_attention_heads": b.num_query_heads,
+        "num_key_value_heads": b.num_key_value_heads,
+        "intermediate_size": b.intermediate_dim,
+        "rms_norm_eps": b.layer_norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": bool(getattr(b, "tie_word_embeddings", False)),
+    }
+    if kind == "Llama3Backbone":
+        if b.rope_position_scaling_factor != 1.0:
+            raise UnsupportedConfig("Llama3Backbone with rope_position_scaling_factor != 1 has no transformers twin.")
+        rope_params: dict[str, Any] = {"rope_type": "default", "rope_theta": b.rope_max_wavelength}
+        if b.rope_frequency_adjustment_factor is not None:
+            rope_params = {
+                "rope_type": "llama3",
+                "rope_theta": b.rope_max_wavelength,
+                "factor": b.rope_frequency_adjustment_factor,
+                "low_freq_factor": b.rope_low_freq_factor,
+                "high_freq_factor": b.rope_high_freq_factor,
+                "original_max_position_embeddings": b.rope_pretraining_sequence_length,
+            }
+        config.update(model_type="llama", rope_parameters=rope_params)
+    elif kind in ("MistralBackbone", "QwenBackbone", "Qwen3Backbone"):
+        factor = getattr(b, "rope_scaling_factor", 1.0)
+        rope_params = {"rope_type": "default" if factor == 1.0 else "linear", "rope_theta": b.rope_max_wavelength}
+        if factor != 1.0:
+            rope_params["factor"] = factor
+        model_type = {"MistralBackbone": "mistral", "QwenBackbone": "qwen2", "Qwen3Backbone": "qwen3"}[kind]
+        config.update(model_type=model_type, rope_parameters=rope_params)
+        if kind == "MistralBackbone":
+            config.update(head_dim=b.head_dim or b.hidden_dim // b.num_query_heads, sliding_window=b.sliding_window)
+        if kind == "Qwen3Backbone":
+            config.update(head_dim=b.head_dim)
+        if kind == "QwenBackbone" and b.use_sliding_window_attention:
+            raise UnsupportedConfig("QwenBackbone with sliding window attention has no transformers twin.")
+    elif kind in ("GemmaBackbone", "Gemma3Backbone"):
+        config.update(_gemma_config(b, kind))
+    else:
+        raise UnsupportedConfig(f"No Hugging Face export for {kind}; kithara exports {sorted(CLASSES)}.")
+    config["architectures"] = [CLASSES[config["model_type"]][2]]
+    return config
+
+
+def _gemma_config(b: keras.Model, kind: str) -> dict[str, Any]:
+    head_dim = b.head_dim
+    config: dict[str, Any] = {
+        "head_dim": head_dim,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": head_dim if b.query_head_dim_normalize else b.hidden_dim // b.num_query_heads,
+    }
+    if kind == "Gemma3Backbone":
+        if b.vision_encoder is not None:
+            raise UnsupportedConfig("Gemma3Backbone with a vision encoder: kithara exports the text model only.")
+        sliding = [bool(b.use_sliding_window_attention) and i % 6 < 5 for i in range(b.num_layers)]
+        return {
+            **config,
+            "model_type": "gemma3_text",
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "sliding_window": b.sliding_window_size,
+            "attn_logit_softcapping": b.attention_logit_soft_cap,
+            "final_logit_softcapping": b.final_logit_soft_cap,
+            "rope_parameters": {
+                "full_attention": _scaled_rope(1e6, b.global_rope_scaling_factor),
+                "sliding_attention": _scaled_rope(1e4, b.local_rope_scaling_factor),
+            },
+        }
+    config.update(intermediate_size=b.intermediate_dim // 2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    if not b.use_post_ffw_norm:
+        return {**config, "model_type": "gemma"}
+    sliding = [bool(b.use_sliding_window_attention) and i % 2 == 0 for i in range(b.num_layers)]
+    return {
+        **config,
+        "model_type": "gemma2",
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "sliding_window": b.sliding_window_size,
+        "attn_logit_softcapping": b.attention_logit_soft_cap,
+        "final_logit_softcapping": b.final_logit_soft_cap,
+    }
+
+
+def _scaled_rope(theta: float, factor: float) -> dict[str, Any]:
+    if factor == 1.0:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
