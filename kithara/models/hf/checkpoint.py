@@ -59,7 +59,7 @@ class SafetensorReader(contextlib.ExitStack):
             raise FileNotFoundError(f"{self.path} has neither {_SINGLE} nor {_INDEX}: no safetensors weights to load.")
         self._open: dict[str, Any] = {}
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self.files)
 
     def get(self, key: str) -> np.ndarray:
@@ -99,7 +99,7 @@ def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]
             variable = by_path[entry.variable_path]
             variable.assign(value.reshape(-1)[entry.index].astype(keras.backend.standardize_dtype(variable.dtype)))
             used.add(entry.hf_key)
-        unused = sorted(k for k in reader.keys() if k not in used and not k.endswith("rotary_emb.inv_freq"))
+        unused = sorted(k for k in reader.names() if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if unused and unused != ["lm_head.weight"]:
             logger.warning("%s: %d tensors were not used, e.g. %s", path, len(unused), unused[:3])
     apply_to_layers(backbone, config)

@@ -173,7 +173,10 @@ def _gemma2(config: Config) -> dict[str, Any]:
 def _gemma3(config: Config) -> dict[str, Any]:
     _check_layer_types(config, lambda i: i % 6 < 5)
     scaling = {}
-    for kind, arg in (("sliding_attention", "local_rope_scaling_factor"), ("full_attention", "global_rope_scaling_factor")):
+    for kind, arg in (
+        ("sliding_attention", "local_rope_scaling_factor"),
+        ("full_attention", "global_rope_scaling_factor"),
+    ):
         params = rope(config, kind)
         if params["rope_type"] not in ("default", "linear"):
             raise _refuse(config, "rope_parameters", f"{kind} rope_type {params['rope_type']!r} (default, linear)")
@@ -212,7 +215,9 @@ def backbone_args(config: Config) -> tuple[str, str, dict[str, Any]]:
     """``(backbone class, causal LM class, backbone kwargs)`` for a Hugging Face config."""
     model_type = config.get("model_type")
     if model_type not in _BACKBONE_ARGS:
-        raise UnsupportedConfig(f"Hugging Face model_type {model_type!r} is not supported; kithara loads {sorted(CLASSES)}.")
+        raise UnsupportedConfig(
+            f"Hugging Face model_type {model_type!r} is not supported; kithara loads {sorted(CLASSES)}."
+        )
     backbone, causal_lm, _ = CLASSES[model_type]
     return backbone, causal_lm, _BACKBONE_ARGS[model_type](config)
 
@@ -311,7 +316,9 @@ def _gemma_config(b: keras.Model, kind: str) -> dict[str, Any]:
                 "sliding_attention": _scaled_rope(1e4, b.local_rope_scaling_factor),
             },
         }
-    config.update(intermediate_size=b.intermediate_dim // 2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    config.update(
+        intermediate_size=b.intermediate_dim // 2, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
+    )
     if not b.use_post_ffw_norm:
         return {**config, "model_type": "gemma"}
     sliding = [bool(b.use_sliding_window_attention) and i % 2 == 0 for i in range(b.num_layers)]

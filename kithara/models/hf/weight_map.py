@@ -83,7 +83,7 @@ def hf_shape(key: str, config: Mapping[str, Any]) -> tuple[int, ...]:
 class _Positions(np.ndarray):
     """Element positions that pass through converter hooks; dtype casts leave them alone."""
 
-    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> _Positions:  # type: ignore[override]
+    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> _Positions:
         return self
 
 
