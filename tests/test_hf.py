@@ -175,3 +175,28 @@ def test_unsupported_settings_are_refused(tmp_path, class_name, settings, field)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedConfig, match=field):
         kithara.KerasHubModel.from_preset(str(tmp_path))
+
+
+def trained_lora_model(path, targets):
+    """A kithara model from the checkpoint at ``path`` with random (non-zero) adapters."""
+    model = kithara.KerasHubModel.from_preset(str(path), lora=kithara.LoraConfig(rank=2, alpha=6, targets=targets))
+    variables = model.variables
+    rng = np.random.default_rng(2)
+    trainable = {p: 0.1 * rng.standard_normal(v.shape).astype(np.float32) for p, v in variables.trainable.items()}
+    model.variables = kithara.ModelVariables(trainable=trainable, non_trainable=variables.non_trainable)
+    return model
+
+
+@pytest.mark.parametrize("case", ["qwen2", "gemma2"])
+def test_peft_adapter_round_trip(tmp_path, case):
+    peft = pytest.importorskip("peft")
+    base = hf_checkpoint(tmp_path / "base", case)
+    model = trained_lora_model(tmp_path / "base", ("query", "key", "value", "attention_output", "gate", "down"))
+    model.save_peft_adapter(tmp_path / "adapter")
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    expected = kithara_logits(model)
+    assert np.abs(hf_logits(with_adapter) - expected).max() < 1e-4
+    # ... and back: the PEFT adapter folded into a fresh kithara model gives the same logits.
+    fresh = kithara.KerasHubModel.from_preset(str(tmp_path / "base"), sharding="fsdp")
+    assert fresh.merge_peft_adapter(tmp_path / "adapter") == 2 * 6
+    assert np.abs(kithara_logits(fresh) - expected).max() < 1e-4

@@ -250,6 +250,25 @@ class KerasHubModel(Model):
         """
         hf.save_in_hf_format(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)
 
+    def save_peft_adapter(self, path: str | Path) -> None:
+        """Writes the LoRA adapters alone in the PEFT format (``adapter_model.safetensors`` +
+        ``adapter_config.json``); ``peft.PeftModel.from_pretrained(base, path)`` applies them
+        to the Hugging Face base model with the same logits as this model.
+
+        keras-hub adapts a (hidden, heads, head_dim) kernel with one rank-``r`` factor per
+        head, so the query/key/value adapters are written with rank ``heads * r``
+        (block-structured, exact); 2-D kernels keep rank ``r``.
+        """
+        hf.save_peft_adapter(self, path)
+
+    def merge_peft_adapter(self, path: str | Path) -> int:
+        """Folds a PEFT LoRA adapter directory into the base weights (exact, float32 math).
+
+        Returns the number of kernels changed. Adapters kithara added (``lora=``) are left
+        as they are, so a merged PEFT adapter can be fine-tuned further with new ones.
+        """
+        return hf.merge_peft_adapter(self, path)
+
     def generate(
         self,
         token_ids: Sequence[Sequence[int]],
