@@ -79,7 +79,7 @@ def save_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping
         return
     from safetensors.numpy import save_file
 
-    rank, alpha = Counter(ranks.values()).most_common(1)[0][0], None
+    rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = next(alphas[name] for name in ranks if ranks[name] == rank)
     adapter_config = {
         "peft_type": "LORA",
@@ -123,7 +123,7 @@ def merge_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mappin
         for layer in model.backbone._flatten_layers(include_self=False)
         if getattr(layer, "lora_enabled", False)
     }
-    used = set()
+    used: set[str] = set()
     for entry in weight_map(model.backbone, config):
         module = entry.hf_key.removesuffix(".weight")
         a_key, b_key = f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
