@@ -42,6 +42,9 @@ class KerasHubModel(Model):
         sharding: a strategy name (``"dp"``, ``"fsdp"``, ``"fsdp_tp"``) or a
             ``ShardingStrategy``.
         lora: adapters to add; when set only adapter weights are trainable.
+        family: a name for summaries (defaults to the task class name).
+        hf_config: the Hugging Face ``config.json`` the weights came from (set by
+            ``from_preset``); ``save_in_hf_format`` writes it back.
 
     Example:
         >>> model = KerasHubModel.from_config(
@@ -57,6 +60,7 @@ class KerasHubModel(Model):
         sharding: str | sharding_lib.ShardingStrategy | None = None,
         lora: LoraConfig | None = None,
         family: str | None = None,
+        hf_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(causal_lm, keras_hub.models.CausalLM):
             raise TypeError(f"causal_lm must be a keras_hub.models.CausalLM, got {type(causal_lm).__name__}.")
@@ -64,7 +68,8 @@ class KerasHubModel(Model):
         self.backbone = causal_lm.backbone
         self.family = family or type(causal_lm).__name__
         self.lora = lora
-        self.hf_config: dict[str, Any] | None = None  # config.json of the checkpoint it came from
+        # config.json of the Hugging Face checkpoint it came from, reused on export.
+        self.hf_config: dict[str, Any] | None = dict(hf_config) if hf_config is not None else None
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
@@ -125,16 +130,27 @@ class KerasHubModel(Model):
         load_preprocessor: bool = False,
         **kwargs: Any,
     ) -> KerasHubModel:
-        """Loads a keras-hub preset directory or a Hugging Face checkpoint directory
-        (``config.json`` + safetensors). ``hf://``, ``kaggle://`` and built-in preset names
-        are passed to keras-hub as they are (they need network access)."""
+        """Loads a keras-hub preset directory or a local Hugging Face checkpoint directory
+        (``config.json`` + ``model.safetensors`` or sharded safetensors with their index).
+
+        Hugging Face checkpoints of llama, mistral, qwen2, qwen3, gemma, gemma2 and gemma3
+        (text) load exactly (kithara's own weight mapping, see docs/huggingface.md); settings
+        keras-hub cannot express raise ``UnsupportedConfig`` naming the ``config.json`` field.
+        ``hf://``, ``kaggle://`` and built-in preset names are passed to keras-hub as they
+        are (they need network access). ``kwargs`` go to keras-hub's ``from_preset``.
+        """
         _check_local_preset(handle)
-        if hf.is_hf_checkpoint(handle) and not load_preprocessor and not kwargs:
+        if hf.is_hf_checkpoint(handle):
+            if kwargs:
+                raise ValueError(
+                    f"{handle} is a Hugging Face checkpoint; extra from_preset arguments {sorted(kwargs)} only "
+                    "apply to keras-hub presets."
+                )
             with _host_device():
-                causal_lm, hf_config = hf.load_causal_lm(handle, dtype=keras_policy(precision))
-            model = cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"])
-            model.hf_config = hf_config
-            return model
+                causal_lm, hf_config = hf.load_causal_lm(
+                    handle, dtype=keras_policy(precision), load_preprocessor=load_preprocessor
+                )
+            return cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"], hf_config=hf_config)
         if not load_preprocessor:
             kwargs["preprocessor"] = None
         with _host_device():

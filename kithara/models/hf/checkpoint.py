@@ -71,7 +71,9 @@ class SafetensorReader(contextlib.ExitStack):
         return np.asarray(self._open[name].get_tensor(key))
 
 
-def load_causal_lm(path: str | Path, *, dtype: Any) -> tuple[keras_hub.models.CausalLM, dict[str, Any]]:
+def load_causal_lm(
+    path: str | Path, *, dtype: Any, load_preprocessor: bool = False
+) -> tuple[keras_hub.models.CausalLM, dict[str, Any]]:
     """Builds the keras-hub causal LM of a Hugging Face checkpoint and fills its weights.
 
     Returns the model and the checkpoint's ``config.json`` (kept for export).
@@ -79,7 +81,9 @@ def load_causal_lm(path: str | Path, *, dtype: Any) -> tuple[keras_hub.models.Ca
     config = read_config(path)
     backbone_class, causal_lm_class, kwargs = backbone_args(config)
     backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
-    causal_lm = getattr(keras_hub.models, causal_lm_class)(backbone=backbone, preprocessor=None)
+    task = getattr(keras_hub.models, causal_lm_class)
+    preprocessor = task.preprocessor_cls.from_preset(str(path)) if load_preprocessor else None
+    causal_lm = task(backbone=backbone, preprocessor=preprocessor)
     load_weights(backbone, path, config)
     return causal_lm, config
 
