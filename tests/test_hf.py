@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import word_tokenizer
 
 import kithara
 from kithara.models.hf.config import UnsupportedConfig
@@ -123,11 +124,16 @@ def test_round_trip_gives_identical_weights(tmp_path, case):
     assert np.array_equal(kithara_logits(again), kithara_logits(model))
 
 
-def test_single_file_export_with_generation_config(tmp_path):
-    hf_checkpoint(tmp_path / "in", "qwen2")
+def test_single_file_export_with_generation_config_and_tokenizer(tmp_path):
+    # (Not qwen2: transformers' AutoTokenizer rebuilds a Qwen2Tokenizer for a qwen2 config.json,
+    # which this word-level test tokenizer is not.)
+    hf_checkpoint(tmp_path / "in", "llama")
     model = kithara.KerasHubModel.from_preset(str(tmp_path / "in"))
-    model.save_in_hf_format(tmp_path / "out")
+    tokenizer = word_tokenizer()
+    model.save_in_hf_format(tmp_path / "out", tokenizer=tokenizer)
     assert (tmp_path / "out" / "model.safetensors").exists()
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert reloaded.encode("hello how are you") == tokenizer.backend.encode("hello how are you")
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "in" / "config.json").read_text())
