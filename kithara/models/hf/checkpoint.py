@@ -95,13 +95,12 @@ def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]
     with SafetensorReader(path) as reader:
         used = set()
         for entry in weight_map(backbone, config):
-            value = reader.get(entry.hf_key)
-            if tuple(value.shape) != entry.hf_shape:
-                raise ValueError(
-                    f"{path}: tensor {entry.hf_key} has shape {value.shape}, config.json implies {entry.hf_shape}."
-                )
             variable = by_path[entry.variable_path]
-            variable.assign(value.reshape(-1)[entry.index].astype(keras.backend.standardize_dtype(variable.dtype)))
+            try:
+                value = entry.to_keras(reader.get(entry.hf_key))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from e
+            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
             used.add(entry.hf_key)
         unused = sorted(k for k in reader.names() if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if unused and unused != ["lm_head.weight"]:

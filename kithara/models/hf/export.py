@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from kithara.models.hf.weight_map import Entry, weight_map
+from kithara.models.hf.weight_map import weight_map
 
 if TYPE_CHECKING:
     from kithara.models.keras_hub_model import KerasHubModel
@@ -73,13 +73,7 @@ def hf_tensors(model: KerasHubModel, config: Mapping[str, Any], dtype: Any) -> I
             a_path, b_path, scale = lora[entry.variable_path]
             a, b = host_value(by_path[a_path].value), host_value(by_path[b_path].value)
             value = value + scale * (a.astype(np.float32) @ b.astype(np.float32))
-        yield entry.hf_key, _to_hf(entry, value).astype(dtype)
-
-
-def _to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
-    out = np.empty(int(np.prod(entry.hf_shape)), value.dtype)
-    out[entry.index.reshape(-1)] = value.reshape(-1)
-    return out.reshape(entry.hf_shape)
+        yield entry.hf_key, entry.to_hf(value).astype(dtype)
 
 
 def save_in_hf_format(

@@ -33,7 +33,7 @@ def peft_factors(entry: Entry, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray
     Face layout, to the keras delta ``a @ b`` of the kernel that ``entry`` maps."""
     out_dim, in_dim = entry.hf_shape
     rank = a.shape[-1]
-    index = entry.index.reshape(-1, entry.index.shape[-1])  # (leading positions, last axis)
+    index = entry.index().reshape(-1, entry.keras_shape[-1])  # (leading positions, last axis)
     rows, cols = index // in_dim, index % in_dim
     if np.any(cols != cols[:, :1]):
         raise ValueError(f"{entry.variable_path}: the kernel's last axis is not an output axis of {entry.hf_key}.")
@@ -134,7 +134,7 @@ def merge_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mappin
         alpha = adapter_config.get("alpha_pattern", {}).get(name, adapter_config["lora_alpha"])
         delta = (alpha / rank) * (tensors[b_key].astype(np.float32) @ tensors[a_key].astype(np.float32))
         variable = kernels.get(entry.variable_path, by_path[entry.variable_path])
-        merged = host_value(variable.value).astype(np.float32) + delta.reshape(-1)[entry.index]
+        merged = host_value(variable.value).astype(np.float32) + entry.to_keras(delta)
         variable.assign(jax.device_put(merged.astype(variable.dtype), variable.value.sharding))
         used.update((a_key, b_key))
     unused = sorted(set(tensors) - used)

@@ -1,18 +1,19 @@
 """Which Hugging Face tensor fills which keras-hub variable, element by element.
 
 keras-hub's converters describe the mapping as ``loader.port_weight(variable, hf_key,
-hook_fn)`` calls. Running a converter against a loader that hands out *positions*
-(``arange`` in the Hugging Face shape) instead of weights turns each hook into an index
-array: ``keras_value = hf_value.reshape(-1)[index]``. The same array read backwards
-writes Hugging Face tensors on export, so loading and exporting share one table and
-neither rounds values (keras-hub's Mistral hooks cast to float16; positions ignore casts).
+hook_fn)`` calls. Running a converter against a loader that records those calls gives a
+table of (tensor, variable, hook). Loading applies each hook to the real tensor, with dtype
+casts skipped (keras-hub's Mistral hooks round through float16). Exporting runs the hook
+on element positions (``arange`` in the Hugging Face shape) and scatters the keras value
+back through them, so loading and exporting share one table and neither rounds values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -34,12 +35,41 @@ MODEL_TYPES = tuple(_CONVERTERS)
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One keras variable and where its elements sit in one Hugging Face tensor."""
+    """One keras variable, the Hugging Face tensor that holds it, and the converter's hook
+    that rearranges one into the other. Nothing is materialised until asked for, so a
+    weight map of a large model costs no memory."""
 
     hf_key: str
     hf_shape: tuple[int, ...]
     variable_path: str
-    index: np.ndarray  # keras-shaped positions into the flattened Hugging Face tensor
+    keras_shape: tuple[int, ...]
+    hook: Callable[[np.ndarray, list[int]], np.ndarray] | None
+
+    def to_keras(self, hf_value: np.ndarray) -> np.ndarray:
+        """The keras value of a Hugging Face tensor (same dtype: casts in hooks are skipped)."""
+        if tuple(hf_value.shape) != self.hf_shape:
+            raise ValueError(f"Tensor {self.hf_key} has shape {hf_value.shape}; config.json implies {self.hf_shape}.")
+        value: np.ndarray = hf_value.view(_Uncast)
+        if self.hook is not None:
+            value = self.hook(value, list(self.keras_shape))
+        value = np.asarray(value).view(np.ndarray)
+        if tuple(value.shape) != self.keras_shape:
+            raise ValueError(
+                f"{self.hf_key} maps to shape {value.shape}, but {self.variable_path} has shape {self.keras_shape}."
+            )
+        return value
+
+    def index(self) -> np.ndarray:
+        """Keras-shaped positions into the flattened Hugging Face tensor."""
+        size = math.prod(self.hf_shape)
+        dtype = np.int32 if size < 2**31 else np.int64
+        return self.to_keras(np.arange(size, dtype=dtype).reshape(self.hf_shape))
+
+    def to_hf(self, keras_value: np.ndarray) -> np.ndarray:
+        """The Hugging Face tensor of a keras value: the hook read backwards."""
+        out = np.empty(math.prod(self.hf_shape), keras_value.dtype)
+        out[self.index().reshape(-1)] = keras_value.reshape(-1)
+        return out.reshape(self.hf_shape)
 
 
 def converter(model_type: str) -> ModuleType:
@@ -80,10 +110,11 @@ def hf_shape(key: str, config: Mapping[str, Any]) -> tuple[int, ...]:
     raise ValueError(f"No known shape for Hugging Face tensor {key!r}.")
 
 
-class _Positions(np.ndarray):
-    """Element positions that pass through converter hooks; dtype casts leave them alone."""
+class _Uncast(np.ndarray):
+    """An array that passes through converter hooks unchanged in dtype (keras-hub's Mistral
+    hooks cast every weight to float16)."""
 
-    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> _Positions:
+    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> _Uncast:
         return self
 
 
@@ -100,23 +131,16 @@ class _RecordingLoader:
         return key if key.startswith(("model.", "lm_head.")) else f"model.{key}"
 
     def get_tensor(self, hf_weight_key: str) -> np.ndarray:
+        """Only called to probe which key prefix a checkpoint uses (Gemma 3)."""
         key = self.canonical(hf_weight_key)
         if key.startswith(("model.language_model", "model.model")):
             raise KeyError(key)  # not a text-only causal LM layout
-        shape = hf_shape(key, self.config)
-        return np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape).view(_Positions)
+        return np.empty(hf_shape(key, self.config), np.int8)
 
     def port_weight(self, keras_variable: keras.Variable, hf_weight_key: str, hook_fn: Any = None) -> None:
         key = self.canonical(hf_weight_key)
-        positions = self.get_tensor(key)
-        if hook_fn is not None:
-            positions = hook_fn(positions, list(keras_variable.shape))
-        index = np.asarray(positions).view(np.ndarray).astype(np.int64)
-        if tuple(index.shape) != tuple(keras_variable.shape):
-            raise ValueError(
-                f"{key} maps to shape {index.shape}, but {keras_variable.path} has shape {tuple(keras_variable.shape)}."
-            )
-        self.entries.append(Entry(key, hf_shape(key, self.config), keras_variable.path, index))
+        entry = Entry(key, hf_shape(key, self.config), keras_variable.path, tuple(keras_variable.shape), hook_fn)
+        self.entries.append(entry)
 
 
 def weight_map(backbone: keras.Model, config: Mapping[str, Any]) -> list[Entry]:
