@@ -168,6 +168,33 @@ def test_export_from_config_model(tmp_path, family):
 
 
 @pytest.mark.parametrize(
+    ("case", "legacy"),
+    [
+        ("llama_tied_llama3_rope", {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}),
+        ("qwen3", {"rope_theta": 20000.0}),
+        (
+            "gemma3_rope_window",
+            {
+                "rope_theta": 100000.0,
+                "rope_local_base_freq": 5000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            },
+        ),
+    ],
+)
+def test_configs_written_before_transformers_5_load(tmp_path, case, legacy):
+    """Older config.json files carry rope_theta / rope_scaling (and Gemma 3's
+    rope_local_base_freq) instead of rope_parameters."""
+    hf_checkpoint(tmp_path, case)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps({**config, **legacy}))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = kithara.KerasHubModel.from_preset(str(tmp_path))
+    assert np.abs(kithara_logits(model) - hf_logits(reference)).max() < 1e-4
+
+
+@pytest.mark.parametrize(
     ("class_name", "settings", "field"),
     [
         ("MistralConfig", {"tie_word_embeddings": True}, "tie_word_embeddings"),

@@ -46,6 +46,10 @@ def rope(config: Config, kind: str | None = None) -> dict[str, Any]:
         params = dict(params[kind])
     elif kind is not None and ("full_attention" in params or "sliding_attention" in params):
         params = {}
+    elif kind == "sliding_attention" and not params:
+        # Older Gemma 3 configs: rope_scaling applies to global layers only, and local
+        # layers rotate with rope_local_base_freq.
+        return {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 10_000.0)}
     if not params:
         params = dict(config.get("rope_scaling") or {})
         if "rope_theta" in config:
@@ -236,8 +240,9 @@ def apply_to_layers(backbone: keras.Model, config: Config) -> None:
         elif model_type == "gemma3_text" and kind == "CachedGemma3Attention":
             sliding = bool(layer.use_sliding_window_attention)
             params = rope(config, "sliding_attention" if sliding else "full_attention")
-            theta = params.get("rope_theta") or (config.get("rope_local_base_freq") if sliding else None)
-            layer.rope_wavelength = layer.rope_layer.max_wavelength = theta or (1e4 if sliding else 1e6)
+            layer.rope_wavelength = layer.rope_layer.max_wavelength = params.get("rope_theta") or (
+                1e4 if sliding else 1e6
+            )
 
 
 def hf_config_from_backbone(backbone: keras.Model) -> dict[str, Any]:
