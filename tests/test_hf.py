@@ -212,7 +212,8 @@ def test_unsupported_settings_are_refused(tmp_path, class_name, settings, field)
 
 def trained_lora_model(path, targets):
     """A kithara model from the checkpoint at ``path`` with random (non-zero) adapters."""
-    model = kithara.KerasHubModel.from_preset(str(path), lora=kithara.LoraConfig(rank=2, alpha=6, targets=targets))
+    lora = kithara.LoraConfig(rank=2, alpha=6, targets=targets)
+    model = kithara.KerasHubModel.from_preset(str(path), lora=lora)
     variables = model.variables
     rng = np.random.default_rng(2)
     trainable = {p: 0.1 * rng.standard_normal(v.shape).astype(np.float32) for p, v in variables.trainable.items()}
@@ -224,7 +225,8 @@ def trained_lora_model(path, targets):
 def test_peft_adapter_round_trip(tmp_path, case):
     peft = pytest.importorskip("peft")
     base = hf_checkpoint(tmp_path / "base", case)
-    model = trained_lora_model(tmp_path / "base", ("query", "key", "value", "attention_output", "gate", "down"))
+    targets = ("query", "key", "value", "attention_output", "gate", "down")
+    model = trained_lora_model(tmp_path / "base", targets)
     model.save_peft_adapter(tmp_path / "adapter")
     with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     expected = kithara_logits(model)
@@ -233,3 +235,8 @@ def test_peft_adapter_round_trip(tmp_path, case):
     fresh = kithara.KerasHubModel.from_preset(str(tmp_path / "base"), sharding="fsdp")
     assert fresh.merge_peft_adapter(tmp_path / "adapter") == 2 * 6
     assert np.abs(kithara_logits(fresh) - expected).max() < 1e-4
+    # ... or loaded as adapters, to go on training them: every adapter variable comes back.
+    again = kithara.KerasHubModel.from_preset(str(tmp_path / "base"), lora=kithara.LoraConfig(2, 6, targets))
+    assert again.load_peft_adapter(tmp_path / "adapter") == 2 * 6
+    for name, value in model.variables.trainable.items():
+        np.testing.assert_array_equal(np.asarray(again.variables.trainable[name]), np.asarray(value))

@@ -277,6 +277,16 @@ class KerasHubModel(Model):
         """
         hf.save_peft_adapter(self, path)
 
+    def load_peft_adapter(self, path: str | Path) -> int:
+        """Sets this model's LoRA adapters (``lora=`` at construction) from a PEFT adapter
+        directory, exactly, so training can go on; returns how many adapters were set.
+
+        Adapters written by ``save_peft_adapter`` always load; other PEFT adapters load on
+        2-D projections of the same rank, and on query/key/value only in keras-hub's
+        per-head form. Otherwise this raises, and ``merge_peft_adapter`` is the way in.
+        """
+        return hf.load_peft_adapter(self, path)
+
     def merge_peft_adapter(self, path: str | Path) -> int:
         """Folds a PEFT LoRA adapter directory into the base weights (exact, float32 math).
 

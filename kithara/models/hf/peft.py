@@ -143,6 +143,86 @@ def merge_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mappin
     return len(used) // 2
 
 
+def load_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping[str, Any] | None = None) -> int:
+    """Sets the model's LoRA adapters from a PEFT adapter directory, exactly; returns how
+    many adapters were set.
+
+    The model must have been built with adapters on the same projections. A 2-D kernel takes
+    any PEFT adapter whose rank equals the model's; a (hidden, heads, head_dim) kernel only
+    one of the block-structured form ``save_peft_adapter`` writes (rank ``heads * r``).
+    Anything else raises; ``merge_peft_adapter`` folds such an adapter into the weights.
+    """
+    if model.lora is None:
+        raise ValueError("The model has no LoRA adapters to load into; build it with lora=LoraConfig(...).")
+    tensors, adapter_config = _read_adapter(Path(path))
+    config = config or model.hf_config or _config_from_backbone(model)
+    adapted = {
+        layer._kernel.path: layer
+        for layer in model.backbone._flatten_layers(include_self=False)
+        if getattr(layer, "lora_enabled", False)
+    }
+    used: set[str] = set()
+    for entry in weight_map(model.backbone, config):
+        layer = adapted.get(entry.variable_path)
+        if layer is None:
+            continue
+        module = entry.hf_key.removesuffix(".weight")
+        a_key, b_key = f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
+        if a_key not in tensors:
+            raise ValueError(f"{path}: no adapter for {module}, which the model adapts; match the LoRA targets.")
+        lora_a, lora_b = tensors[a_key].astype(np.float32), tensors[b_key].astype(np.float32)
+        a, b = _keras_factors(entry, lora_a, lora_b, layer.lora_rank, module)
+        name = module.rsplit(".", 1)[-1]
+        rank = adapter_config.get("rank_pattern", {}).get(name, adapter_config["r"])
+        alpha = adapter_config.get("alpha_pattern", {}).get(name, adapter_config["lora_alpha"])
+        b = b * ((alpha / rank) / (layer.lora_alpha / layer.lora_rank))
+        for variable, value in ((layer.lora_kernel_a, a), (layer.lora_kernel_b, b)):
+            variable.assign(jax.device_put(value.astype(variable.dtype), variable.value.sharding))
+        used.update((a_key, b_key))
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{path}: adapter tensors {unused[:3]} have no LoRA layer in this model; match the targets.")
+    return len(used) // 2
+
+
+def _keras_factors(
+    entry: Entry, lora_a: np.ndarray, lora_b: np.ndarray, rank: int, module: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keras ``(a, b)`` that ``peft_factors`` turns into exactly ``(lora_a, lora_b)``."""
+    _, in_dim = entry.hf_shape
+    index = entry.index().reshape(-1, entry.keras_shape[-1])
+    rows, cols = index // in_dim, index % in_dim
+    groups, group_of = np.unique(rows, axis=0, return_inverse=True)
+    if lora_a.shape[0] != len(groups) * rank:
+        raise ValueError(
+            f"{module}: PEFT rank {lora_a.shape[0]} does not fit this model's rank {rank} "
+            f"({len(groups)} block(s)); build the model with a matching rank, or use merge_peft_adapter."
+        )
+    slots = group_of.reshape(-1)[:, None] * rank + np.arange(rank)
+    a = lora_a[slots, cols[:, :1]].reshape((*entry.keras_shape[:-1], rank))
+    b = lora_b[groups[0][:, None], np.arange(rank)[None, :]].T
+    again_a, again_b = peft_factors(entry, a, b)
+    if not (np.array_equal(again_a, lora_a) and np.array_equal(again_b, lora_b)):
+        raise ValueError(
+            f"{module}: the PEFT adapter is not of the per-head form keras-hub's LoRA can hold; "
+            "use merge_peft_adapter to fold it into the weights instead."
+        )
+    return a, b
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from safetensors.numpy import load_file
+
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{adapter_dir} needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} (a PEFT LoRA adapter).")
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if adapter_config.get("peft_type") != "LORA" or adapter_config.get("use_dora") or adapter_config.get("use_rslora"):
+        raise ValueError(
+            f"{adapter_dir}/{ADAPTER_CONFIG}: only plain LoRA adapters (no DoRA, no rsLoRA) are supported."
+        )
+    return load_file(str(adapter_dir / ADAPTER_WEIGHTS)), adapter_config
+
+
 def _config_from_backbone(model: KerasHubModel) -> dict[str, Any]:
     from kithara.models.hf.config import hf_config_from_backbone
 
