@@ -240,3 +240,19 @@ def test_peft_adapter_round_trip(tmp_path, case):
     assert again.load_peft_adapter(tmp_path / "adapter") == 2 * 6
     for name, value in model.variables.trainable.items():
         np.testing.assert_array_equal(np.asarray(again.variables.trainable[name]), np.asarray(value))
+
+
+def test_peft_trained_adapter_merges_and_refuses_to_load_per_head(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = hf_checkpoint(tmp_path / "base", "qwen3")
+    adapter_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    tuned = peft.get_peft_model(base, adapter_config).eval()
+    tuned.save_pretrained(tmp_path / "adapter")
+    model = kithara.KerasHubModel.from_preset(str(tmp_path / "base"))
+    assert model.merge_peft_adapter(tmp_path / "adapter") == 2 * 2
+    assert np.abs(kithara_logits(model) - hf_logits(tuned)).max() < 1e-4
+    adapted = kithara.KerasHubModel.from_preset(
+        str(tmp_path / "base"), lora=kithara.LoraConfig(rank=4, alpha=8, targets=("query", "down"))
+    )
+    with pytest.raises(ValueError, match="merge_peft_adapter"):
+        adapted.load_peft_adapter(tmp_path / "adapter")
