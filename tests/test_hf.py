@@ -1,6 +1,11 @@
 """Hugging Face interop: logits parity with transformers, exact export round trips, LoRA."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +261,23 @@ def test_peft_trained_adapter_merges_and_refuses_to_load_per_head(tmp_path):
     )
     with pytest.raises(ValueError, match="merge_peft_adapter"):
         adapted.load_peft_adapter(tmp_path / "adapter")
+
+
+@pytest.mark.slow
+def test_two_process_export(tmp_path):
+    """Two processes, one sharded model: variables are gathered across processes and
+    process 0 writes the same checkpoint one process would."""
+    reference = hf_checkpoint(tmp_path / "in", "gemma2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = Path(__file__).with_name("hf_export_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(kithara.__file__).resolve().parents[1])}
+    env.pop("XLA_FLAGS", None)
+    args = [str(tmp_path / "in"), str(tmp_path / "out")]
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, *args], env=env) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    expected, got = reference.state_dict(), exported.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

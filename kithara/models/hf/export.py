@@ -116,13 +116,29 @@ def save_in_hf_format(
             written.append(_write_shard(out, len(written), current, writer))
             current, size = {}, 0
             names.append([])
-        current[name] = tensor
+        if writer:  # the others only take part in the gathers
+            current[name] = tensor
         names[-1].append(name)
         size += tensor.nbytes
         total += tensor.nbytes
     written.append(_write_shard(out, len(written), current, writer))
-    if not writer:
-        return
+    if writer:
+        _finish(out, written, names, total, config, tokenizer)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"kithara save_in_hf_format {out}")  # files complete for everyone
+
+
+def _finish(
+    out: Path,
+    written: list[Path],
+    names: list[list[str]],
+    total: int,
+    config: Mapping[str, Any],
+    tokenizer: Any,
+) -> None:
+    """Names the shards, writes the index, config, generation config and tokenizer."""
     for stale in out.glob("model*.safetensors*"):
         if stale not in written:
             stale.unlink()
