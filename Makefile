@@ -10,6 +10,10 @@ KERAS_HUB := keras-hub==0.32.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	# The dev extras pin torch==2.13.0 (tests compare logits with transformers). On this
+	# project's machines pip's find-links hold a CPU build of it and pip takes that; elsewhere
+	# PyPI's build brings several GB of CUDA packages: point PIP_EXTRA_INDEX_URL at a CPU
+	# wheel index first if that matters.
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# keras-hub without its TensorFlow dependency: see README, "Why no TensorFlow".
 	$(BIN)/pip install --quiet --no-deps $(KERAS_HUB)

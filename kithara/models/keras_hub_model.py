@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kithara import sharding as sharding_lib
-from kithara.models import segments
+from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import Model, ModelVariables
@@ -42,6 +42,9 @@ class KerasHubModel(Model):
         sharding: a strategy name (``"dp"``, ``"fsdp"``, ``"fsdp_tp"``) or a
             ``ShardingStrategy``.
         lora: adapters to add; when set only adapter weights are trainable.
+        family: a name for summaries (defaults to the task class name).
+        hf_config: the Hugging Face ``config.json`` the weights came from (set by
+            ``from_preset``); ``save_in_hf_format`` writes it back.
 
     Example:
         >>> model = KerasHubModel.from_config(
@@ -57,6 +60,7 @@ class KerasHubModel(Model):
         sharding: str | sharding_lib.ShardingStrategy | None = None,
         lora: LoraConfig | None = None,
         family: str | None = None,
+        hf_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(causal_lm, keras_hub.models.CausalLM):
             raise TypeError(f"causal_lm must be a keras_hub.models.CausalLM, got {type(causal_lm).__name__}.")
@@ -64,6 +68,8 @@ class KerasHubModel(Model):
         self.backbone = causal_lm.backbone
         self.family = family or type(causal_lm).__name__
         self.lora = lora
+        # config.json of the Hugging Face checkpoint it came from, reused on export.
+        self.hf_config: dict[str, Any] | None = dict(hf_config) if hf_config is not None else None
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
@@ -124,10 +130,27 @@ class KerasHubModel(Model):
         load_preprocessor: bool = False,
         **kwargs: Any,
     ) -> KerasHubModel:
-        """Loads a keras-hub preset directory or a Hugging Face checkpoint directory
-        (``config.json`` + safetensors). ``hf://``, ``kaggle://`` and built-in preset names
-        are passed to keras-hub as they are (they need network access)."""
+        """Loads a keras-hub preset directory or a local Hugging Face checkpoint directory
+        (``config.json`` + ``model.safetensors`` or sharded safetensors with their index).
+
+        Hugging Face checkpoints of llama, mistral, qwen2, qwen3, gemma, gemma2 and gemma3
+        (text) load exactly (kithara's own weight mapping, see docs/huggingface.md); settings
+        keras-hub cannot express raise ``UnsupportedConfig`` naming the ``config.json`` field.
+        ``hf://``, ``kaggle://`` and built-in preset names are passed to keras-hub as they
+        are (they need network access). ``kwargs`` go to keras-hub's ``from_preset``.
+        """
         _check_local_preset(handle)
+        if hf.is_hf_checkpoint(handle):
+            if kwargs:
+                raise ValueError(
+                    f"{handle} is a Hugging Face checkpoint; extra from_preset arguments {sorted(kwargs)} only "
+                    "apply to keras-hub presets."
+                )
+            with _host_device():
+                causal_lm, hf_config = hf.load_causal_lm(
+                    handle, dtype=keras_policy(precision), load_preprocessor=load_preprocessor
+                )
+            return cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"], hf_config=hf_config)
         if not load_preprocessor:
             kwargs["preprocessor"] = None
         with _host_device():
@@ -216,6 +239,61 @@ class KerasHubModel(Model):
             return float(3 * forward)
         # Frozen weights still back-propagate activations; only adapters get weight grads.
         return float(forward + 2 * base + 2 * attention + 4 * lora)
+
+    def save_in_hf_format(
+        self,
+        path: str | Path,
+        *,
+        max_shard_size: int | str = "5GB",
+        dtype: str = "float32",
+        tokenizer: Any = None,
+    ) -> None:
+        """Writes the model as a Hugging Face checkpoint directory that
+        ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads.
+
+        The directory gets safetensors shards of at most ``max_shard_size`` (bytes, or
+        ``"5GB"``/``"500MB"``) with ``model.safetensors.index.json`` when there are several,
+        ``config.json``, ``generation_config.json`` and, given a kithara ``Tokenizer``, its
+        tokenizer files. LoRA adapters are merged into the weights (see
+        ``save_peft_adapter`` for the adapter alone). Variables are gathered to host one at a
+        time; in a multi-process run every process must call this, and process 0 writes.
+
+        Args:
+            path: a local directory (created if needed; earlier weight files in it are replaced).
+            max_shard_size: the largest safetensors file to write.
+            dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the written tensors.
+            tokenizer: a kithara ``Tokenizer`` whose files go next to the weights.
+        """
+        hf.save_in_hf_format(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)
+
+    def save_peft_adapter(self, path: str | Path) -> None:
+        """Writes the LoRA adapters alone in the PEFT format (``adapter_model.safetensors`` +
+        ``adapter_config.json``); ``peft.PeftModel.from_pretrained(base, path)`` applies them
+        to the Hugging Face base model with the same logits as this model.
+
+        keras-hub adapts a (hidden, heads, head_dim) kernel with one rank-``r`` factor per
+        head, so the query/key/value adapters are written with rank ``heads * r``
+        (block-structured, exact); 2-D kernels keep rank ``r``.
+        """
+        hf.save_peft_adapter(self, path)
+
+    def load_peft_adapter(self, path: str | Path) -> int:
+        """Sets this model's LoRA adapters (``lora=`` at construction) from a PEFT adapter
+        directory, exactly, so training can go on; returns how many adapters were set.
+
+        Adapters written by ``save_peft_adapter`` always load; other PEFT adapters load on
+        2-D projections of the same rank, and on query/key/value only in keras-hub's
+        per-head form. Otherwise this raises, and ``merge_peft_adapter`` is the way in.
+        """
+        return hf.load_peft_adapter(self, path)
+
+    def merge_peft_adapter(self, path: str | Path) -> int:
+        """Folds a PEFT LoRA adapter directory into the base weights (exact, float32 math).
+
+        Returns the number of kernels changed. Adapters kithara added (``lora=``) are left
+        as they are, so a merged PEFT adapter can be fine-tuned further with new ones.
+        """
+        return hf.merge_peft_adapter(self, path)
 
     def generate(
         self,

@@ -1,0 +1,108 @@
+"""Loading a local Hugging Face checkpoint (config.json + safetensors) into keras-hub, exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_hub
+import numpy as np
+
+from kithara.models.hf.config import apply_to_layers, backbone_args
+from kithara.models.hf.weight_map import weight_map
+
+logger = logging.getLogger(__name__)
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def is_hf_checkpoint(path: str | Path) -> bool:
+    """True for a directory holding a Hugging Face ``config.json`` (not a keras-hub preset)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or (path / "metadata.json").exists():
+        return False
+    return "model_type" in read_config(path)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    with open(Path(path) / "config.json") as f:
+        config: dict[str, Any] = json.load(f)
+    if "text_config" in config and config.get("model_type") != "gemma3_text":
+        raise ValueError(
+            f"{path}/config.json describes a multimodal model ({config.get('model_type')}); kithara loads "
+            "text-only causal LMs. Export the language model alone (e.g. Gemma3ForCausalLM) and load that."
+        )
+    return config
+
+
+class SafetensorReader(contextlib.ExitStack):
+    """Reads named tensors from ``model.safetensors`` or the shards an index lists."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        import safetensors
+
+        self._safe_open = safetensors.safe_open
+        self.path = Path(path)
+        if (self.path / _INDEX).is_file():
+            with open(self.path / _INDEX) as f:
+                self.files: dict[str, str] = json.load(f)["weight_map"]
+        elif (self.path / _SINGLE).is_file():
+            with self._safe_open(str(self.path / _SINGLE), framework="np") as f:
+                self.files = dict.fromkeys(f.keys(), _SINGLE)
+        else:
+            raise FileNotFoundError(f"{self.path} has neither {_SINGLE} nor {_INDEX}: no safetensors weights to load.")
+        self._open: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.files:
+            raise KeyError(f"{self.path} has no tensor {key!r}.")
+        name = self.files[key]
+        if name not in self._open:
+            self._open[name] = self.enter_context(self._safe_open(str(self.path / name), framework="np"))
+        return np.asarray(self._open[name].get_tensor(key))
+
+
+def load_causal_lm(
+    path: str | Path, *, dtype: Any, load_preprocessor: bool = False
+) -> tuple[keras_hub.models.CausalLM, dict[str, Any]]:
+    """Builds the keras-hub causal LM of a Hugging Face checkpoint and fills its weights.
+
+    Returns the model and the checkpoint's ``config.json`` (kept for export).
+    """
+    config = read_config(path)
+    backbone_class, causal_lm_class, kwargs = backbone_args(config)
+    backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
+    task = getattr(keras_hub.models, causal_lm_class)
+    preprocessor = task.preprocessor_cls.from_preset(str(path)) if load_preprocessor else None
+    causal_lm = task(backbone=backbone, preprocessor=preprocessor)
+    load_weights(backbone, path, config)
+    return causal_lm, config
+
+
+def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]) -> None:
+    """Fills ``backbone`` from the safetensors at ``path`` without rounding, and applies the
+    config values keras-hub hard-codes in layers (see ``config.apply_to_layers``)."""
+    by_path = {v.path: v for v in backbone.weights}
+    with SafetensorReader(path) as reader:
+        used = set()
+        for entry in weight_map(backbone, config):
+            variable = by_path[entry.variable_path]
+            try:
+                value = entry.to_keras(reader.get(entry.hf_key))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from e
+            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+            used.add(entry.hf_key)
+        unused = sorted(k for k in reader.names() if k not in used and not k.endswith("rotary_emb.inv_freq"))
+        if unused and unused != ["lm_head.weight"]:
+            logger.warning("%s: %d tensors were not used, e.g. %s", path, len(unused), unused[:3])
+    apply_to_layers(backbone, config)

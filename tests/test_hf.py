@@ -1,0 +1,283 @@
+"""Hugging Face interop: logits parity with transformers, exact export round trips, LoRA."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import word_tokenizer
+
+import kithara
+from kithara.models.hf.config import UnsupportedConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ARCH = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16}
+# name -> (transformers config class, settings beyond ARCH). Every case has GQA (4 query
+# heads, 2 key/value heads) unless it says otherwise; the *_tied / *_rope cases move the
+# settings keras-hub's converters used to drop.
+CASES = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "llama_tied_llama3_rope": (
+        "LlamaConfig",
+        {"num_key_value_heads": 2, "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_parameters": LLAMA3_ROPE},
+    ),
+    "llama_mha": ("LlamaConfig", {"num_key_value_heads": 4, "rope_parameters": {"rope_theta": 1e4}}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2}),
+    "mistral_window": (
+        "MistralConfig",
+        {"num_key_value_heads": 1, "rms_norm_eps": 1e-5, "sliding_window": 4, "rope_parameters": {"rope_theta": 1e6}},
+    ),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "qwen2_tied": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True, "rms_norm_eps": 1e-5}),
+    "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 16}),
+    "qwen3_tied_wide_heads": (
+        "Qwen3Config",
+        {"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True, "rms_norm_eps": 1e-5},
+    ),
+    "gemma": ("GemmaConfig", {"num_key_value_heads": 2, **GEMMA}),
+    "gemma_rope": ("GemmaConfig", {"num_key_value_heads": 1, **GEMMA, "rms_norm_eps": 1e-5, "rope_theta": 5000.0}),
+    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, **GEMMA}),
+    "gemma2_window_caps": (
+        "Gemma2Config",
+        {
+            "num_key_value_heads": 2,
+            **GEMMA,
+            "rms_norm_eps": 1e-5,
+            "sliding_window": 4,
+            "final_logit_softcapping": 5.0,
+            "attn_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3": ("Gemma3TextConfig", {"num_key_value_heads": 2, **GEMMA}),
+    "gemma3_rope_window": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 2,
+            **GEMMA,
+            "num_hidden_layers": 7,  # one global layer among sliding ones
+            "rms_norm_eps": 1e-5,
+            "sliding_window": 4,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+            },
+        },
+    ),
+}
+TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
+
+
+def hf_checkpoint(path, case):
+    """A tiny random transformers model of ``case``, saved to ``path``; returns the model."""
+    class_name, settings = CASES[case]
+    config = getattr(transformers, class_name)(**{**ARCH, **settings})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def kithara_logits(model, tokens=TOKENS):
+    inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
+    logits, _ = model.apply(model.variables, inputs, training=False)
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    reference = hf_checkpoint(tmp_path, case)
+    model = kithara.KerasHubModel.from_preset(str(tmp_path), sharding="fsdp")
+    diff = np.abs(kithara_logits(model) - hf_logits(reference)).max()
+    assert diff < 1e-4, f"{case}: max |logit difference| {diff}"
+
+
+@pytest.mark.parametrize("case", ["llama_tied_llama3_rope", "mistral", "qwen3", "gemma2", "gemma3"])
+def test_round_trip_gives_identical_weights(tmp_path, case):
+    reference = hf_checkpoint(tmp_path / "in", case)
+    model = kithara.KerasHubModel.from_preset(str(tmp_path / "in"), sharding="fsdp")
+    model.save_in_hf_format(tmp_path / "out", max_shard_size=20_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    expected, got = reference.state_dict(), exported.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert np.array_equal(hf_logits(exported), hf_logits(reference))
+    # ... and the sharded export loads back into kithara unchanged.
+    again = kithara.KerasHubModel.from_preset(str(tmp_path / "out"))
+    assert np.array_equal(kithara_logits(again), kithara_logits(model))
+
+
+def test_single_file_export_with_generation_config_and_tokenizer(tmp_path):
+    # (Not qwen2: transformers' AutoTokenizer rebuilds a Qwen2Tokenizer for a qwen2 config.json,
+    # which this word-level test tokenizer is not.)
+    hf_checkpoint(tmp_path / "in", "llama")
+    model = kithara.KerasHubModel.from_preset(str(tmp_path / "in"))
+    tokenizer = word_tokenizer()
+    model.save_in_hf_format(tmp_path / "out", tokenizer=tokenizer)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert reloaded.encode("hello how are you") == tokenizer.backend.encode("hello how are you")
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    assert generation.eos_token_id == config["eos_token_id"]
+
+
+def test_lora_export_merges_adapters(tmp_path):
+    hf_checkpoint(tmp_path / "in", "llama")
+    model = kithara.KerasHubModel.from_preset(
+        str(tmp_path / "in"), lora=kithara.LoraConfig(rank=4, alpha=8, targets=("query", "value", "down"))
+    )
+    variables = model.variables
+    rng = np.random.default_rng(1)
+    trainable = {
+        path: 0.1 * rng.standard_normal(value.shape).astype(np.float32) for path, value in variables.trainable.items()
+    }
+    model.variables = kithara.ModelVariables(trainable=trainable, non_trainable=variables.non_trainable)
+    model.save_in_hf_format(tmp_path / "merged")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    diff = np.abs(hf_logits(exported) - kithara_logits(model)).max()
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
+def test_export_from_config_model(tmp_path, family):
+    model = kithara.KerasHubModel.from_config(
+        family, vocab_size=128, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=96
+    )
+    model.save_in_hf_format(tmp_path)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert np.abs(hf_logits(exported) - kithara_logits(model)).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("case", "legacy"),
+    [
+        ("llama_tied_llama3_rope", {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}),
+        ("qwen3", {"rope_theta": 20000.0}),
+        (
+            "gemma3_rope_window",
+            {
+                "rope_theta": 100000.0,
+                "rope_local_base_freq": 5000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            },
+        ),
+    ],
+)
+def test_configs_written_before_transformers_5_load(tmp_path, case, legacy):
+    """Older config.json files carry rope_theta / rope_scaling (and Gemma 3's
+    rope_local_base_freq) instead of rope_parameters."""
+    hf_checkpoint(tmp_path, case)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps({**config, **legacy}))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = kithara.KerasHubModel.from_preset(str(tmp_path))
+    assert np.abs(kithara_logits(model) - hf_logits(reference)).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("class_name", "settings", "field"),
+    [
+        ("MistralConfig", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "rope_parameters"),
+        ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
+        ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window"),
+    ],
+)
+def test_unsupported_settings_are_refused(tmp_path, class_name, settings, field):
+    config = getattr(transformers, class_name)(**ARCH, **settings)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedConfig, match=field):
+        kithara.KerasHubModel.from_preset(str(tmp_path))
+
+
+def trained_lora_model(path, targets):
+    """A kithara model from the checkpoint at ``path`` with random (non-zero) adapters."""
+    lora = kithara.LoraConfig(rank=2, alpha=6, targets=targets)
+    model = kithara.KerasHubModel.from_preset(str(path), lora=lora)
+    variables = model.variables
+    rng = np.random.default_rng(2)
+    trainable = {p: 0.1 * rng.standard_normal(v.shape).astype(np.float32) for p, v in variables.trainable.items()}
+    model.variables = kithara.ModelVariables(trainable=trainable, non_trainable=variables.non_trainable)
+    return model
+
+
+@pytest.mark.parametrize("case", ["qwen2", "gemma2"])
+def test_peft_adapter_round_trip(tmp_path, case):
+    peft = pytest.importorskip("peft")
+    base = hf_checkpoint(tmp_path / "base", case)
+    targets = ("query", "key", "value", "attention_output", "gate", "down")
+    model = trained_lora_model(tmp_path / "base", targets)
+    model.save_peft_adapter(tmp_path / "adapter")
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    expected = kithara_logits(model)
+    assert np.abs(hf_logits(with_adapter) - expected).max() < 1e-4
+    # ... and back: the PEFT adapter folded into a fresh kithara model gives the same logits.
+    fresh = kithara.KerasHubModel.from_preset(str(tmp_path / "base"), sharding="fsdp")
+    assert fresh.merge_peft_adapter(tmp_path / "adapter") == 2 * 6
+    assert np.abs(kithara_logits(fresh) - expected).max() < 1e-4
+    # ... or loaded as adapters, to go on training them: every adapter variable comes back.
+    again = kithara.KerasHubModel.from_preset(str(tmp_path / "base"), lora=kithara.LoraConfig(2, 6, targets))
+    assert again.load_peft_adapter(tmp_path / "adapter") == 2 * 6
+    for name, value in model.variables.trainable.items():
+        np.testing.assert_array_equal(np.asarray(again.variables.trainable[name]), np.asarray(value))
+
+
+def test_peft_trained_adapter_merges_and_refuses_to_load_per_head(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = hf_checkpoint(tmp_path / "base", "qwen3")
+    adapter_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    tuned = peft.get_peft_model(base, adapter_config).eval()
+    tuned.save_pretrained(tmp_path / "adapter")
+    model = kithara.KerasHubModel.from_preset(str(tmp_path / "base"))
+    assert model.merge_peft_adapter(tmp_path / "adapter") == 2 * 2
+    assert np.abs(kithara_logits(model) - hf_logits(tuned)).max() < 1e-4
+    adapted = kithara.KerasHubModel.from_preset(
+        str(tmp_path / "base"), lora=kithara.LoraConfig(rank=4, alpha=8, targets=("query", "down"))
+    )
+    with pytest.raises(ValueError, match="merge_peft_adapter"):
+        adapted.load_peft_adapter(tmp_path / "adapter")
+
+
+@pytest.mark.slow
+def test_two_process_export(tmp_path):
+    """Two processes, one sharded model: variables are gathered across processes and
+    process 0 writes the same checkpoint one process would."""
+    reference = hf_checkpoint(tmp_path / "in", "gemma2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = Path(__file__).with_name("hf_export_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(kithara.__file__).resolve().parents[1])}
+    env.pop("XLA_FLAGS", None)
+    args = [str(tmp_path / "in"), str(tmp_path / "out")]
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, *args], env=env) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    expected, got = reference.state_dict(), exported.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
