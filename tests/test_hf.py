@@ -133,6 +133,10 @@ def test_single_file_export_with_generation_config_and_tokenizer(tmp_path):
     # (Not qwen2: transformers' AutoTokenizer rebuilds a Qwen2Tokenizer for a qwen2 config.json,
     # which this word-level test tokenizer is not.)
     hf_checkpoint(tmp_path / "in", "llama")
+    # Extra stop ids and sampling defaults exist only in the source's generation_config.json
+    # (as for Llama 3 Instruct's <|eot_id|>): the export must keep them.
+    source = {"bos_token_id": 1, "eos_token_id": [2, 5], "temperature": 0.6, "top_p": 0.9, "do_sample": True}
+    (tmp_path / "in" / "generation_config.json").write_text(json.dumps(source))
     model = kithara.KerasHubModel.from_preset(str(tmp_path / "in"))
     tokenizer = word_tokenizer()
     model.save_in_hf_format(tmp_path / "out", tokenizer=tokenizer)
@@ -141,8 +145,13 @@ def test_single_file_export_with_generation_config_and_tokenizer(tmp_path):
     assert reloaded.encode("hello how are you") == tokenizer.backend.encode("hello how are you")
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
-    config = json.loads((tmp_path / "in" / "config.json").read_text())
-    assert generation.eos_token_id == config["eos_token_id"]
+    assert (generation.eos_token_id, generation.temperature, generation.top_p) == ([2, 5], 0.6, 0.9)
+    from_config = kithara.KerasHubModel.from_config("llama3", vocab_size=64, num_layers=1, hidden_dim=32,
+                                                    num_heads=4, num_kv_heads=2, intermediate_dim=64)  # fmt: skip
+    from_config.save_in_hf_format(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "generation_config.json").read_text())
+    assert plain.get("eos_token_id") == config.get("eos_token_id")
 
 
 def test_lora_export_merges_adapters(tmp_path):
@@ -206,6 +215,7 @@ def test_configs_written_before_transformers_5_load(tmp_path, case, legacy):
         ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "rope_parameters"),
         ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
         ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window"),
+        ("LlamaConfig", {"hidden_act": "gelu"}, "hidden_act"),
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, class_name, settings, field):
@@ -213,6 +223,43 @@ def test_unsupported_settings_are_refused(tmp_path, class_name, settings, field)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedConfig, match=field):
         kithara.KerasHubModel.from_preset(str(tmp_path))
+
+
+def test_broken_checkpoints_fail_clearly(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    good = tmp_path / "good"
+    hf_checkpoint(good, "llama")
+    tensors = load_file(str(good / "model.safetensors"))
+
+    def variant(name, change):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text((good / "config.json").read_text())
+        save_file(change(dict(tensors)), str(path / "model.safetensors"), metadata={"format": "pt"})
+        return str(path)
+
+    missing = variant("missing", lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k})
+    with pytest.raises(ValueError, match=r"has no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        kithara.KerasHubModel.from_preset(missing)
+    extra = variant(
+        "extra", lambda t: {**t, "model.layers.2.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"]}
+    )
+    with pytest.raises(ValueError, match=r"1 tensors its config\.json does not account for"):
+        kithara.KerasHubModel.from_preset(extra)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    wrong = variant("wrong", lambda t: {**t, key: t[key][:, :-1]})
+    with pytest.raises(ValueError, match="q_proj"):
+        kithara.KerasHubModel.from_preset(wrong)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((good / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        kithara.KerasHubModel.from_preset(str(corrupt))
+    (corrupt / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        kithara.KerasHubModel.from_preset(str(corrupt))
 
 
 def trained_lora_model(path, targets):
@@ -276,7 +323,12 @@ def test_two_process_export(tmp_path):
     env.pop("XLA_FLAGS", None)
     args = [str(tmp_path / "in"), str(tmp_path / "out")]
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, *args], env=env) for i in range(2)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    try:
+        assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    finally:  # a crashed worker leaves its peer waiting at a barrier: never leave them running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     expected, got = reference.state_dict(), exported.state_dict()
     assert expected.keys() == got.keys()

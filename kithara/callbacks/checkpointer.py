@@ -79,6 +79,7 @@ class Checkpointer(Callback):
         self._manager: ocp.CheckpointManager | None = None
         self._total_steps = 0
         self._due: set[int] = set()
+        self._warned_no_preemption_service = False
         self._last_saved: int | None = None
 
     # Orbax ------------------------------------------------------------------------------
@@ -189,7 +190,14 @@ class Checkpointer(Callback):
             # processes; a local flag could stop them at different steps and hang the save.
             try:
                 return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # the service is not running
+            except RuntimeError as error:  # the service is not running
+                if not self._warned_no_preemption_service:
+                    self._warned_no_preemption_service = True
+                    logger.warning(
+                        "SIGTERM will not save a final checkpoint: JAX's preemption service is not running "
+                        "(%s). It starts with jax.distributed.initialize().",
+                        error,
+                    )
                 return False
         return self._sigterm.is_set()
 
@@ -289,12 +297,17 @@ def checksums(tree: Any) -> dict[str, list[int]]:
 @jax.jit
 def _device_checksums(named: dict[str, jax.Array]) -> dict[str, jax.Array]:
     def one(x: jax.Array) -> jax.Array:
-        x = jnp.ravel(x)
+        # Shape-preserving ops only: flattening an array sharded on a non-leading axis would
+        # make XLA gather the whole array onto every device.
         if x.dtype == jnp.bool_:
             x = x.astype(jnp.uint8)
         word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-        words = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32).ravel()
-        position = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+        words = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)  # 8-byte items gain a trailing 2
+        position = jnp.ones(words.shape, jnp.uint32)  # 1 + row-major index, mod 2**32
+        stride = 1
+        for axis in reversed(range(words.ndim)):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+            stride *= words.shape[axis]
         return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * position, dtype=jnp.uint32)])
 
     return {name: one(x) for name, x in named.items()}

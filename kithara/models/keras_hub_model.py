@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -70,6 +71,7 @@ class KerasHubModel(Model):
         self.lora = lora
         # config.json of the Hugging Face checkpoint it came from, reused on export.
         self.hf_config: dict[str, Any] | None = dict(hf_config) if hf_config is not None else None
+        self.hf_generation_config: dict[str, Any] | None = None  # the source's generation_config.json
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
@@ -150,7 +152,13 @@ class KerasHubModel(Model):
                 causal_lm, hf_config = hf.load_causal_lm(
                     handle, dtype=keras_policy(precision), load_preprocessor=load_preprocessor
                 )
-            return cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"], hf_config=hf_config)
+            model = cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"], hf_config=hf_config)
+            # Sampling defaults and extra stop ids (Llama 3 Instruct's <|eot_id|>) live only
+            # here; keep them so an export writes them back.
+            generation = Path(handle) / "generation_config.json"
+            if generation.is_file():
+                model.hf_generation_config = json.loads(generation.read_text())
+            return model
         if not load_preprocessor:
             kwargs["preprocessor"] = None
         with _host_device():

@@ -142,6 +142,11 @@ class Trainer:
         if progress_bar:
             self.callbacks.append(ProgressBar())
         self.callbacks.extend(callbacks)
+        # A Checkpointer passed among the callbacks must restore too, not only save.
+        found = [cb for cb in self.callbacks if isinstance(cb, Checkpointer)]
+        if len(found) > 1:
+            raise ValueError("Pass at most one Checkpointer (checkpointer= or among callbacks=).")
+        self.checkpointer = found[0] if found else None
 
         params = model.variables
         self._param_shapes = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in params.trainable.items()}

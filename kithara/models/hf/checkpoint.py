@@ -12,7 +12,7 @@ import keras
 import keras_hub
 import numpy as np
 
-from kithara.models.hf.config import apply_to_layers, backbone_args
+from kithara.models.hf.config import apply_to_layers, backbone_args, check_activation
 from kithara.models.hf.weight_map import weight_map
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class SafetensorReader(contextlib.ExitStack):
             with open(self.path / _INDEX) as f:
                 self.files: dict[str, str] = json.load(f)["weight_map"]
         elif (self.path / _SINGLE).is_file():
-            with self._safe_open(str(self.path / _SINGLE), framework="np") as f:
+            with self._open_file(_SINGLE) as f:
                 self.files = dict.fromkeys(f.keys(), _SINGLE)
         else:
             raise FileNotFoundError(f"{self.path} has neither {_SINGLE} nor {_INDEX}: no safetensors weights to load.")
@@ -62,13 +62,22 @@ class SafetensorReader(contextlib.ExitStack):
     def names(self) -> list[str]:
         return list(self.files)
 
+    def _open_file(self, name: str) -> Any:
+        try:
+            return self._safe_open(str(self.path / name), framework="np")
+        except Exception as error:  # safetensors raises its own error types for damaged headers
+            raise ValueError(f"{self.path / name} is not a readable safetensors file ({error}).") from error
+
     def get(self, key: str) -> np.ndarray:
         if key not in self.files:
-            raise KeyError(f"{self.path} has no tensor {key!r}.")
+            raise ValueError(f"{self.path} has no tensor {key!r}, which its config.json implies.")
         name = self.files[key]
         if name not in self._open:
-            self._open[name] = self.enter_context(self._safe_open(str(self.path / name), framework="np"))
-        return np.asarray(self._open[name].get_tensor(key))
+            self._open[name] = self.enter_context(self._open_file(name))
+        try:
+            return np.asarray(self._open[name].get_tensor(key))
+        except Exception as error:
+            raise ValueError(f"{self.path / name}: tensor {key!r} cannot be read ({error}).") from error
 
 
 def load_causal_lm(
@@ -79,6 +88,7 @@ def load_causal_lm(
     Returns the model and the checkpoint's ``config.json`` (kept for export).
     """
     config = read_config(path)
+    check_activation(config)
     backbone_class, causal_lm_class, kwargs = backbone_args(config)
     backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
     task = getattr(keras_hub.models, causal_lm_class)
@@ -103,6 +113,9 @@ def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]
             variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
             used.add(entry.hf_key)
         unused = sorted(k for k in reader.names() if k not in used and not k.endswith("rotary_emb.inv_freq"))
-        if unused and unused != ["lm_head.weight"]:
-            logger.warning("%s: %d tensors were not used, e.g. %s", path, len(unused), unused[:3])
+        if unused and unused != ["lm_head.weight"]:  # a tied model may still store its head
+            raise ValueError(
+                f"{path} holds {len(unused)} tensors its config.json does not account for (e.g. {unused[:3]}): "
+                "the weights and config disagree (more layers than num_hidden_layers, or another architecture)."
+            )
     apply_to_layers(backbone, config)

@@ -341,3 +341,18 @@ def _scaled_rope(theta: float, factor: float) -> dict[str, Any]:
     if factor == 1.0:
         return {"rope_type": "default", "rope_theta": theta}
     return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
+
+
+# The MLP activation each family's keras-hub layers compute.
+_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
+                "gemma3_text": ("gelu_pytorch_tanh",), "gemma3": ("gelu_pytorch_tanh",)}  # fmt: skip
+
+
+def check_activation(config: Config) -> None:
+    """Refuses a config whose MLP activation the family's keras-hub layers do not compute."""
+    kind = config.get("model_type", "")
+    allowed = _ACTIVATIONS.get(kind, ("silu",))
+    field = "hidden_activation" if config.get("hidden_activation") else "hidden_act"
+    act = config.get(field)
+    if act is not None and act not in allowed:
+        raise _refuse(config, field, f"{act!r}; keras-hub's {kind} layers compute {allowed[0]!r}")

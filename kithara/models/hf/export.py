@@ -123,7 +123,7 @@ def save_in_hf_format(
         total += tensor.nbytes
     written.append(_write_shard(out, len(written), current, writer))
     if writer:
-        _finish(out, written, names, total, config, tokenizer)
+        _finish(out, written, names, total, config, tokenizer, getattr(model, "hf_generation_config", None))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -137,8 +137,10 @@ def _finish(
     total: int,
     config: Mapping[str, Any],
     tokenizer: Any,
+    source_generation: Mapping[str, Any] | None = None,
 ) -> None:
-    """Names the shards, writes the index, config, generation config and tokenizer."""
+    """Names the shards, writes the index, config, generation config (the source checkpoint's,
+    when the model was loaded from one, else its special token ids) and tokenizer."""
     for stale in out.glob("model*.safetensors*"):
         if stale not in written:
             stale.unlink()
@@ -154,6 +156,7 @@ def _finish(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = {k: config[k] for k in _GENERATION_KEYS if config.get(k) is not None}
+    generation.update(source_generation or {})
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)

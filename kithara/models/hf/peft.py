@@ -10,6 +10,8 @@ per head. Written as one PEFT matrix pair that is a block-structured adapter of 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,10 +131,8 @@ def merge_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mappin
         a_key, b_key = f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
         if a_key not in tensors:
             continue
-        name = module.rsplit(".", 1)[-1]
-        rank = adapter_config.get("rank_pattern", {}).get(name, adapter_config["r"])
-        alpha = adapter_config.get("alpha_pattern", {}).get(name, adapter_config["lora_alpha"])
-        delta = (alpha / rank) * (tensors[b_key].astype(np.float32) @ tensors[a_key].astype(np.float32))
+        scale = _peft_scale(adapter_config, module, tensors[a_key].shape[0])
+        delta = scale * (tensors[b_key].astype(np.float32) @ tensors[a_key].astype(np.float32))
         variable = kernels.get(entry.variable_path, by_path[entry.variable_path])
         merged = host_value(variable.value).astype(np.float32) + entry.to_keras(delta)
         variable.assign(jax.device_put(merged.astype(variable.dtype), variable.value.sharding))
@@ -172,10 +172,7 @@ def load_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping
             raise ValueError(f"{path}: no adapter for {module}, which the model adapts; match the LoRA targets.")
         lora_a, lora_b = tensors[a_key].astype(np.float32), tensors[b_key].astype(np.float32)
         a, b = _keras_factors(entry, lora_a, lora_b, layer.lora_rank, module)
-        name = module.rsplit(".", 1)[-1]
-        rank = adapter_config.get("rank_pattern", {}).get(name, adapter_config["r"])
-        alpha = adapter_config.get("alpha_pattern", {}).get(name, adapter_config["lora_alpha"])
-        b = b * ((alpha / rank) / (layer.lora_alpha / layer.lora_rank))
+        b = b * (_peft_scale(adapter_config, module, lora_a.shape[0]) / (layer.lora_alpha / layer.lora_rank))
         for variable, value in ((layer.lora_kernel_a, a), (layer.lora_kernel_b, b)):
             variable.assign(jax.device_put(value.astype(variable.dtype), variable.value.sharding))
         used.update((a_key, b_key))
@@ -227,3 +224,17 @@ def _config_from_backbone(model: KerasHubModel) -> dict[str, Any]:
     from kithara.models.hf.config import hf_config_from_backbone
 
     return hf_config_from_backbone(model.backbone)
+
+
+def _peft_scale(adapter_config: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's scaling of one module's ``B @ A``: alpha / r (alpha / sqrt(r) with rsLoRA).
+
+    ``rank`` is the adapter's actual rank (its ``lora_A`` rows). ``alpha_pattern`` keys match
+    module names as PEFT matches them: the whole name, or a suffix after a dot, as a regex.
+    """
+    alpha = adapter_config["lora_alpha"]
+    for key, value in (adapter_config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
+            alpha = value
+            break
+    return alpha / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
