@@ -329,3 +329,27 @@ def test_resume_with_a_keras_optimizer_is_exact(examples, tmp_path):
     resumed, tail = run(4, kithara.Checkpointer(str(tmp_path), save_interval=2))
     assert resumed.restored_step == 2
     np.testing.assert_array_equal(tail, expected[2:])
+
+
+def test_synchronous_saves_restore_without_pickle(examples, tmp_path, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used in a checkpoint save or restore")
+
+    for name in ("dump", "dumps", "load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    data = examples[:48]
+    ckpt = kithara.Checkpointer(str(tmp_path), save_interval=2, async_save=False)
+    first = make_trainer(tiny_model(), data, steps=4, checkpointer=ckpt)
+    expected = losses(first.train())
+    assert ckpt.manager.all_steps() == [2, 4]
+    ckpt = kithara.Checkpointer(str(tmp_path), save_interval=2, async_save=False)
+    # Among the callbacks rather than checkpointer=: it restores as well.
+    loader = kithara.Dataloader(data, 1, seed=0)
+    tx = kithara.optimizers.adamw(optax.linear_schedule(1e-2, 1e-3, 12), weight_decay=0.01)
+    second = kithara.Trainer(tiny_model(seed=3), tx, loader, steps=4, callbacks=[ckpt], progress_bar=False)
+    assert second.train() == [] and second.restored_step == 4
+    for path, value in first.model.variables.trainable.items():
+        np.testing.assert_array_equal(np.asarray(second.model.variables.trainable[path]), np.asarray(value))
+    assert np.isfinite(expected).all()
