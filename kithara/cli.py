@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
-    _report(console, result)
+    import jax
+
+    if jax.process_index() == 0:  # one report per job, not one per host
+        _report(console, result)
     return 0
 
 
