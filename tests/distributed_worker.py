@@ -61,7 +61,9 @@ def main(coordinator, process_id, save_dir, out, die_after_step, heartbeat):
     timeouts = kithara.distributed.DistributedTimeouts(heartbeat=heartbeat, shutdown=heartbeat)
     kithara.distributed.initialize(coordinator, 2, process_id, timeouts=timeouts)
     died = int(die_after_step) or None
-    result = train(save_dir, steps=STEPS_PER_RUN + 2 if died else STEPS_PER_RUN, async_save=not died, die_after_step=died)
+    result = train(
+        save_dir, steps=STEPS_PER_RUN + 2 if died else STEPS_PER_RUN, async_save=not died, die_after_step=died
+    )
     if process_id == 0:
         with open(out, "w") as f:
             json.dump(result, f)

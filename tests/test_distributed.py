@@ -58,9 +58,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+def worker_env(*paths):
+    """This environment for a worker process, importing this worktree's kithara (and ``paths``)."""
+    python_path = os.pathsep.join([WORKTREE, *paths, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": python_path}
+
+
 def start_workers(tmp_path, die_after_step=0):
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join([WORKTREE, os.environ.get("PYTHONPATH", "")])}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env = {**worker_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     coordinator = f"127.0.0.1:{free_port()}"
     args = [str(tmp_path / "ckpt"), str(tmp_path / "out.json"), str(die_after_step), str(HEARTBEAT_SECONDS)]
     return [
@@ -129,12 +134,15 @@ def test_a_dead_process_stops_the_others_and_keeps_the_checkpoint(tmp_path, refe
 
 
 @pytest.mark.slow
+# ray.init starts its daemons with fork+exec from this (multithreaded) JAX process; nothing
+# runs in the child before exec, so JAX's fork warning does not apply.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_ray_launcher_runs_the_same_job_on_two_workers(tmp_path, reference):
     ray = pytest.importorskip("ray")
+    env = worker_env(str(TESTS))
     env_vars = {
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "KERAS_BACKEND": "jax",
-        "PYTHONPATH": os.pathsep.join([WORKTREE, str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        **{k: env[k] for k in ("KERAS_BACKEND", "PYTHONPATH")},
     }
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -160,8 +168,8 @@ def test_cli_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
     """Two `kithara train` processes joined by the distributed section, one with another
     trainer.steps: both refuse to start, naming the process and the setting."""
     coordinator = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join([WORKTREE, os.environ.get("PYTHONPATH", "")])}
-    env.pop("XLA_FLAGS", None)
+    env = worker_env()
+    env.pop("XLA_FLAGS", None)  # the CLI's cpu_devices=4 sets the device count
     procs = []
     for i in range(2):
         sets = [
@@ -233,3 +241,29 @@ def test_differences_name_the_process_and_the_setting():
         "process 2 has steps='<not set>' where process 0 has 3",
     ]
     assert consistency.differences(descriptions[:2]) == []
+
+
+def test_trainer_describes_what_processes_must_share():
+    """What each process of a job contributes to the Trainer's cross-process check: two set-ups
+    differing in mesh size (and so batch size and layout) are told apart, by name."""
+    import jax
+    import optax
+    from conftest import tiny_model
+
+    def description(devices, steps, name="fsdp"):
+        strategy = kithara.ShardingStrategy(name, devices=jax.devices()[:devices])
+        loader = kithara.Dataloader(pattern_examples(64), 1, num_devices=devices)
+        trainer = kithara.Trainer(
+            tiny_model(sharding=strategy), optax.sgd(0.1), loader, steps=steps, progress_bar=False
+        )
+        return json.loads(json.dumps(trainer._setup_description()))
+
+    def differing(other):
+        return {line.split("=")[0].removeprefix("process 1 has ") for line in consistency.differences([eight, other])}
+
+    eight = description(8, 3)
+    assert differing(description(8, 3)) == set()
+    assert differing(description(4, 4)) == {"mesh", "global_batch_size", "steps", "steps_per_epoch"}
+    assert differing(description(8, 3, "dp")) == {"mesh", "variable_shardings"}
+    problems = consistency.differences([eight, description(4, 3)])
+    assert "process 1 has mesh={'data': 1, 'fsdp': 4, 'tensor': 1} where process 0 has" in problems[1], problems

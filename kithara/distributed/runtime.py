@@ -151,7 +151,9 @@ def _check_arguments(coordinator_address: str | None, num_processes: int | None,
     if process_id is not None and (not isinstance(process_id, int) or isinstance(process_id, bool)):
         raise ValueError(f"process_id must be an int, got {process_id!r}.")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id {process_id} is out of range for num_processes={num_processes} (0..{num_processes - 1}).")
+        raise ValueError(
+            f"process_id {process_id} is out of range for num_processes={num_processes} (0..{num_processes - 1})."
+        )
     if num_processes == 1:
         return
     if (num_processes is None) != (process_id is None):
