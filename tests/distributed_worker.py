@@ -55,6 +55,17 @@ def train(save_dir, steps=STEPS_PER_RUN, save_interval=2, async_save=True, die_a
     return {"losses": [h["loss"] for h in history], "devices": jax.device_count(), "processes": jax.process_count()}
 
 
+def fail_on_process_1():
+    """Process 1 raises; process 0 waits for it in a collective it will never join."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 1:
+        raise RuntimeError("process 1 failed on purpose")
+    multihost_utils.process_allgather(np.zeros(1))
+
+
 def main(coordinator, process_id, save_dir, out, die_after_step, heartbeat):
     import kithara
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import pattern_examples
-from distributed_worker import STEPS_PER_RUN, make_trainer, train
+from distributed_worker import STEPS_PER_RUN, fail_on_process_1, make_trainer, train
 
 import kithara
 from kithara.distributed import consistency, runtime
@@ -156,12 +156,30 @@ def test_ray_launcher_runs_the_same_job_on_two_workers(tmp_path, reference):
             timeouts=kithara.distributed.DistributedTimeouts(heartbeat=HEARTBEAT_SECONDS),
         )
         print(f"run_on_ray: {time.monotonic() - start:.1f} s")
+        # A failing worker: its error reaches the driver, and its peer, stuck in a collective,
+        # is stopped rather than left running.
+        start = time.monotonic()
+        with pytest.raises(ray.exceptions.RayTaskError, match="process 1 failed on purpose"):
+            kithara.distributed.run_on_ray(fail_on_process_1, 2, placement_strategy="PACK", env_vars=env_vars)
+        print(f"run_on_ray with a failing worker: raised after {time.monotonic() - start:.1f} s")
+        # Workers stopped and their placement group removed: the cluster's CPUs come back.
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU") == 2
     finally:
         ray.shutdown()
     assert [r["processes"] for r in results] == [2, 2] and [r["devices"] for r in results] == [8, 8]
     np.testing.assert_allclose(results[0]["losses"], reference[:STEPS_PER_RUN], rtol=0, atol=1e-5)
     assert results[0]["losses"] == results[1]["losses"]  # metrics are global, the same everywhere
     assert kithara.Checkpointer(str(tmp_path / "ckpt")).latest_step() == STEPS_PER_RUN
+
+
+def test_run_on_ray_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="num_workers must be a positive int"):
+        kithara.distributed.run_on_ray(print, 0)
+    with pytest.raises(ValueError, match="placement_strategy must be one of"):
+        kithara.distributed.run_on_ray(print, 2, placement_strategy="ANYWHERE")
 
 
 def test_cli_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
