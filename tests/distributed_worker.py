@@ -15,14 +15,19 @@ import signal
 STEPS_PER_RUN = 3
 
 
-def make_trainer(steps, checkpointer=None, callbacks=(), loader=None):
-    """The job every test runs: a tiny Llama with FSDP over all devices, 1 row per device."""
+def make_trainer(steps, checkpointer=None, callbacks=(), loader=None, evaluate=False):
+    """The job every test runs: a tiny Llama with FSDP over all devices, 1 row per device;
+    with ``evaluate``, evaluated after step 3 on 28 rows (the last batch partly padding)."""
     import optax
     from conftest import pattern_examples, tiny_model
 
     import kithara
 
     loader = loader or kithara.Dataloader(pattern_examples(64), 1, seed=0)
+    eval_options = {}
+    if evaluate:
+        eval_loader = kithara.Dataloader(pattern_examples(28, seed=1), 1, shuffle=False, drop_remainder=False)
+        eval_options = {"eval_dataloader": eval_loader, "eval_steps_interval": STEPS_PER_RUN}
     tx = kithara.optimizers.adamw(optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=0.01)
     return kithara.Trainer(
         tiny_model(sharding="fsdp"),
@@ -32,11 +37,12 @@ def make_trainer(steps, checkpointer=None, callbacks=(), loader=None):
         checkpointer=checkpointer,
         callbacks=callbacks,
         progress_bar=False,
+        **eval_options,
     )
 
 
-def train(save_dir, steps=STEPS_PER_RUN, save_interval=2, async_save=True, die_after_step=None):
-    """Trains and checkpoints; returns the per-step losses. Process 1 kills itself right after
+def train(save_dir, steps=STEPS_PER_RUN, save_interval=2, async_save=True, die_after_step=None, evaluate=False):
+    """Trains and checkpoints; returns the per-step losses and evaluations. Process 1 kills itself right after
     the checkpoint of ``die_after_step`` is complete, when that is set."""
     import jax
 
@@ -49,10 +55,15 @@ def train(save_dir, steps=STEPS_PER_RUN, save_interval=2, async_save=True, die_a
                 os.kill(os.getpid(), signal.SIGKILL)
 
     checkpointer = kithara.Checkpointer(save_dir, save_interval=save_interval, async_save=async_save)
-    trainer = make_trainer(steps, checkpointer, callbacks=[DieAfter()] if die_after_step else [])
+    trainer = make_trainer(steps, checkpointer, callbacks=[DieAfter()] if die_after_step else [], evaluate=evaluate)
     history = trainer.train()
     checkpointer.close()
-    return {"losses": [h["loss"] for h in history], "devices": jax.device_count(), "processes": jax.process_count()}
+    return {
+        "losses": [h["loss"] for h in history],
+        "eval": trainer.eval_history,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+    }
 
 
 def fail_on_process_1():
@@ -73,7 +84,11 @@ def main(coordinator, process_id, save_dir, out, die_after_step, heartbeat):
     kithara.distributed.initialize(coordinator, 2, process_id, timeouts=timeouts)
     died = int(die_after_step) or None
     result = train(
-        save_dir, steps=STEPS_PER_RUN + 2 if died else STEPS_PER_RUN, async_save=not died, die_after_step=died
+        save_dir,
+        steps=STEPS_PER_RUN + 2 if died else STEPS_PER_RUN,
+        async_save=not died,
+        die_after_step=died,
+        evaluate=not died,
     )
     if process_id == 0:
         with open(out, "w") as f:

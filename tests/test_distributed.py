@@ -48,8 +48,10 @@ def losses(history):
 
 @pytest.fixture(scope="module")
 def reference():
-    """Losses of 5 steps in this single process on 8 devices, on the two-process job's batches."""
-    return losses(make_trainer(STEPS_PER_RUN + 2, loader=GlobalBatches(pattern_examples(64), 2)).train())
+    """Losses of 5 steps in this single process on 8 devices, on the two-process job's batches,
+    and the evaluation after step 3."""
+    trainer = make_trainer(STEPS_PER_RUN + 2, loader=GlobalBatches(pattern_examples(64), 2), evaluate=True)
+    return losses(trainer.train()), trainer.eval_history
 
 
 def free_port():
@@ -88,12 +90,19 @@ def finish(procs, timeout=300):
 
 
 def test_two_processes_train_like_one_and_their_checkpoint_continues_on_one(tmp_path, reference):
+    reference, reference_eval = reference
     procs = start_workers(tmp_path)
     outs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["devices"] == 8 and result["processes"] == 2
     np.testing.assert_allclose(result["losses"], reference[:STEPS_PER_RUN], rtol=0, atol=1e-5)
+    # Evaluation sums over every row, whichever process read it: the same metrics as one process.
+    (evaluated,) = result["eval"]
+    assert evaluated.keys() == reference_eval[0].keys() and evaluated["step"] == STEPS_PER_RUN
+    # Relative: the rows are summed in another order, and perplexity is exp(loss).
+    names = list(reference_eval[0])
+    np.testing.assert_allclose([evaluated[k] for k in names], [reference_eval[0][k] for k in names], rtol=1e-6)
     # Both processes wrote their shards of the last step.
     assert sorted(p.name for p in (tmp_path / "ckpt" / "3" / "state").glob("ocdbt.process_*")) == [
         "ocdbt.process_0",
@@ -130,7 +139,7 @@ def test_a_dead_process_stops_the_others_and_keeps_the_checkpoint(tmp_path, refe
     resumed = make_trainer(3, checkpointer, loader=GlobalBatches(pattern_examples(64), 2))
     history = resumed.train()
     assert resumed.restored_step == 2
-    np.testing.assert_allclose(losses(history), reference[2:3], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(losses(history), reference[0][2:3], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -170,7 +179,7 @@ def test_ray_launcher_runs_the_same_job_on_two_workers(tmp_path, reference):
     finally:
         ray.shutdown()
     assert [r["processes"] for r in results] == [2, 2] and [r["devices"] for r in results] == [8, 8]
-    np.testing.assert_allclose(results[0]["losses"], reference[:STEPS_PER_RUN], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(results[0]["losses"], reference[0][:STEPS_PER_RUN], rtol=0, atol=1e-5)
     assert results[0]["losses"] == results[1]["losses"]  # metrics are global, the same everywhere
     assert kithara.Checkpointer(str(tmp_path / "ckpt")).latest_step() == STEPS_PER_RUN
 
