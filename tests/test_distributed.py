@@ -251,6 +251,21 @@ def test_initialize_after_devices_started_says_to_call_it_first(monkeypatch):
         kithara.distributed.DistributedTimeouts(heartbeat=0)
 
 
+def test_initialize_again_accepts_the_same_settings_only(monkeypatch):
+    """A second call (a library calling initialize() after the user did) is fine when it asks
+    for the running settings or none, and refused when it asks for others."""
+    import jax
+    from jax._src.distributed import global_state
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    for name, value in (("coordinator_address", "10.0.0.1:1234"), ("num_processes", 2), ("process_id", 1)):
+        monkeypatch.setattr(global_state, name, value)
+    assert kithara.distributed.initialize() is True
+    assert kithara.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=1) is True
+    with pytest.raises(RuntimeError, match=r"process_id=0 \(running: 1\)"):
+        kithara.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=0)
+
+
 def test_detected_cluster_follows_jax_detectors(monkeypatch):
     assert kithara.distributed.detected_cluster() is None
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}

@@ -46,8 +46,9 @@ def initialize(
 ) -> bool:
     """Joins this process to a multi-process JAX job; a no-op when there is only one process.
 
-    Call it first, before anything touches devices (building a model, ``jax.devices()``).
-    Every process of the job runs the same program and calls it.
+    Call it first, before anything touches devices (building a model, ``jax.devices()``);
+    it does not start them itself, so CPU device settings may follow it. Every process of
+    the job runs the same program and calls it.
 
     - Explicit: pass ``coordinator_address`` (``host:port`` of process 0, reachable from
       every process), ``num_processes`` and this process's ``process_id`` (GPU nodes, a
@@ -112,14 +113,12 @@ def initialize(
         heartbeat_timeout_seconds=timeouts.heartbeat,
         shutdown_timeout_seconds=timeouts.shutdown,
     )
-    logger.info(
-        "Process %d of %d joined the JAX runtime: %d local devices, %d in all.",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
-    return jax.process_count() > 1
+    # Read from the runtime's own record rather than jax.process_count(), which would start the
+    # devices: settings such as jax_num_cpu_devices may still be changed after this call.
+    from jax._src.distributed import global_state
+
+    logger.info("Process %d of %d joined the JAX runtime.", global_state.process_id, global_state.num_processes)
+    return (global_state.num_processes or 1) > 1
 
 
 def detected_cluster() -> str | None:
@@ -188,7 +187,7 @@ def _already_initialized(coordinator_address: str | None, num_processes: int | N
     if differs:
         shown = ", ".join(f"{k}={want!r} (running: {have!r})" for k, (want, have) in differs.items())
         raise RuntimeError(f"The JAX distributed runtime is already initialised differently: {shown}.")
-    return jax.process_count() > 1
+    return (global_state.num_processes or 1) > 1
 
 
 def _backends_started() -> bool:
