@@ -290,3 +290,12 @@ def test_synchronous_saves_restore_without_pickle(examples, tmp_path, monkeypatc
     for path, value in first.model.variables.trainable.items():
         np.testing.assert_array_equal(np.asarray(second.model.variables.trainable[path]), np.asarray(value))
     assert np.isfinite(expected).all()
+
+
+def test_a_relative_checkpoint_directory_works(examples, tmp_path, monkeypatch):
+    """`--set trainer.checkpoint_dir=runs/x`: orbax needs an absolute path, the Checkpointer makes one."""
+    monkeypatch.chdir(tmp_path)
+    checkpointer = kithara.Checkpointer("runs/ckpt", save_interval=1)
+    assert checkpointer.save_dir == str(tmp_path / "runs" / "ckpt")
+    make_trainer(tiny_model(), examples, steps=1, checkpointer=checkpointer).train()
+    assert kithara.Checkpointer("runs/ckpt").latest_step() == 1
