@@ -38,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", handlers=[RichHandler(show_path=False)])
+    # force: importing kithara (orbax, through absl) already gave the root logger a WARNING-level
+    # handler, which would make this call a no-op and hide every INFO line.
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(message)s", handlers=[RichHandler(show_path=False)], force=True
+    )
     for noisy in ("jax._src.xla_bridge", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # transformers (tokenizers only here) advises at import that PyTorch is absent; kithara never needs it.

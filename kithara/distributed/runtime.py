@@ -94,7 +94,7 @@ def initialize(
     if all(value is None for value in explicit) and cluster_detection_method is None:
         detected = detected_cluster()
         if detected is None:
-            logger.info("No multi-host environment detected: running as a single process.")
+            logger.debug("No multi-host environment detected: running as a single process.")
             return False
         logger.info("Detected a %s environment: joining the processes it describes.", detected)
     if _backends_started():
