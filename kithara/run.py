@@ -38,13 +38,13 @@ def configure_cpu_devices(count: int | None) -> None:
 
 def join_processes(config: RunConfig) -> None:
     """Joins the job's processes (``config.distributed``) and checks that they all run the
-    same configuration; on processes other than 0, kithara logs only warnings and errors."""
+    same configuration; on processes other than 0, only warnings and errors are logged."""
     d = config.distributed
     timeouts = distributed.DistributedTimeouts(initialization=d.initialization_timeout, heartbeat=d.heartbeat_timeout)
     if not distributed.initialize(d.coordinator_address, d.num_processes, d.process_id, timeouts=timeouts):
         return
     if jax.process_index() != 0:
-        logging.getLogger("kithara").setLevel(logging.WARNING)  # one console log per job, from process 0
+        logging.getLogger().setLevel(logging.WARNING)  # one console log per job, from process 0
     settings = {k: v for k, v in to_flat_dict(config).items() if k != "distributed.process_id"}
     distributed.check_same_on_all_processes(settings, "run configuration")
 

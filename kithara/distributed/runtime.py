@@ -68,7 +68,7 @@ def initialize(
         local_device_ids: restrict this process to these local accelerators (one process per
             GPU); all local devices by default.
         cluster_detection_method: force one of JAX's detectors (``"slurm"``, ``"ompi"``,
-            ``"mpi4py"``, ``"gke_tpu_cluster"``, ...), or ``"deactivate"``.
+            ``"mpi4py"``, ``"gcetpu"``, ``"gketpu"``), or ``"deactivate"``.
         timeouts: initialization, heartbeat and shutdown timeouts.
 
     Returns:
