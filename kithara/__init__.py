@@ -18,6 +18,7 @@ from kithara import data
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
+from kithara.objectives import DPOTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -32,6 +33,7 @@ __all__ = [
     "Architecture",
     "Callback",
     "Checkpointer",
+    "DPOTrainer",
     "Dataloader",
     "KerasHubModel",
     "LoraConfig",

@@ -1,0 +1,163 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model, word_tokenizer
+
+import kithara
+from kithara.data import PreferenceDataset
+from kithara.objectives import dpo_losses
+from kithara.objectives.dpo import adapter_off
+
+ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
+sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+
+
+def reference_pairs():
+    np.random.seed(0)
+    policy = np.random.normal(0, 5, (8, 4)).sum(-1)
+    ref = np.random.normal(0, 5, (8, 4)).sum(-1)
+    return policy[:4], policy[4:], ref[:4], ref[4:]
+
+
+def pairs(lengths=(4.0, 4.0)):
+    c, r, c0, r0 = reference_pairs()
+    n = np.full(4, lengths[0]), np.full(4, lengths[1])
+    return dpo_losses.PairLogps(*map(jnp.asarray, (c, r, c0, r0, *n))), (c, r, c0, r0)
+
+
+def loss(name, e=0.0, lengths=(4.0, 4.0), beta=0.1):
+    p, _ = pairs(lengths)
+    return float(dpo_losses.LOSSES[name](p, beta, e).mean())
+
+
+def test_sigmoid_matches_the_reference_vector():
+    assert loss("sigmoid") == pytest.approx(0.7530593502919607, abs=1e-6)
+    assert loss("sigmoid", 0.3) == pytest.approx(0.9254464725571975, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(set(dpo_losses.LOSSES) - {"sigmoid"}))
+def test_each_loss_matches_hand_computation(name):
+    _, (c, r, c0, r0) = pairs((3.0, 5.0))
+    b, e = 0.1, 0.2
+    rw, rl = c - c0, r - r0
+    h = rw - rl
+    expected = {
+        "hinge": np.maximum(0, 1 - b * h),
+        "ipo": (rw / 3 - rl / 5 - 1 / (2 * b)) ** 2,
+        "robust": (-(1 - e) * ls(b * h) + e * ls(-b * h)) / (1 - 2 * e),
+        "bco_pair": -ls(b * rw) - ls(-b * rl),
+        "sppo_hard": (rw - 1 / (2 * b)) ** 2 + (rl + 1 / (2 * b)) ** 2,
+        "nca_pair": -ls(b * rw) - 0.5 * ls(-b * rw) - 0.5 * ls(-b * rl),
+        "apo_zero": 1 - sig(b * rw) + sig(b * rl),
+        "apo_down": sig(b * rw) + 1 - sig(b * h),
+        "sft": -c / 3,
+    }[name].mean()
+    assert loss(name, e, (3.0, 5.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_combined_loss_is_the_weighted_sum():
+    p, _ = pairs()
+    rpo = dpo_losses.combined_loss(p, {"sigmoid": 1.0, "sft": 0.5}, 0.1, 0.0)
+    np.testing.assert_allclose(rpo, dpo_losses.sigmoid_loss(p, 0.1, 0.0) + 0.5 * dpo_losses.sft_loss(p, 0.1, 0.0), 1e-6)
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="Unknown DPO loss"):
+        dpo_losses.loss_weights("dpo_magic", beta=0.1, label_smoothing=0.0)
+    with pytest.raises(ValueError, match="robust loss needs"):
+        dpo_losses.loss_weights("robust", beta=0.1, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_losses.loss_weights("sigmoid", beta=0.1, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_losses.loss_weights("sigmoid", beta=0.0, label_smoothing=0.0)
+
+
+def test_sequence_logps_sums_completion_tokens_only():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 5)), jnp.float32)
+    labels = jnp.asarray([[1, 2, 3, 4], [0, 1, 0, 0]])
+    mask = jnp.asarray([[False, True, True, False], [False, False, False, False]])
+    logps, lengths, _ = dpo_losses.sequence_logps(logits, labels, mask)
+    lp = jax.nn.log_softmax(logits, -1)
+    np.testing.assert_allclose(logps, [lp[0, 1, 2] + lp[0, 2, 3], 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(lengths, [2.0, 0.0])
+
+
+ROWS = [
+    {"prompt": p, "chosen": c, "rejected": r}
+    for p, c, r in [
+        ("how are you", "fine thanks", "bye"),
+        ("hi", "hello", "bye bye"),
+        ("hello", "hi how are you", "ok"),
+        ("bye", "bye", "hello hello"),
+    ]
+    * 4
+]
+
+
+def loader(rows=ROWS, per_device=1):
+    ds = PreferenceDataset(rows, word_tokenizer(), max_seq_len=12)
+    return kithara.Dataloader(ds, per_device, seed=0, num_devices=8)
+
+
+def dpo(model, **kwargs):
+    kwargs.setdefault("progress_bar", False)
+    kwargs.setdefault("steps", 2)
+    return kithara.DPOTrainer(model, kithara.optimizers.adamw(1e-2), loader(), **kwargs)
+
+
+def test_reference_modes_agree():
+    lora = kithara.LoraConfig(rank=4, targets=("query", "value"))
+    model = tiny_model(lora=lora)
+    plain = tiny_model()
+    plain.variables = ModelVariablesFrom(model, plain)
+    batch = next(iter(loader().epoch(0)))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    off = dpo(model)
+    frozen = dpo(tiny_model(lora=lora), ref_model=plain)
+    a = off.reference_logps(model.variables, batch)
+    b = frozen.reference_logps(model.variables, batch)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Adapter off equals the policy itself when lora_kernel_b is zero-initialised.
+    live = off.compute_loss(model.variables, batch, jax.random.key(0))[0]
+    assert float(live.sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-4)
+    # Precomputed == live.
+    pre = dpo(model, precompute_ref_log_probs=True)
+    cached = next(iter(pre.train_dataloader.epoch(0)))
+    assert "ref_chosen_logps" in cached
+    lb = {k: jnp.asarray(v) for k, v in cached.items()}
+    np.testing.assert_allclose(
+        [lb["ref_chosen_logps"], lb["ref_rejected_logps"]], off.reference_logps(model.variables, lb), rtol=1e-5
+    )
+    assert float(pre.compute_loss(model.variables, lb, jax.random.key(0))[0].total) == pytest.approx(
+        float(off.compute_loss(model.variables, lb, jax.random.key(0))[0].total), rel=1e-5
+    )
+
+
+def ModelVariablesFrom(lora_model, plain):
+    """The plain model's variables taken from the LoRA model's base weights."""
+    src = {**lora_model.variables.trainable, **lora_model.variables.non_trainable}
+    v = plain.variables
+    return kithara.ModelVariables({p: src[p] for p in v.trainable}, {p: src[p] for p in v.non_trainable})
+
+
+def test_refuses_bad_reference_setups():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="ref_model is the model"):
+        dpo(model, ref_model=model)
+    with pytest.raises(ValueError, match="needs a reference"):
+        dpo(model)
+    with pytest.raises(ValueError, match="Unknown DPO loss"):
+        dpo(model, ref_model=tiny_model(), loss_type="nope")
+
+
+def test_dpo_end_to_end_raises_reward_accuracy():
+    model = tiny_model(lora=kithara.LoraConfig(rank=4, targets=("query", "value", "up")))
+    trainer = dpo(model, steps=8, eval_dataloader=loader(), eval_steps_interval=8)
+    history = trainer.train()
+    keys = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected", "logits/chosen", "logits/rejected"}  # fmt: skip
+    assert keys <= set(history[0]) and keys <= set(trainer.eval_history[-1])
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert trainer.eval_history[-1]["rewards/margins"] > 0
+    assert trainer.eval_history[-1]["rewards/accuracies"] > 0.5
