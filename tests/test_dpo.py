@@ -7,7 +7,6 @@ from conftest import tiny_model, word_tokenizer
 import kithara
 from kithara.data import PreferenceDataset
 from kithara.objectives import dpo_losses
-from kithara.objectives.dpo import adapter_off
 
 ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
 sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731

@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 import optax
-import keras
 
 from kithara.data.dataloader import Dataloader
 from kithara.models.model import Model, ModelVariables
@@ -99,9 +99,7 @@ class DPOTrainer(Trainer):
 
     # Log-probs --------------------------------------------------------------------------
 
-    def reference_logps(
-        self, variables: ModelVariables, batch: Mapping[str, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
+    def reference_logps(self, variables: ModelVariables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Reference summed completion log-probs ``(chosen, rejected)`` of a batch: from
         ``ref_model`` if there is one, else from ``variables`` with the adapters off."""
         inputs = pair_inputs(batch)
@@ -122,7 +120,9 @@ class DPOTrainer(Trainer):
         fn = jax.jit(self.reference_logps)
         examples = loader.examples
         length = loader.max_seq_len
-        keys = [f"{s}_{n}" for s in ("chosen", "rejected") for n in ("token_ids", "padding_mask", "labels", "label_mask")]
+        keys = [
+            f"{s}_{n}" for s in ("chosen", "rejected") for n in ("token_ids", "padding_mask", "labels", "label_mask")
+        ]
         for start in range(0, len(examples), chunk):
             rows = examples[start : start + chunk]
             batch = {}
@@ -136,9 +136,9 @@ class DPOTrainer(Trainer):
                 batch[key] = jnp.asarray(np.stack(arrays))
             chosen, rejected = jax.device_get(fn(variables, batch))
             for i, ex in enumerate(rows):
-                ex["ref_chosen_logps"] = np.float32(chosen[i])
-                ex["ref_rejected_logps"] = np.float32(rejected[i])
-        loader.extras.update({k: np.float32(0.0) for k in REF_KEYS})
+                ex["ref_chosen_logps"] = np.asarray(chosen[i], np.float32)
+                ex["ref_rejected_logps"] = np.asarray(rejected[i], np.float32)
+        loader.extras.update({k: np.zeros((), np.float32) for k in REF_KEYS})
 
     # The loss ---------------------------------------------------------------------------
 
@@ -154,9 +154,7 @@ class DPOTrainer(Trainer):
         else:
             ref_c, ref_r = self.reference_logps(variables, batch)
         half = batch["chosen_token_ids"].shape[0]
-        p = dpo_losses.PairLogps(
-            logps[:half], logps[half:], ref_c, ref_r, lengths[:half], lengths[half:]
-        )
+        p = dpo_losses.PairLogps(logps[:half], logps[half:], ref_c, ref_r, lengths[:half], lengths[half:])
         per_pair = dpo_losses.combined_loss(p, self.loss_weights, self.beta, self.label_smoothing)
         valid = (lengths[:half] > 0) & (lengths[half:] > 0)
 

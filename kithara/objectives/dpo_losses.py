@@ -135,7 +135,9 @@ def loss_weights(loss_type: str | Mapping[str, float], *, beta: float, label_smo
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}.")
     if not 0 <= label_smoothing < 0.5 and "robust" in weights:
-        raise ValueError(f"The robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2e), got {label_smoothing}.")
+        raise ValueError(
+            f"The robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2e), got {label_smoothing}."
+        )
     if not 0 <= label_smoothing <= 1:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
     return weights
