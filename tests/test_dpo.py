@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import tiny_model, word_tokenizer
 
@@ -197,3 +198,29 @@ def test_precomputed_reference_trains_end_to_end_and_eval_masks_rows():
     assert trainer.eval_history[-1]["rewards/accuracies"] * 5 == pytest.approx(
         round(trainer.eval_history[-1]["rewards/accuracies"] * 5), abs=1e-5
     )
+
+
+CHAT_ROWS = [
+    {
+        "prompt": [{"role": "user", "content": p}],
+        "chosen": [{"role": "assistant", "content": c}],
+        "rejected": [{"role": "assistant", "content": r}],
+    }
+    for p, c, r in [("hi", "hello", "bye"), ("how are you", "fine thanks", "ok"), ("bye", "bye", "hi hi")] * 6
+]
+
+
+def test_conversational_pairs_with_gradient_accumulation_equal_one_large_batch():
+    def run(per_device, accumulation):
+        model = tiny_model(lora=kithara.LoraConfig(rank=4, targets=("query", "value")))
+        trainer = kithara.DPOTrainer(
+            model, optax.sgd(0.5), loader(CHAT_ROWS, per_device), steps=1,
+            gradient_accumulation_steps=accumulation, progress_bar=False,
+        )  # fmt: skip
+        return trainer.train()[0], model.variables.trainable
+
+    (big, big_vars), (acc, acc_vars) = run(2, 1), run(1, 2)
+    for key in ("loss", "rewards/accuracies", "logps/chosen", "logits/rejected"):
+        assert acc[key] == pytest.approx(big[key], rel=1e-5)
+    for path, value in big_vars.items():
+        np.testing.assert_allclose(np.asarray(acc_vars[path]), np.asarray(value), rtol=1e-5, atol=1e-7)
