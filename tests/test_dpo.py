@@ -224,3 +224,15 @@ def test_conversational_pairs_with_gradient_accumulation_equal_one_large_batch()
         assert acc[key] == pytest.approx(big[key], rel=1e-5)
     for path, value in big_vars.items():
         np.testing.assert_allclose(np.asarray(acc_vars[path]), np.asarray(value), rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_reference_model_trains_and_evaluates():
+    policy, ref = tiny_model(), tiny_model()  # same seed: the reference equals the start
+    trainer = dpo(policy, ref_model=ref, steps=2, eval_dataloader=loader(), eval_steps_interval=2)
+    history = trainer.train()
+    assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert np.isfinite(trainer.eval_history[-1]["rewards/margins"])
+    # The reference stays frozen.
+    for path, value in tiny_model().variables.trainable.items():
+        np.testing.assert_array_equal(np.asarray(ref.variables.trainable[path]), np.asarray(value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ import keras
 import numpy as np
 import optax
 
+from kithara import sharding as sharding_lib
 from kithara.data.dataloader import Dataloader
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses
@@ -92,6 +94,8 @@ class DPOTrainer(Trainer):
         self.loss_weights = dpo_losses.loss_weights(loss_type, beta=self.beta, label_smoothing=self.label_smoothing)
         self.ref_model = ref_model
         super().__init__(model, optimizer, train_dataloader, eval_dataloader, *args, **kwargs)
+        if ref_model is not None:
+            self._pass_reference_as_argument(ref_model)
         if precompute_ref_log_probs:
             for loader in (train_dataloader, eval_dataloader):
                 if loader is not None:
@@ -99,12 +103,45 @@ class DPOTrainer(Trainer):
 
     # Log-probs --------------------------------------------------------------------------
 
-    def reference_logps(self, variables: ModelVariables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def _pass_reference_as_argument(self, ref_model: Model) -> None:
+        """Re-jits the steps with the frozen reference's variables as an argument (sharded
+        like the reference model), so they are not baked into the programs as constants."""
+        if ref_model.mesh != self.model.mesh:
+            raise ValueError("ref_model must be placed on the same device mesh as the model being trained.")
+        mesh, ref_shardings = self.model.mesh, ref_model.variable_shardings
+
+        def train(state: Any, batch: Any, ref: ModelVariables) -> Any:
+            loss_fn = functools.partial(self.dpo_loss, ref_variables=ref)
+            return self.train_step(state, batch, loss_fn=loss_fn, tx=self.tx)
+
+        def evaluate(variables: ModelVariables, batch: Any, ref: ModelVariables) -> LossOutput:
+            return self.dpo_loss(variables, batch, jax.random.key(0), ref_variables=ref)[0]
+
+        batch_sharding = sharding_lib.batch_sharding
+        train_fn = jax.jit(
+            train,
+            in_shardings=(self.state_shardings, batch_sharding(mesh, leading_dims=1), ref_shardings),
+            out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)),
+            donate_argnames=("state",),
+        )
+        eval_fn = jax.jit(
+            evaluate,
+            in_shardings=(self.state_shardings.model, batch_sharding(mesh), ref_shardings),
+            out_shardings=sharding_lib.replicated(mesh),
+        )
+        self._train_step_fn = lambda state, batch: train_fn(state, batch, ref_model.variables)  # type: ignore[assignment]
+        self._eval_step_fn = lambda variables, batch: eval_fn(variables, batch, ref_model.variables)  # type: ignore[assignment]
+
+    def reference_logps(
+        self, variables: ModelVariables, batch: Mapping[str, jax.Array], ref_variables: ModelVariables | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Reference summed completion log-probs ``(chosen, rejected)`` of a batch: from
-        ``ref_model`` if there is one, else from ``variables`` with the adapters off."""
+        ``ref_model`` (with ``ref_variables``, by default its own) if there is one, else from
+        ``variables`` with the adapters off."""
         inputs = pair_inputs(batch)
         if self.ref_model is not None:
-            model, ref_vars = self.ref_model, self.ref_model.variables
+            model = self.ref_model
+            ref_vars = ref_variables if ref_variables is not None else self.ref_model.variables
         else:
             model, ref_vars = self.model, adapter_off(variables)
         logits, _ = model.apply(jax.lax.stop_gradient(ref_vars), inputs, training=False)
@@ -118,6 +155,7 @@ class DPOTrainer(Trainer):
         that reach every batch), so training runs no reference forward pass."""
         variables = self.model.variables
         fn = jax.jit(self.reference_logps)
+        ref_variables = self.ref_model.variables if self.ref_model is not None else None
         examples = loader.examples
         length = loader.max_seq_len
         keys = [
@@ -134,7 +172,7 @@ class DPOTrainer(Trainer):
                         value = np.ones(len(ex[key.replace("padding_mask", "token_ids")]), bool)
                     arrays.append(np.pad(np.asarray(value), (0, length - len(value))))
                 batch[key] = jnp.asarray(np.stack(arrays))
-            chosen, rejected = jax.device_get(fn(variables, batch))
+            chosen, rejected = jax.device_get(fn(variables, batch, ref_variables))
             for i, ex in enumerate(rows):
                 ex["ref_chosen_logps"] = np.asarray(chosen[i], np.float32)
                 ex["ref_rejected_logps"] = np.asarray(rejected[i], np.float32)
@@ -145,6 +183,16 @@ class DPOTrainer(Trainer):
     def compute_loss(
         self, variables: ModelVariables, batch: Mapping[str, jax.Array], rng: jax.Array
     ) -> tuple[LossOutput, dict[str, jax.Array]]:
+        return self.dpo_loss(variables, batch, rng)
+
+    def dpo_loss(
+        self,
+        variables: ModelVariables,
+        batch: Mapping[str, jax.Array],
+        rng: jax.Array,
+        ref_variables: ModelVariables | None = None,
+    ) -> tuple[LossOutput, dict[str, jax.Array]]:
+        """The pairwise loss (sum over valid pairs, weight = their count) and the metrics."""
         del rng
         inputs = pair_inputs(batch)
         logits, non_trainable = self.model.apply(variables, inputs, training=True)
@@ -152,7 +200,7 @@ class DPOTrainer(Trainer):
         if all(k in batch for k in REF_KEYS):
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            ref_c, ref_r = self.reference_logps(variables, batch)
+            ref_c, ref_r = self.reference_logps(variables, batch, ref_variables)
         half = batch["chosen_token_ids"].shape[0]
         p = dpo_losses.PairLogps(logps[:half], logps[half:], ref_c, ref_r, lengths[:half], lengths[half:])
         per_pair = dpo_losses.combined_loss(p, self.loss_weights, self.beta, self.label_smoothing)
