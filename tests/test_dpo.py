@@ -236,3 +236,17 @@ def test_frozen_reference_model_trains_and_evaluates():
     # The reference stays frozen.
     for path, value in tiny_model().variables.trainable.items():
         np.testing.assert_array_equal(np.asarray(ref.variables.trainable[path]), np.asarray(value))
+
+
+def test_resume_with_precomputed_reference_is_exact(tmp_path):
+    def run(steps, checkpointer=None):
+        model = tiny_model(lora=kithara.LoraConfig(rank=4, targets=("query", "value")))
+        trainer = dpo(model, steps=steps, precompute_ref_log_probs=True, checkpointer=checkpointer)
+        return [h["loss"] for h in trainer.train()], model.variables.trainable
+
+    expected, final = run(4)
+    run(2, kithara.Checkpointer(str(tmp_path), save_interval=2))
+    resumed, variables = run(4, kithara.Checkpointer(str(tmp_path), save_interval=2))
+    np.testing.assert_allclose(resumed, expected[2:], rtol=1e-6)
+    for path, value in final.items():
+        np.testing.assert_allclose(np.asarray(variables[path]), np.asarray(value), rtol=1e-6, atol=1e-7)
