@@ -61,6 +61,13 @@ class DPOTrainer(Trainer):
         label_smoothing: ``e`` of the sigmoid and robust losses (robust needs e < 0.5).
         precompute_ref_log_probs: compute the reference log-probs once before training and
             store them with the loaders' examples (``ref_chosen_logps`` / ``ref_rejected_logps``).
+
+    Example:
+        >>> data = PreferenceDataset(rows, tokenizer, max_seq_len=512)
+        >>> trainer = kithara.DPOTrainer(lora_model, kithara.optimizers.adamw(5e-6),
+        ...                              kithara.Dataloader(data, 1), steps=100, beta=0.1,
+        ...                              loss_type={"sigmoid": 1.0, "sft": 0.5})  # RPO
+        >>> trainer.train()
     """
 
     def __init__(
