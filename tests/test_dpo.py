@@ -253,3 +253,17 @@ def test_resume_with_precomputed_reference_is_exact(tmp_path):
     np.testing.assert_allclose(resumed, expected[2:], rtol=1e-6)
     for path, value in final.items():
         np.testing.assert_allclose(np.asarray(variables[path]), np.asarray(value), rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_dpo_matches_one_device():
+    def run(sharding, per_device, num_devices):
+        model = tiny_model(sharding=sharding, lora=kithara.LoraConfig(rank=4, targets=("query", "value")))
+        data = kithara.Dataloader(
+            PreferenceDataset(ROWS, word_tokenizer(), max_seq_len=12), per_device, seed=0, num_devices=num_devices
+        )
+        trainer = kithara.DPOTrainer(model, optax.sgd(0.5), data, steps=3, progress_bar=False)
+        return [h["loss"] for h in trainer.train()]
+
+    single = run(kithara.ShardingStrategy("dp", devices=jax.devices()[:1]), 8, 1)
+    sharded = run(kithara.ShardingStrategy("fsdp_tp", tensor_parallel=2), 1, 8)
+    np.testing.assert_allclose(sharded, single, rtol=2e-6)
