@@ -160,6 +160,13 @@ class DPOTrainer(Trainer):
     def precompute_reference(self, loader: Dataloader, chunk: int = 8) -> None:
         """Stores reference log-probs in each of the loader's examples (per-example fields
         that reach every batch), so training runs no reference forward pass."""
+        if jax.process_count() > 1:
+            # Each process holds a different number of examples, so per-process passes over
+            # globally sharded weights would not line up; live references work everywhere.
+            raise ValueError(
+                "precompute_ref_log_probs runs on a single process only; with several processes use a live "
+                "reference (ref_model, or LoRA adapters off)."
+            )
         variables = self.model.variables
         fn = jax.jit(self.reference_logps)
         ref_variables = self.ref_model.variables if self.ref_model is not None else None
