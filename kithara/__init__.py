@@ -18,6 +18,7 @@ from kithara import data
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
+from kithara.objectives import IterativeSFTTrainer, SFTTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -33,6 +34,7 @@ __all__ = [
     "Callback",
     "Checkpointer",
     "Dataloader",
+    "IterativeSFTTrainer",
     "KerasHubModel",
     "LoraConfig",
     "LossOutput",
@@ -40,6 +42,7 @@ __all__ = [
     "ModelVariables",
     "Profiler",
     "ProgressBar",
+    "SFTTrainer",
     "ShardingStrategy",
     "TensorBoardLogger",
     "Tokenizer",
