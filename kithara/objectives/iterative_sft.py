@@ -197,7 +197,7 @@ class IterativeSFTTrainer(Trainer):
         longest = max(len(r["token_ids"]) for r in rows)
         length = next(b for b in self.length_buckets if b >= longest)
         k, b = self.gradient_accumulation_steps, self.rows_per_micro_batch
-        out = {key: np.stack([v] * (k * b)) for key, v in empty_row(length).items()}
+        out = {key: np.stack([v] * (k * b)) for key, v in empty_row(length, packed=False).items()}
         for i, row in enumerate(rows):
             n = len(row["token_ids"])
             for key in ("token_ids", "labels", "label_mask"):
