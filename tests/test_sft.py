@@ -91,7 +91,7 @@ def test_iterative_steps_compile_once_and_train():
 
 def test_iterative_labels_derived_masked_and_texts_labels_honoured():
     trainer = iterative()
-    (ids, lab), = trainer._rows([[1, 7, 8, 0]], [[1, 1, 1, 0]], None, None, None)
+    ((ids, lab),) = trainer._rows([[1, 7, 8, 0]], [[1, 1, 1, 0]], None, None, None)
     assert ids.tolist() == lab.tolist() == [1, 7, 8]  # padding dropped, labels = inputs
     row = trainer._truncate(*trainer._rows([[1, 7, 8, 9]], None, [[-100, -100, 8, 9]], None, None)[0])
     assert row["token_ids"].tolist() == [1, 7, 8] and row["label_mask"].tolist() == [False, True, True]
@@ -140,7 +140,9 @@ def test_iterative_bad_inputs_raise():
 
 
 def test_iterative_checkpoints_and_resumes(tmp_path):
-    trainer = iterative(checkpointer=kithara.Checkpointer(str(tmp_path / "ckpt"), save_interval=2), tensorboard_dir=str(tmp_path / "tb"))
+    trainer = iterative(
+        checkpointer=kithara.Checkpointer(str(tmp_path / "ckpt"), save_interval=2), tensorboard_dir=str(tmp_path / "tb")
+    )
     for _ in range(3):
         trainer.step(texts=["hi hello"] * 2)
     trainer.finish()

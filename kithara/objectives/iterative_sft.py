@@ -73,7 +73,9 @@ class IterativeSFTTrainer(Trainer):
             raise ValueError(f"per_device_batch_size must be a positive int, got {per_device_batch_size!r}.")
         buckets = sorted(set(length_buckets or ())) or [max_length]
         if buckets[0] < 2 or buckets[-1] > max_length:
-            raise ValueError(f"length_buckets must lie in [2, max_length={max_length}], got {list(length_buckets or ())}.")
+            raise ValueError(
+                f"length_buckets must lie in [2, max_length={max_length}], got {list(length_buckets or ())}."
+            )
         if buckets[-1] != max_length:
             buckets.append(max_length)
         if isinstance(model, str):
@@ -116,8 +118,8 @@ class IterativeSFTTrainer(Trainer):
           ``[BOS] text EOS`` with the loss on every token; with them each row is
           ``[BOS] text label EOS`` with the loss on the label (completion) only.
         """
-        rows = self._rows(input_ids, attention_mask, labels, texts, texts_labels)
-        rows = [r for r in (self._truncate(ids, lab) for ids, lab in rows) if r is not None]
+        pairs = self._rows(input_ids, attention_mask, labels, texts, texts_labels)
+        rows = [r for r in (self._truncate(ids, lab) for ids, lab in pairs) if r is not None]
         if not rows:
             raise ValueError("No row has a loss token left after truncation; nothing to train on.")
         per_step = self.rows_per_micro_batch * self.gradient_accumulation_steps
@@ -163,16 +165,16 @@ class IterativeSFTTrainer(Trainer):
         out = []
         for i, text in enumerate(texts):
             if texts_labels is None:
-                ids = np.asarray([*tok.encode_text(text), tok.eos_id], np.int64)
-                out.append((ids, ids.copy()))
+                plain = np.asarray([*tok.encode_text(text), tok.eos_id], np.int64)
+                out.append((plain, plain.copy()))
                 continue
             prompt = tok.encode_text(text)
             joined = tok.encode_text(text + texts_labels[i])
             answer = joined[len(prompt) :] if joined[: len(prompt)] == prompt else tok.encode(texts_labels[i])
-            ids = np.asarray([*prompt, *answer, tok.eos_id], np.int64)
-            lab = ids.copy()
+            joined_ids = np.asarray([*prompt, *answer, tok.eos_id], np.int64)
+            lab = joined_ids.copy()
             lab[: len(prompt)] = IGNORE_INDEX
-            out.append((ids, lab))
+            out.append((joined_ids, lab))
         return out
 
     def _truncate(self, ids: np.ndarray, lab: np.ndarray) -> dict[str, np.ndarray] | None:

@@ -133,13 +133,11 @@ class SFTTrainer(Trainer):
         fmt = dataset_format or infer_format(source[0], name)
         if assistant_only_loss and fmt != "conversational":
             raise ValueError(f"assistant_only_loss=True applies to conversational data, but {name} is {fmt!r}.")
-        common = dict(max_seq_len=max_seq_len, truncation=truncation)
+        common: dict[str, Any] = dict(max_seq_len=max_seq_len, truncation=truncation)
         if fmt == "text":
             return TextDataset(source, self.tokenizer, **common)
         if fmt == "prompt_completion":
-            return PromptCompletionDataset(
-                source, self.tokenizer, completion_only_loss=completion_only_loss, **common
-            )
+            return PromptCompletionDataset(source, self.tokenizer, completion_only_loss=completion_only_loss, **common)
         return ConversationalDataset(source, self.tokenizer, assistant_only_loss=assistant_only_loss, **common)
 
 

@@ -247,6 +247,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
         if self.preempted and (self.checkpointer is None or self.checkpointer.exit_on_preemption):
+            assert self.state is not None
             logger.warning("Preempted: stopped and saved at step %d; exiting.", int(jax.device_get(self.state.step)))
             raise SystemExit(0)
         return self.history
@@ -347,6 +348,7 @@ class Trainer:
         checkpoint of step N records.
         """
         k = self.gradient_accumulation_steps
+        assert self.train_dataloader is not None
         self.data_iterator = self.train_dataloader.iterator(batches_per_epoch=self.steps_per_epoch * k)
         if self._restored_data_state is not None:
             # Refuses, with the loader's message, a state saved for other data or settings.
