@@ -81,7 +81,7 @@ def main() -> None:
 
     # A few worked examples to start from.
     seed = train[:16]
-    for _ in range(15):
+    for _ in range(8):
         trainer.step(texts=[p for p, _ in seed], texts_labels=[a for _, a in seed])
     print(f"round 0: held-out accuracy {accuracy(held_out):.2f}")
     for round_ in range(1, ROUNDS + 1):
@@ -93,6 +93,9 @@ def main() -> None:
                 if checker(p, answer):
                     accepted.append((p, answer))
         accepted = list(dict.fromkeys(accepted))
+        if not accepted:
+            print(f"round {round_}: no sample accepted")
+            continue
         for _ in range(3):
             stats = trainer.step(texts=[p for p, _ in accepted], texts_labels=[a for _, a in accepted])
         print(
