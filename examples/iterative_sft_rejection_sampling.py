@@ -35,6 +35,13 @@ def checker(prompt: str, answer: str) -> bool:
     return answer.strip() == prompt[len("copy ") : -len(" ->")]
 
 
+def draw(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from softmax(logits)."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
 def make_sampler(model: kithara.KerasHubModel, rows: int):
     """Temperature sampling with fixed [rows, MAX_LENGTH] shapes (compiles once)."""
     forward = jax.jit(lambda v, ids, mask: model.apply(v, {"token_ids": ids, "padding_mask": mask}, training=False)[0])
@@ -47,13 +54,8 @@ def make_sampler(model: kithara.KerasHubModel, rows: int):
         for _ in range(new_tokens):
             mask = np.arange(MAX_LENGTH)[None] < lengths[:, None]
             logits = np.asarray(forward(model.variables, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
-            last = logits[np.arange(rows), lengths - 1] / max(temperature, 1e-6)
-            probs = np.exp(last - last.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            if temperature == 0:
-                tokens = last.argmax(-1)
-            else:
-                tokens = np.array([rng.choice(len(p), p=p) for p in probs])
+            last = logits[np.arange(rows), lengths - 1]
+            tokens = last.argmax(-1) if temperature == 0 else draw(last / temperature, rng)
             ids[np.arange(rows), np.minimum(lengths, MAX_LENGTH - 1)] = tokens
             lengths = np.minimum(lengths + 1, MAX_LENGTH - 1)
         return [ids[i, len(p) : len(p) + new_tokens].tolist() for i, p in enumerate(prompts)]
