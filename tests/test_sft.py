@@ -151,3 +151,27 @@ def test_iterative_checkpoints_and_resumes(tmp_path):
     again = iterative(checkpointer=kithara.Checkpointer(str(tmp_path / "ckpt")))
     assert again.step(texts=["hi hello"] * 2)["step"] == 4
     again.finish()
+
+
+@pytest.mark.slow
+def test_rejection_sampling_example_accuracy_rises():
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "iterative_sft_rejection_sampling.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    accuracy = [float(a) for a in re.findall(r"held-out accuracy ([0-9.]+)", out)]
+    assert len(accuracy) == 5 and accuracy[-1] > accuracy[0] + 0.3, out
+    assert "step compilations: 1" in out
