@@ -119,6 +119,8 @@ class IterativeSFTTrainer(Trainer):
           ``[BOS] text label EOS`` with the loss on the label (completion) only.
         """
         pairs = self._rows(input_ids, attention_mask, labels, texts, texts_labels)
+        if not pairs:
+            raise ValueError("step() got no rows.")
         rows = [r for r in (self._truncate(ids, lab) for ids, lab in pairs) if r is not None]
         if not rows:
             raise ValueError("No row has a loss token left after truncation; nothing to train on.")

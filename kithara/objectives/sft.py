@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optax
@@ -143,7 +143,7 @@ class SFTTrainer(Trainer):
 
 def infer_format(row: Any, name: str = "the dataset") -> str:
     """The SFT format whose fields ``row`` has."""
-    keys = set(row) if isinstance(row, dict) else set()
+    keys = set(row) if isinstance(row, Mapping) else set()
     if "messages" in keys or "conversations" in keys:
         return "conversational"
     if {"prompt", "completion"} <= keys:
