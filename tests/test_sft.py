@@ -42,6 +42,13 @@ def test_sft_formats_and_defaults():
     batch = next(trainer.train_dataloader.epoch(0))
     assert batch["labels"][0][batch["label_mask"][0].astype(bool)].tolist() == [W["fine"], W["thanks"], W["</s>"]]
     assert trainer.history == [] and trainer.train()[0]["learning_rate"] == pytest.approx(2e-5)
+    whole = kithara.SFTTrainer(
+        tiny_model(), rows, tokenizer=tok, max_seq_len=8, completion_only_loss=False, packing=True,
+        eval_dataset=rows[:3], progress_bar=False,
+    )  # fmt: skip
+    batch = next(whole.train_dataloader.epoch(0))
+    assert W["how"] in batch["labels"][batch["label_mask"].astype(bool)].tolist()  # the prompt counts too
+    assert not whole.eval_dataloader.packing and not whole.eval_dataloader.shuffle
     text = kithara.SFTTrainer(
         tiny_model(), [{"text": "hi hello"}] * 16, tokenizer=tok, max_seq_len=8, packing=True, progress_bar=False
     )
