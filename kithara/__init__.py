@@ -18,7 +18,7 @@ from kithara import data
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
-from kithara.objectives import DPOTrainer
+from kithara.objectives import DPOTrainer, IterativeSFTTrainer, SFTTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -35,6 +35,7 @@ __all__ = [
     "Checkpointer",
     "DPOTrainer",
     "Dataloader",
+    "IterativeSFTTrainer",
     "KerasHubModel",
     "LoraConfig",
     "LossOutput",
@@ -42,6 +43,7 @@ __all__ = [
     "ModelVariables",
     "Profiler",
     "ProgressBar",
+    "SFTTrainer",
     "ShardingStrategy",
     "TensorBoardLogger",
     "Tokenizer",
