@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ class RowError(ValueError):
         return (type(self), (self.location, self.message, self.field))
 
 
-class Source:
+class Source(abc.ABC):
     """A random-access sequence of rows (dicts of JSON-like values), as grain's ``RandomAccessDataSource``.
 
     Subclasses implement ``__len__``, ``_row`` (the raw row at a valid index) and ``_where`` (its location);
@@ -43,16 +44,16 @@ class Source:
     name: str = "rows"
     _columns: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated, per instance)
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def _row(self, index: int) -> dict[str, Any]:
         """The unmapped row at a valid, non-negative index."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _where(self, index: int) -> str:
         """The location of a valid, non-negative index."""
-        raise NotImplementedError
 
     def _column_names(self) -> list[str]:
         """Column names, for checking the column mapping; by default the keys of the first row."""

@@ -65,6 +65,12 @@ class Tokenizer:
         # Padding positions are masked out of attention and loss, so any valid id will do.
         self.pad_id: int = int(pad) if pad is not None else self.eos_id
         self._prefix = self._special_prefix()
+        # BOS/EOS as the chat template writes them, for encoding rendered text piece by piece.
+        self._specials = {self._special_text(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        self._specials.pop("", None)
+        self._specials_pattern = (
+            "(" + "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)) + ")"
+        )
 
     # Construction ------------------------------------------------------------------------
 
@@ -207,13 +213,10 @@ class Tokenizer:
     def _encode_with_specials(self, text: str, *, at_start: bool) -> list[int]:
         """Encodes a piece of rendered template text, mapping the BOS/EOS strings the template
         wrote to their ids (sentencepiece does not parse control tokens out of text)."""
-        specials = {self._special_text(i): i for i in (self.bos_id, self.eos_id) if i is not None}
-        specials.pop("", None)
-        pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
         ids: list[int] = []
-        for i, part in enumerate(re.split(pattern, text) if specials else [text]):
+        for i, part in enumerate(re.split(self._specials_pattern, text) if self._specials else [text]):
             if i % 2:
-                ids.append(specials[part])
+                ids.append(self._specials[part])
             elif part:
                 ids += self._encode_mid_text(part) if ids or not at_start else self.encode(part)
         return ids

@@ -308,14 +308,9 @@ def _gemma_config(b: keras.Model, kind: str) -> dict[str, Any]:
     if kind == "Gemma3Backbone":
         if b.vision_encoder is not None:
             raise UnsupportedConfig("Gemma3Backbone with a vision encoder: kithara exports the text model only.")
-        sliding = [bool(b.use_sliding_window_attention) and i % 6 < 5 for i in range(b.num_layers)]
         return {
             **config,
-            "model_type": "gemma3_text",
-            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-            "sliding_window": b.sliding_window_size,
-            "attn_logit_softcapping": b.attention_logit_soft_cap,
-            "final_logit_softcapping": b.final_logit_soft_cap,
+            **_windowed(b, "gemma3_text", lambda i: i % 6 < 5),
             "rope_parameters": {
                 "full_attention": _scaled_rope(1e6, b.global_rope_scaling_factor),
                 "sliding_attention": _scaled_rope(1e4, b.local_rope_scaling_factor),
@@ -326,10 +321,14 @@ def _gemma_config(b: keras.Model, kind: str) -> dict[str, Any]:
     )
     if not b.use_post_ffw_norm:
         return {**config, "model_type": "gemma"}
-    sliding = [bool(b.use_sliding_window_attention) and i % 2 == 0 for i in range(b.num_layers)]
+    return {**config, **_windowed(b, "gemma2", lambda i: i % 2 == 0)}
+
+
+def _windowed(b: keras.Model, model_type: str, is_sliding: Callable[[int], bool]) -> dict[str, Any]:
+    """Gemma 2/3 settings: keras-hub's fixed sliding/full layer pattern, window and soft caps."""
+    sliding = [bool(b.use_sliding_window_attention) and is_sliding(i) for i in range(b.num_layers)]
     return {
-        **config,
-        "model_type": "gemma2",
+        "model_type": model_type,
         "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
         "sliding_window": b.sliding_window_size,
         "attn_logit_softcapping": b.attention_logit_soft_cap,

@@ -107,17 +107,8 @@ def save_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping
 
 def merge_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping[str, Any] | None = None) -> int:
     """Folds a PEFT LoRA adapter into the model's base weights; returns how many kernels changed."""
-    from safetensors.numpy import load_file
-
     adapter_dir = Path(path)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{adapter_dir} needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} (a PEFT LoRA adapter).")
-    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    if adapter_config.get("peft_type") != "LORA" or adapter_config.get("use_dora") or adapter_config.get("use_rslora"):
-        raise ValueError(
-            f"{adapter_dir}/{ADAPTER_CONFIG}: only plain LoRA adapters (no DoRA, no rsLoRA) can be merged."
-        )
-    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    tensors, adapter_config = _read_adapter(adapter_dir)
     config = config or model.hf_config or _config_from_backbone(model)
     by_path = {v.path: v for v in model.backbone.weights}
     kernels = {
