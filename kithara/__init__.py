@@ -18,6 +18,7 @@ from kithara import data, distributed
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
+from kithara.objectives import DPOTrainer, IterativeSFTTrainer, SFTTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -32,7 +33,9 @@ __all__ = [
     "Architecture",
     "Callback",
     "Checkpointer",
+    "DPOTrainer",
     "Dataloader",
+    "IterativeSFTTrainer",
     "KerasHubModel",
     "LoraConfig",
     "LossOutput",
@@ -40,6 +43,7 @@ __all__ = [
     "ModelVariables",
     "Profiler",
     "ProgressBar",
+    "SFTTrainer",
     "ShardingStrategy",
     "TensorBoardLogger",
     "Tokenizer",

@@ -58,7 +58,7 @@ def train_step(
     metrics = {
         "loss": loss.total / weight,
         "grad_norm": optax.global_norm(grads),
-        "tokens": batch["padding_mask"].sum().astype(jnp.float32),
+        "tokens": sum(v.sum().astype(jnp.float32) for k, v in batch.items() if k.endswith("padding_mask")),
         "loss_weight": loss.weight,
         **{name: value / weight for name, value in loss.sums.items()},
     }

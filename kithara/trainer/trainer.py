@@ -9,7 +9,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,7 +51,8 @@ class Trainer:
         model: the model to train; its variables are taken over while training and handed
             back (``model.variables``) when ``train()`` or ``evaluate()`` returns.
         optimizer: an ``optax.GradientTransformation`` or a (fresh) keras optimizer.
-        train_dataloader: batches for training.
+        train_dataloader: batches for training; ``None`` for objectives that feed their own
+            batches through ``run_step`` (``train()`` then refuses to run).
         eval_dataloader: batches for evaluation.
         steps: optimizer steps to run. Only one of ``steps`` and ``epochs``; neither
             means one epoch.
@@ -77,11 +78,13 @@ class Trainer:
         >>> trainer.train()
     """
 
+    reports_perplexity = True  # evaluate() adds exp(loss); objectives whose loss is no token NLL turn it off
+
     def __init__(
         self,
         model: Model,
         optimizer: optax.GradientTransformation | keras.optimizers.Optimizer,
-        train_dataloader: Dataloader,
+        train_dataloader: Dataloader | None,
         eval_dataloader: Dataloader | None = None,
         steps: int | None = None,
         epochs: int | None = None,
@@ -127,9 +130,15 @@ class Trainer:
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
         self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.steps_per_epoch, self.total_steps = plan_steps(
-            len(train_dataloader), steps=steps, epochs=epochs, gradient_accumulation_steps=gradient_accumulation_steps
-        )
+        if train_dataloader is None:
+            self.steps_per_epoch, self.total_steps = 1, steps or 0
+        else:
+            self.steps_per_epoch, self.total_steps = plan_steps(
+                len(train_dataloader),
+                steps=steps,
+                epochs=epochs,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+            )
         self.log_steps_interval = log_steps_interval
         self.eval_steps_interval = eval_steps_interval
         self.eval_epochs_interval = eval_epochs_interval
@@ -179,6 +188,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
         self._peak_flops: float | None = None
+        self._manual = False  # run_step() has begun the callbacks and finish() has not ended them
 
     # The subclass contract --------------------------------------------------------------
 
@@ -217,8 +227,9 @@ class Trainer:
             "steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "global_batch_size": self.train_dataloader.global_batch_size,
-            "sequence_length": self.train_dataloader.sequence_length,
+            # None without a loader: batches then come through run_step.
+            "global_batch_size": loader.global_batch_size if (loader := self.train_dataloader) else None,
+            "sequence_length": loader.sequence_length if loader else None,
             "seed": self.seed,
             "trainable_variables": f"{len(self._param_shapes)} arrays, {digest(self._param_shapes)}",
             "variable_shardings": digest(jax.tree.map(lambda s: s.spec, self.state_shardings.model)),
@@ -244,13 +255,9 @@ class Trainer:
 
         With a checkpointer (and no state yet), resumes from its latest checkpoint if any.
         """
-        if self.state is None:
-            self.state = self._restore_or_init()
-        self.start_step = int(jax.device_get(self.state.step))
-        self._peak_flops = mesh_peak_flops(self.model.mesh, self.peak_flops_per_device)
-        self._flops_per_token = self.model.flops_per_token(self.train_dataloader.sequence_length)
-        self.error = None
-        self.stop_training = self.preempted = False
+        if self.train_dataloader is None:
+            raise ValueError(f"{type(self).__name__} has no train_dataloader; feed batches with run_step().")
+        self._begin(self.train_dataloader.sequence_length)
         logger.info(
             "Training %d steps (%d per epoch), %s",
             self.total_steps,
@@ -269,9 +276,68 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
         if self.preempted and (self.checkpointer is None or self.checkpointer.exit_on_preemption):
+            assert self.state is not None
             logger.warning("Preempted: stopped and saved at step %d; exiting.", int(jax.device_get(self.state.step)))
             raise SystemExit(0)
         return self.history
+
+    def _begin(self, sequence_length: int) -> None:
+        if self.state is None:
+            self.state = self._restore_or_init()
+        self.start_step = int(jax.device_get(self.state.step))
+        self._peak_flops = mesh_peak_flops(self.model.mesh, self.peak_flops_per_device)
+        self._flops_per_token = self.model.flops_per_token(sequence_length)
+        self.error = None
+        self.stop_training = self.preempted = False
+
+    # Steps fed by the caller ------------------------------------------------------------
+
+    def run_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """One optimizer step on a batch the caller built, outside ``train()``.
+
+        ``batch`` holds this process's ``[micro_batches, rows, length]`` numpy arrays (the
+        keys a loader yields). Keep the shapes fixed across calls: the jitted step compiles
+        once per shape. The first call restores the checkpointer's latest state (or
+        initializes one) and begins the callbacks; ``finish()`` ends them. Between calls
+        ``self.model`` holds the updated variables, so the caller can generate with it.
+        Returns the step's metrics (also appended to ``self.history``).
+        """
+        if not self._manual:
+            length = next(v.shape[-1] for v in batch.values() if np.ndim(v) >= 3)
+            self._begin(length)
+            self._last_ready = time.perf_counter()
+            for cb in self.callbacks:
+                cb.on_train_begin(self)
+            self._manual = True
+        step = len(self.history) and int(self.history[-1]["step"])
+        step = max(step, self.start_step) + 1
+        assert self.state is not None
+        try:
+            global_batch = sharding_lib.shard_batch(dict(batch), self.model.mesh, leading_dims=1)
+            self.state, metrics = self._train_step_fn(self.state, global_batch)
+            for cb in self.callbacks:
+                cb.needs_sync(step)
+            self._complete(_Pending(step, 0, metrics))
+        except BaseException as error:
+            self.error = error
+            self.finish()
+            raise
+        self.model.variables = self.state.model
+        if self.preempted:
+            self.finish()
+            if self.checkpointer is None or self.checkpointer.exit_on_preemption:
+                logger.warning("Preempted: saved at step %d; exiting.", step)
+                raise SystemExit(0)
+        return self.history[-1]
+
+    def finish(self) -> None:
+        """Ends the callbacks begun by ``run_step`` (a final checkpoint, closing TensorBoard)."""
+        if not self._manual:
+            return
+        self._manual = False
+        self.model.variables = self._live_model_variables()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
 
     def _restore_or_init(self) -> TrainState:
         ckpt = self.checkpointer
@@ -311,6 +377,7 @@ class Trainer:
         checkpoint of step N records.
         """
         k = self.gradient_accumulation_steps
+        assert self.train_dataloader is not None
         self.data_iterator = self.train_dataloader.iterator(batches_per_epoch=self.steps_per_epoch * k)
         if self._restored_data_state is not None:
             # Refuses, with the loader's message, a state saved for other data or settings.
@@ -380,7 +447,9 @@ class Trainer:
         host = jax.device_get(totals)
         weight = max(float(host.weight), 1.0)
         loss = float(host.total) / weight
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+        metrics = {"loss": loss}
+        if self.reports_perplexity:
+            metrics["perplexity"] = math.exp(min(loss, 80.0))
         metrics.update({k: float(v) / weight for k, v in host.sums.items()})
         step = _step if _step is not None else (int(jax.device_get(self.state.step)) if self.state else 0)
         self.eval_history.append({"step": step, **metrics})

@@ -1,0 +1,76 @@
+"""SFTTrainer on a conversational dataset through the bundled ChatML chat template.
+
+Builds a small list of chats in memory, trains a tiny model on the assistant replies only
+(``assistant_only_loss=True``), evaluates before and after, and shows a greedy reply.
+
+Run: python examples/sft_chat_template.py   (about a minute on 2 CPU cores)
+"""
+
+import logging
+import random
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import kithara  # noqa: E402
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+ASSETS = Path(kithara.__file__).resolve().parent / "assets"
+COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red"}
+
+
+def chat(rng: random.Random) -> dict:
+    thing = rng.choice(sorted(COLORS))
+    return {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"What color is {thing}?"},
+            {"role": "assistant", "content": COLORS[thing]},
+        ]
+    }
+
+
+def main() -> None:
+    rng = random.Random(0)
+    tokenizer = kithara.Tokenizer.from_pretrained(ASSETS / "tokenizer")  # carries the ChatML template
+    model = kithara.KerasHubModel.from_config(
+        "llama3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2,
+        intermediate_dim=128,
+    )  # fmt: skip
+    trainer = kithara.SFTTrainer(
+        model,
+        [chat(rng) for _ in range(256)],  # or a path: "chats.jsonl", a Hugging Face dataset, ...
+        tokenizer=tokenizer,
+        eval_dataset=[chat(rng) for _ in range(32)],
+        max_seq_len=64,
+        assistant_only_loss=True,
+        per_device_batch_size=1,
+        learning_rate=3e-3,
+        epochs=2,
+        progress_bar=False,
+    )
+    before = trainer.evaluate()["loss"]
+    trainer.train()
+    after = trainer.eval_history[-1]["loss"]
+    print(f"eval loss (assistant replies): {before:.3f} -> {after:.3f}")
+
+    stop = tokenizer.backend.convert_tokens_to_ids("<|im_end|>")
+    correct = 0
+    for thing, color in sorted(COLORS.items()):
+        messages = [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"What color is {thing}?"},
+        ]
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        (out,) = model.generate([ids], max_length=len(ids) + 8, stop_token_ids=[stop])
+        reply = tokenizer.decode(out, skip_special_tokens=True).strip()
+        correct += reply == color
+        print(f"What color is {thing}? -> {reply}")
+    print(f"correct replies: {correct}/{len(COLORS)}")
+    assert after < before / 4 and correct == len(COLORS), "SFT did not learn the replies"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""DPO loss family: per-sequence completion log-probs and a registry of pairwise losses.
+
+Every loss is a small module-level pure function of a ``PairLogps`` (policy and reference
+summed completion log-probs, plus lengths and the chosen NLL) returning one loss per pair;
+``LOSSES`` maps names to them, and ``combined_loss`` adds weighted terms (RPO is
+``{"sigmoid": 1.0, "sft": alpha}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+ls = jax.nn.log_sigmoid
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLogps:
+    """Per-pair ``[P]`` arrays: policy (``chosen``, ``rejected``) and reference
+    (``ref_chosen``, ``ref_rejected``) summed completion log-probs, completion lengths, and
+    the policy's summed NLL of the chosen completion (``-chosen``)."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+    ref_chosen: jax.Array
+    ref_rejected: jax.Array
+    chosen_len: jax.Array
+    rejected_len: jax.Array
+
+    @property
+    def rw(self) -> jax.Array:
+        return self.chosen - self.ref_chosen
+
+    @property
+    def rl(self) -> jax.Array:
+        return self.rejected - self.ref_rejected
+
+    @property
+    def margin(self) -> jax.Array:
+        return self.rw - self.rl
+
+
+def sequence_logps(
+    logits_BxLxV: jax.Array, labels_BxL: jax.Array, label_mask_BxL: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row sums over masked (completion) positions of the label log-prob, the token
+    count, and the sum of the vocabulary-mean logit. Labels are already shifted
+    (``labels[t]`` follows position ``t``); prompt and padding are excluded by the mask with
+    ``where``, so fully masked rows give exactly 0. Computed in float32."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    logp = jnp.take_along_axis(logits, labels_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp = logp - jax.nn.logsumexp(logits, axis=-1)
+    mask = label_mask_BxL.astype(bool)
+    return (
+        jnp.where(mask, logp, 0.0).sum(-1),
+        mask.sum(-1).astype(jnp.float32),
+        jnp.where(mask, logits.mean(-1), 0.0).sum(-1),
+    )
+
+
+def sigmoid_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    h = beta * p.margin
+    return -(1 - label_smoothing) * ls(h) - label_smoothing * ls(-h)
+
+
+def hinge_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    return jax.nn.relu(1 - beta * p.margin)
+
+
+def ipo_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    def per_token(x: jax.Array, n: jax.Array) -> jax.Array:
+        return x / jnp.maximum(n, 1.0)
+
+    h_n = per_token(p.rw, p.chosen_len) - per_token(p.rl, p.rejected_len)
+    return (h_n - 1 / (2 * beta)) ** 2
+
+
+def robust_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    h = beta * p.margin
+    return (-(1 - label_smoothing) * ls(h) + label_smoothing * ls(-h)) / (1 - 2 * label_smoothing)
+
+
+def bco_pair_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    return -ls(beta * p.rw) - ls(-beta * p.rl)
+
+
+def sppo_hard_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    return (p.rw - 1 / (2 * beta)) ** 2 + (p.rl + 1 / (2 * beta)) ** 2
+
+
+def nca_pair_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    return -ls(beta * p.rw) - 0.5 * ls(-beta * p.rw) - 0.5 * ls(-beta * p.rl)
+
+
+def apo_zero_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    return 1 - jax.nn.sigmoid(beta * p.rw) + jax.nn.sigmoid(beta * p.rl)
+
+
+def apo_down_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    return jax.nn.sigmoid(beta * p.rw) + 1 - jax.nn.sigmoid(beta * p.margin)
+
+
+def sft_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:
+    """Token-mean NLL of the chosen completion (per pair)."""
+    return -p.chosen / jnp.maximum(p.chosen_len, 1.0)
+
+
+PairLoss = Callable[[PairLogps, float, float], jax.Array]
+
+LOSSES: dict[str, PairLoss] = {
+    "sigmoid": sigmoid_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "robust": robust_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "nca_pair": nca_pair_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "sft": sft_loss,
+}
+
+
+def loss_weights(loss_type: str | Mapping[str, float], *, beta: float, label_smoothing: float) -> dict[str, float]:
+    """Validates a loss type (a name, or ``{name: weight}``) and returns ``{name: weight}``."""
+    weights = {loss_type: 1.0} if isinstance(loss_type, str) else {str(k): float(v) for k, v in loss_type.items()}
+    if not weights:
+        raise ValueError("loss_type is empty; give a name such as 'sigmoid' or a {name: weight} mapping.")
+    unknown = sorted(set(weights) - set(LOSSES))
+    if unknown:
+        raise ValueError(f"Unknown DPO loss type(s) {unknown}; known: {sorted(LOSSES)}.")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}.")
+    if not 0 <= label_smoothing < 0.5 and "robust" in weights:
+        raise ValueError(
+            f"The robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2e), got {label_smoothing}."
+        )
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
+    return weights
+
+
+def combined_loss(p: PairLogps, weights: Mapping[str, float], beta: float, label_smoothing: float) -> jax.Array:
+    """Per-pair weighted sum of the named losses."""
+    return sum(w * LOSSES[name](p, beta, label_smoothing) for name, w in weights.items())  # type: ignore[return-value]

@@ -1,0 +1,214 @@
+"""Iterative SFT: optimizer steps on batches the user builds between calls (generate,
+score, filter, train), with the base Trainer's jitted step, checkpoints and logging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from kithara.data.formats import TRUNCATIONS
+from kithara.data.packing import empty_row
+from kithara.data.tokenizer import Tokenizer
+from kithara.models.model import Model
+from kithara.objectives.inputs import resolve_model
+from kithara.trainer import optimizers
+from kithara.trainer.trainer import Trainer
+
+IGNORE_INDEX = -100  # a label that takes no part in the loss, as in Hugging Face
+
+
+class IterativeSFTTrainer(Trainer):
+    """Supervised fine-tuning one ``step()`` at a time, on data made between steps.
+
+    Each ``step()`` call turns its rows into fixed-shape batches (``rows_per_step`` rows of
+    ``max_length`` tokens, or the smallest of ``length_buckets`` that fits), so the jitted
+    step compiles once (per bucket) however many rows each call brings. Rows beyond one
+    optimizer step's worth become further steps; a short last step is filled with fully
+    masked rows, which add nothing to the loss.
+
+    Args:
+        model: a ``kithara.Model`` or a model directory / preset for ``KerasHubModel.from_preset``.
+        tokenizer: a ``kithara.Tokenizer``; needed for ``texts=`` (loaded from ``model`` when
+            that is a path and no tokenizer is given).
+        optimizer: an optax transformation or keras optimizer; default
+            ``kithara.optimizers.adamw(learning_rate)``.
+        learning_rate: used when ``optimizer`` is None (default 1e-5).
+        max_length: tokens per row (inputs; default 512); longer rows are truncated.
+        truncation_mode: ``"keep_end"`` (default; drop the start) or ``"keep_start"``.
+        per_device_batch_size: rows per device per micro-batch (default 1).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        length_buckets: row lengths to choose from per step (each at most ``max_length``).
+        **trainer_kwargs: the base ``Trainer``'s options (``checkpointer``, ``tensorboard_dir``,
+            ``callbacks``, ``seed``, ...).
+
+    Example:
+        >>> trainer = kithara.IterativeSFTTrainer(model, tokenizer, max_length=128)
+        >>> stats = trainer.step(texts=prompts, texts_labels=accepted_answers)
+        >>> trainer.finish()
+    """
+
+    def __init__(
+        self,
+        model: Model | str,
+        tokenizer: Tokenizer | None = None,
+        optimizer: optax.GradientTransformation | Any | None = None,
+        *,
+        learning_rate: float = 1e-5,
+        max_length: int = 512,
+        truncation_mode: str = "keep_end",
+        per_device_batch_size: int = 1,
+        gradient_accumulation_steps: int = 1,
+        length_buckets: Sequence[int] | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}.")
+        if truncation_mode not in TRUNCATIONS:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATIONS}, got {truncation_mode!r}.")
+        if not isinstance(per_device_batch_size, int) or per_device_batch_size < 1:
+            raise ValueError(f"per_device_batch_size must be a positive int, got {per_device_batch_size!r}.")
+        buckets = sorted(set(length_buckets or ())) or [max_length]
+        if buckets[0] < 2 or buckets[-1] > max_length:
+            raise ValueError(
+                f"length_buckets must lie in [2, max_length={max_length}], got {list(length_buckets or ())}."
+            )
+        if buckets[-1] != max_length:
+            buckets.append(max_length)
+        model, tokenizer = resolve_model(model, tokenizer)
+        trainer_kwargs.setdefault("progress_bar", False)
+        super().__init__(
+            model,
+            optimizer if optimizer is not None else optimizers.adamw(learning_rate),
+            None,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **trainer_kwargs,
+        )
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+        self.length_buckets = tuple(buckets)
+        self.rows_per_micro_batch = per_device_batch_size * jax.device_count() // jax.process_count()
+        if self.rows_per_micro_batch < 1:
+            raise ValueError("per_device_batch_size x devices is smaller than the number of processes.")
+
+    def step(
+        self,
+        input_ids: Sequence[Sequence[int]] | None = None,
+        attention_mask: Sequence[Sequence[int]] | None = None,
+        labels: Sequence[Sequence[int]] | None = None,
+        texts: Sequence[str] | None = None,
+        texts_labels: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Trains on this process's rows; returns the stats (the mean over the optimizer
+        steps these rows made, with ``steps`` and the last ``step``).
+
+        Give either token ids or texts:
+
+        - ``input_ids`` (rows of ids, any lengths), optional ``attention_mask`` (positions
+          with 0 are dropped, so left or right padding both work) and optional ``labels``
+          aligned with ``input_ids`` (``-100`` = no loss there). Without labels, the loss
+          covers every token after the first (the causal-LM labels are the inputs shifted).
+        - ``texts``, and optionally ``texts_labels``: without labels each row is
+          ``[BOS] text EOS`` with the loss on every token; with them each row is
+          ``[BOS] text label EOS`` with the loss on the label (completion) only.
+        """
+        pairs = self._rows(input_ids, attention_mask, labels, texts, texts_labels)
+        if not pairs:
+            raise ValueError("step() got no rows.")
+        rows = [r for r in (self._truncate(ids, lab) for ids, lab in pairs) if r is not None]
+        if not rows:
+            raise ValueError("No row has a loss token left after truncation; nothing to train on.")
+        per_step = self.rows_per_micro_batch * self.gradient_accumulation_steps
+        stats = [self.run_step(self._batch(rows[i : i + per_step])) for i in range(0, len(rows), per_step)]
+        mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0] if k != "step"}
+        return {**mean, "step": stats[-1]["step"], "steps": float(len(stats))}
+
+    # Rows -------------------------------------------------------------------------------
+
+    def _rows(
+        self,
+        input_ids: Sequence[Sequence[int]] | None,
+        attention_mask: Sequence[Sequence[int]] | None,
+        labels: Sequence[Sequence[int]] | None,
+        texts: Sequence[str] | None,
+        texts_labels: Sequence[str] | None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, labels with -100 for no loss), aligned, for each row."""
+        if (input_ids is None) == (texts is None):
+            raise ValueError("Pass either input_ids (with optional attention_mask and labels) or texts, not both.")
+        if texts is None:
+            assert input_ids is not None
+            if texts_labels is not None:
+                raise ValueError("texts_labels goes with texts=; with input_ids= pass labels=.")
+            _same_count(input_ids, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            out = []
+            for i, ids in enumerate(input_ids):
+                ids_arr = np.asarray(ids, np.int64).reshape(-1)
+                lab = ids_arr.copy() if labels is None else np.asarray(labels[i], np.int64).reshape(-1)
+                keep = np.ones(len(ids_arr), bool) if attention_mask is None else np.asarray(attention_mask[i]) != 0
+                if not (len(lab) == len(keep) == len(ids_arr)):
+                    raise ValueError(f"Row {i}: input_ids, attention_mask and labels have different lengths.")
+                out.append((ids_arr[keep], lab[keep]))
+            return out
+        if input_ids is not None or attention_mask is not None or labels is not None:
+            raise ValueError("With texts= pass texts_labels=, not input_ids/attention_mask/labels.")
+        if isinstance(texts, str) or (texts_labels is not None and isinstance(texts_labels, str)):
+            raise ValueError("texts and texts_labels are lists of strings, one per row.")
+        if self.tokenizer is None:
+            raise ValueError("texts= needs a tokenizer: IterativeSFTTrainer(model, tokenizer, ...).")
+        _same_count(texts, texts=texts, texts_labels=texts_labels)
+        tok = self.tokenizer
+        out = []
+        for i, text in enumerate(texts):
+            if texts_labels is None:
+                plain = np.asarray([*tok.encode_text(text), tok.eos_id], np.int64)
+                out.append((plain, plain.copy()))
+                continue
+            prompt = tok.encode_text(text)
+            joined = tok.encode_text(text + texts_labels[i])
+            answer = joined[len(prompt) :] if joined[: len(prompt)] == prompt else tok.encode(texts_labels[i])
+            joined_ids = np.asarray([*prompt, *answer, tok.eos_id], np.int64)
+            lab = joined_ids.copy()
+            lab[: len(prompt)] = IGNORE_INDEX
+            out.append((joined_ids, lab))
+        return out
+
+    def _truncate(self, ids: np.ndarray, lab: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Cuts a row to ``max_length + 1`` tokens (``truncation_mode``) and shifts it into
+        inputs and labels; None when no loss token is left."""
+        limit = self.max_length + 1
+        if len(ids) > limit:
+            window = slice(0, limit) if self.truncation_mode == "keep_start" else slice(len(ids) - limit, None)
+            ids, lab = ids[window], lab[window]
+        target = lab[1:]
+        mask = target != IGNORE_INDEX
+        if len(ids) < 2 or not mask.any():
+            return None
+        return {
+            "token_ids": ids[:-1].astype(np.int32),
+            "labels": np.where(mask, target, 0).astype(np.int32),
+            "label_mask": mask,
+        }
+
+    def _batch(self, rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``[K, B, L]`` arrays of ``rows`` (at most K x B), masked rows after them."""
+        longest = max(len(r["token_ids"]) for r in rows)
+        length = next(b for b in self.length_buckets if b >= longest)
+        k, b = self.gradient_accumulation_steps, self.rows_per_micro_batch
+        out = {key: np.stack([v] * (k * b)) for key, v in empty_row(length, packed=False).items()}
+        for i, row in enumerate(rows):
+            n = len(row["token_ids"])
+            for key in ("token_ids", "labels", "label_mask"):
+                out[key][i, :n] = row[key]
+            out["padding_mask"][i, :n] = True
+        return {key: v.reshape(k, b, length) for key, v in out.items()}
+
+
+def _same_count(reference: Sequence[Any], **lists: Sequence[Any] | None) -> None:
+    for name, values in lists.items():
+        if values is not None and len(values) != len(reference):
+            raise ValueError(f"{name} has {len(values)} rows, but there are {len(reference)}.")
