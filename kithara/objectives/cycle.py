@@ -50,7 +50,7 @@ class CycleTrainer(Trainer):
     """Cycle training of two causal LMs, or of two LoRA adapters on one frozen base.
 
     Model ``"A"`` maps language A to B, model ``"B"`` maps B to A. Rows look like
-    ``[BOS] source{separator}target EOS`` with loss on ``target EOS`` (override
+    ``[BOS] source{separator} target EOS`` with loss on `` target EOS`` (override
     ``format_prompt`` and ``prepare_cycle_inputs`` to change that).
 
     Args:
@@ -159,14 +159,15 @@ class CycleTrainer(Trainer):
         return f"{text}{self.separator}"
 
     def prepare_cycle_inputs(self, sources: Sequence[str], targets: Sequence[str], side: str) -> list[Row]:
-        """Training rows for model ``side``: ``[BOS] prompt(source) target EOS`` in its
+        """Training rows for model ``side``: ``[BOS] prompt(source) target EOS`` (a space before
+        the target) in its
         tokenizer, supervised on ``target EOS`` only. In a cycle step the sources are the
         other model's synthetic text and the targets the original text."""
         tok = self.tokenizers[side]
         rows = []
         for source, target in zip(sources, targets, strict=True):
             prompt = tok.encode_text(self.format_prompt(source, side))
-            joined = tok.encode_text(self.format_prompt(source, side) + target)
+            joined = tok.encode_text(f"{self.format_prompt(source, side)} {target}")
             answer = joined[len(prompt) :] if joined[: len(prompt)] == prompt else tok.encode(target)
             rows.append(([*prompt, *answer, tok.eos_id], [False] * len(prompt) + [True] * (len(answer) + 1)))
         return rows
