@@ -4,8 +4,9 @@ One cycle step: model B translates a batch of real B text (no gradient); model A
 to map that synthetic A text back to the real B text (the only supervised tokens). Then the
 mirror image: model A (already updated) translates real A text and model B learns to map it
 back. Each side has its own optimizer state and its own jitted update, which leaves the
-other side's variables untouched. Causal LMs only: keras-hub's seq2seq models (BART, T5)
-have no cache API this decoder can drive (see docs/cycle.md).
+other side's variables untouched. Causal LMs only: keras-hub does generate with its
+seq2seq models (BART, T5, T5Gemma: ``call_decoder_with_cache``), but kithara's
+``KerasHubModel`` wraps ``CausalLM`` alone so far (see docs/cycle.md).
 """
 
 from __future__ import annotations
