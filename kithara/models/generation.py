@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import keras
 import keras_hub
 import numpy as np
+from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
 from kithara.models.model import ModelVariables
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 # Stop ids travel as a fixed-size array (-1 = unused): stop sets of any size up to this share a program.
 MAX_STOP_TOKENS = 8
+# (index, token ids, keras-hub cache, rows done, rng) carried through the decode loop.
+_Carry = tuple[jax.Array, jax.Array, Any, jax.Array, jax.Array]
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -83,13 +86,12 @@ class Generator:
         greedy = not temperature
         filtered = not greedy and (bool(top_k) or (top_p is not None and top_p < 1.0))
         program = self._program(greedy, filtered)
-        by_row = sharding_lib.batch_sharding(mesh)
         out = program(
             variables,
-            _put(ids, by_row),
-            _put(lengths, by_row),
-            _put(ends_arr, by_row),
-            _put(stops, sharding_lib.replicated(mesh)),
+            _put(ids, mesh, by_row=True),
+            _put(lengths, mesh, by_row=True),
+            _put(ends_arr, mesh, by_row=True),
+            _put(stops, mesh, by_row=False),
             rng,
             jnp.float32(temperature or 1.0),
             jnp.int32(top_k or 0),
@@ -140,7 +142,7 @@ class Generator:
         with keras.StatelessScope(state_mapping=mapping):
             cache = _seed_cache(causal_lm, token_ids_BxT)
 
-        def body(carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        def body(carry: _Carry) -> _Carry:
             index, ids_BxT, cache, done_B, rng = carry
             last_Bx1 = jax.lax.dynamic_slice(ids_BxT, (0, index - 1), (batch, 1))
             with keras.StatelessScope(state_mapping=mapping):
@@ -156,7 +158,7 @@ class Generator:
             done_B = done_B | (generating_B & (stopped_B | (index + 1 >= end_B)))
             return index + 1, ids_BxT, cache, done_B, rng
 
-        def cond(carry: tuple[jax.Array, ...]) -> jax.Array:
+        def cond(carry: _Carry) -> jax.Array:
             index, _, _, done_B, _ = carry
             return (index < total) & ~done_B.all()
 
@@ -173,8 +175,7 @@ def _seed_cache(causal_lm: keras_hub.models.CausalLM, token_ids_BxT: jax.Array) 
     return causal_lm._build_cache(token_ids_BxT)[1]
 
 
-def _put(array: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
-    """A global array from the full host array every process holds."""
-    if array.ndim and array.shape[0] % sharding_lib.batch_shards(sharding.mesh):
-        sharding = sharding_lib.replicated(sharding.mesh)
+def _put(array: np.ndarray, mesh: Mesh, *, by_row: bool) -> jax.Array:
+    """A global array from the full host array every process holds, split by rows if asked."""
+    sharding = sharding_lib.batch_sharding(mesh) if by_row else sharding_lib.replicated(mesh)
     return jax.make_array_from_callback(array.shape, sharding, array.__getitem__)

@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import keras
@@ -353,7 +353,10 @@ class KerasHubModel(Model):
         texts = [prompts] if single else list(prompts)
         if not texts:
             raise ValueError("generate() got no prompts.")
-        token_ids = [tokenizer.encode_text(t) for t in texts] if as_text else [list(map(int, r)) for r in texts]
+        if as_text:
+            token_ids = [tokenizer.encode_text(t) for t in texts]
+        else:
+            token_ids = [[int(t) for t in cast(Sequence[int], r)] for r in texts]
         if any(len(r) == 0 for r in token_ids):
             raise ValueError("Every prompt needs at least one token (a BOS will do).")
         if (max_new_tokens is None) == (max_length is None):
