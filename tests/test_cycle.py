@@ -1,6 +1,8 @@
 """CycleTrainer: one side trained per update, labels on the original text only, both modes
 end to end, TensorBoard per side, exact resume, and the adapter mode's weight memory."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -159,3 +161,19 @@ def test_resume_is_exact(tmp_path):
     assert resumed.restored_step == 2
     jax.tree.map(np.testing.assert_array_equal, host(straight.state), host(resumed.state))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
+
+
+@pytest.mark.slow
+def test_cipher_example_runs_at_tiny_size():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "cycle_cipher.py"), "--tiny"],
+        capture_output=True, text=True, check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "training" not in line]
+    names = [r.split(" | ")[0] for r in rows]
+    assert names == ["| warm start (32 pairs)", "| + 6 cycle steps", "| supervised on 1000 pairs"]
