@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import W, tiny_model, word_tokenizer
 
+import kithara
 from kithara import LoraConfig
 from kithara.models import adapters
 from kithara.models.sampling import filter_logits
@@ -147,3 +148,9 @@ def test_adapter_switching_copies_nothing_and_leaves_no_state():
     assert model.generate(PROMPTS, max_new_tokens=6) == base_out
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.variables), before)
     assert model.generate_compilations == 1
+
+
+def test_generation_is_the_same_on_another_sharding():
+    replicated = tiny_model(seed=3, sharding="dp").generate(PROMPTS, max_new_tokens=6)
+    tensor_parallel = tiny_model(seed=3, sharding=kithara.ShardingStrategy("fsdp_tp", tensor_parallel=2))
+    assert tensor_parallel.generate(PROMPTS, max_new_tokens=6) == replicated
