@@ -111,6 +111,9 @@ def test_adapter_mode_end_to_end_with_tensorboard_and_one_base(tmp_path):
     )  # fmt: skip
     history = trainer.train()
     assert {"loss_A", "loss_B", "learning_rate_A", "learning_rate_B"} <= set(history[-1])
+    # Every translation (train and eval) shared one decode program; each side's update compiled once.
+    assert model.generate_compilations == 1
+    assert [fn._cache_size() for fn in trainer._side_step.values()] == [1, 1]
     assert set(trainer.eval_history[-1]) >= {"loss_A", "cycle_loss_A", "exact_A"}
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
