@@ -82,7 +82,7 @@ def main() -> None:
         )
     trainer.finish()
     steps = trainer._train_step_fn._cache_size()
-    print(f"compilations: train step {steps}, generate {model.generate_compilations}")
+    print(f"step compilations: {steps}, generate compilations: {model.generate_compilations}")
 
 
 if __name__ == "__main__":
