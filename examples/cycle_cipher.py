@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 import kithara
+from kithara.models import adapters
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 SPECIALS = ["<pad>", "<s>", "</s>", "[UNK]", "="]
@@ -58,17 +59,40 @@ def new_model(vocab_size: int, seed: int, width: int) -> kithara.KerasHubModel:
     )  # fmt: skip
 
 
+def sft(model: kithara.KerasHubModel, tokenizer, rows, steps: int, lr: float, batch: int, seed: int) -> None:
+    """Plain SFT of ``model`` on ``(source, target)`` rows, or on plain texts; the model keeps the result."""
+    rng = random.Random(seed)
+    trainer = kithara.IterativeSFTTrainer(
+        model, tokenizer, learning_rate=lr, max_length=16, per_device_batch_size=batch, seed=seed
+    )
+    for _ in range(steps):
+        chosen = rng.sample(rows, min(batch, len(rows)))
+        if isinstance(chosen[0], str):
+            trainer.step(texts=chosen)
+        else:
+            trainer.step(texts=[f"{s} =" for s, _ in chosen], texts_labels=[f" {t}" for _, t in chosen])
+    trainer.finish()
+
+
 def supervised(models, tokenizer, pairs_ab, steps: int, lr: float, batch: int, seed: int) -> None:
     """Plain SFT of A (a -> b) and B (b -> a) on parallel pairs; the models keep the result."""
-    rng = random.Random(seed)
+    sft(models["A"], tokenizer, pairs_ab, steps, lr, batch, seed)
+    sft(models["B"], tokenizer, [(b, a) for a, b in pairs_ab], steps, lr, batch, seed)
+
+
+def adapter_pair(base, tokenizer, texts, pairs_ab, args, batch: int) -> tuple[kithara.KerasHubModel, dict]:
+    """The one-model mode: ``base`` learns both languages as a plain LM, then freezes under
+    LoRA; adapters A and B each get the warm start. Returns the LoRA model and both adapters."""
+    sft(base, tokenizer, texts, args.warm_steps, args.warm_lr, batch, args.seed)
+    model = kithara.KerasHubModel(base.causal_lm, lora=kithara.LoraConfig(rank=args.lora, targets=("all",)))
+    # Copies: a trainer donates the arrays it starts from.
+    start = {p: v.copy() for p, v in adapters.adapter_set(model.variables).items()}
+    warm = {}
     for side, rows in (("A", pairs_ab), ("B", [(b, a) for a, b in pairs_ab])):
-        trainer = kithara.IterativeSFTTrainer(
-            models[side], tokenizer, learning_rate=lr, max_length=16, per_device_batch_size=batch, seed=seed
-        )
-        for _ in range(steps):
-            chosen = rng.sample(rows, min(batch, len(rows)))
-            trainer.step(texts=[f"{s} =" for s, _ in chosen], texts_labels=[f" {t}" for _, t in chosen])
-        trainer.finish()
+        model.variables = adapters.with_adapter(model.variables, {p: v.copy() for p, v in start.items()})
+        sft(model, tokenizer, rows, args.warm_steps, args.warm_lr, batch, args.seed)
+        warm[side] = {p: v.copy() for p, v in adapters.adapter_set(model.variables).items()}
+    return model, warm
 
 
 def scores(side: str, sources: list[str], generated: list[str], references: list[str]) -> dict[str, float]:
@@ -92,6 +116,7 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=5)
     parser.add_argument("--cycle-lr", type=float, default=3e-4)
     parser.add_argument("--warm-lr", type=float, default=3e-3)
+    parser.add_argument("--lora", type=int, default=0, help="rank: one base LM with two LoRA adapters")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.tiny:
@@ -133,9 +158,16 @@ def main() -> None:
 
     start = time.time()
     results: dict[str, dict[str, float]] = {}
-    models = build(args.seed)
-    supervised(models, tokenizer, parallel, args.warm_steps, args.warm_lr, batch, args.seed)
-    trainer = cycle(models, args.cycle_steps)
+    if args.lora:
+        base = new_model(tokenizer.vocab_size, args.seed, width)
+        model, warm = adapter_pair(base, tokenizer, mono_a + mono_b, parallel, args, batch)
+        trainer = cycle(model, args.cycle_steps)
+        both = {f"{s}/{p}": v for s in "AB" for p, v in warm[s].items()}
+        trainer.pair.variables = kithara.ModelVariables(both, model.variables.non_trainable)
+    else:
+        models = build(args.seed)
+        supervised(models, tokenizer, parallel, args.warm_steps, args.warm_lr, batch, args.seed)
+        trainer = cycle(models, args.cycle_steps)
     row(f"warm start ({len(parallel)} pairs)", trainer)
     trainer.train()
     for m in trainer.eval_history:
