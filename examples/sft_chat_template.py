@@ -51,15 +51,25 @@ def main() -> None:
         epochs=2,
         progress_bar=False,
     )
-    print(f"eval loss before: {trainer.evaluate()['loss']:.3f}")
+    before = trainer.evaluate()["loss"]
     trainer.train()
-    print(f"eval loss after:  {trainer.eval_history[-1]['loss']:.3f}")
+    after = trainer.eval_history[-1]["loss"]
+    print(f"eval loss (assistant replies): {before:.3f} -> {after:.3f}")
 
-    messages = chat(random.Random(7))["messages"][:2]
-    ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
     stop = tokenizer.backend.convert_tokens_to_ids("<|im_end|>")
-    (out,) = model.generate([ids], max_length=len(ids) + 8, stop_token_ids=[stop])
-    print(messages[1]["content"], "->", tokenizer.decode(out, skip_special_tokens=True))
+    correct = 0
+    for thing, color in sorted(COLORS.items()):
+        messages = [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"What color is {thing}?"},
+        ]
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        (out,) = model.generate([ids], max_length=len(ids) + 8, stop_token_ids=[stop])
+        reply = tokenizer.decode(out, skip_special_tokens=True).strip()
+        correct += reply == color
+        print(f"What color is {thing}? -> {reply}")
+    print(f"correct replies: {correct}/{len(COLORS)}")
+    assert after < before / 4 and correct == len(COLORS), "SFT did not learn the replies"
 
 
 if __name__ == "__main__":

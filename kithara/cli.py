@@ -69,9 +69,17 @@ def _report(console: Console, result: dict[str, Any]) -> None:
         table.add_row("tokens/s (steady state)", f"{result['tokens_per_second']:,.0f}")
     if "eval" in result:
         e = result["eval"]
-        table.add_row(
-            "eval loss / perplexity / token acc", f"{e['loss']:.4f} / {e['perplexity']:.3f} / {e['token_accuracy']:.3f}"
-        )
+        if "perplexity" in e:
+            table.add_row(
+                "eval loss / perplexity / token acc",
+                f"{e['loss']:.4f} / {e['perplexity']:.3f} / {e['token_accuracy']:.3f}",
+            )
+        else:
+            table.add_row("eval loss", f"{e['loss']:.4f}")
+        if "rewards/accuracies" in e:
+            table.add_row(
+                "eval reward accuracy / margin", f"{e['rewards/accuracies']:.3f} / {e['rewards/margins']:.4f}"
+            )
     if "exact_match_after" in result:
         table.add_row(
             "held-out exact match before -> after",

@@ -89,13 +89,26 @@ class GenerationEvalConfig:
 
 
 @dataclasses.dataclass
+class DPOSection:
+    """Used when ``objective: dpo`` (with ``data.format: preference``); see docs/dpo.md."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # a name in kithara.objectives.dpo_losses.LOSSES
+    loss_weights: dict[str, float] | None = None  # {name: weight} instead of loss_type, e.g. RPO
+    label_smoothing: float = 0.0
+    precompute_ref_log_probs: bool = False
+
+
+@dataclasses.dataclass
 class RunConfig:
+    objective: str = "sft"  # sft (next-token loss on the data's label mask) | dpo
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     generation_eval: GenerationEvalConfig = dataclasses.field(default_factory=GenerationEvalConfig)
+    dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     cpu_devices: int | None = 8  # forced host devices when running on CPU; None leaves JAX's default
 
 
@@ -121,7 +134,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"Override {item!r} must look like key=value (e.g. trainer.steps=100).")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        # YAML cannot start a plain value with "@": quote bundled-asset paths for the user.
+        dotlist = [_quote_asset(item) for item in overrides]
+        layers.append(OmegaConf.from_dotlist(dotlist))
         config: RunConfig = OmegaConf.to_object(OmegaConf.merge(*layers))  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         raise ValueError(f"Invalid configuration: {error}") from None
@@ -130,6 +145,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if value is not None:
             setattr(config.data, field, _resolve(value, base))
     return config
+
+
+def _quote_asset(item: str) -> str:
+    key, value = item.split("=", 1)
+    return f"{key}={value!r}" if value.startswith("@") else item
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -17,6 +17,7 @@ from kithara.data.formats import DATASETS, Dataset
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.lora import LoraConfig
+from kithara.objectives.dpo import DPOTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import optimizers
 from kithara.trainer.trainer import Trainer, plan_steps
@@ -74,8 +75,11 @@ def build_dataset(config: RunConfig, path: str, tokenizer: Tokenizer) -> Dataset
     d = config.data
     if d.format not in DATASETS:
         raise ValueError(f"data.format must be one of {sorted(DATASETS)}, got {d.format!r}.")
-    if d.format == "preference":
-        raise ValueError("data.format=preference needs a preference objective (DPO), which the base trainer is not.")
+    if (d.format == "preference") != (config.objective == "dpo"):
+        raise ValueError(
+            f"objective={config.objective} cannot train on data.format={d.format}: "
+            "objective=dpo takes preference data, and preference data needs objective=dpo."
+        )
     options: dict[str, Any] = {}
     if d.format == "prompt_completion":
         options["completion_only_loss"] = d.completion_only_loss
@@ -106,10 +110,26 @@ def exact_match(
     return float(np.mean([gen == ref for _, gen, ref in triples])), triples
 
 
+def objective(config: RunConfig) -> tuple[type[Trainer], dict[str, Any]]:
+    """The trainer class for ``config.objective`` and its own options."""
+    if config.objective == "sft":
+        return Trainer, {}
+    if config.objective == "dpo":
+        o = config.dpo
+        return DPOTrainer, dict(
+            beta=o.beta,
+            loss_type=o.loss_weights or o.loss_type,
+            label_smoothing=o.label_smoothing,
+            precompute_ref_log_probs=o.precompute_ref_log_probs,
+        )
+    raise ValueError(f"objective must be 'sft' or 'dpo', got {config.objective!r}.")
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Trains as configured; returns losses, eval metrics and exact match before/after."""
     configure_cpu_devices(config.cpu_devices)  # only affects the CPU platform
     d, t = config.data, config.trainer
+    trainer_class, objective_options = objective(config)
     tokenizer = Tokenizer.from_pretrained(d.tokenizer)
     train_set = build_dataset(config, d.train_file, tokenizer)
     eval_set = build_dataset(config, d.eval_file, tokenizer) if d.eval_file else None
@@ -134,7 +154,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     _, total_steps = plan_steps(
         len(train_loader), steps=t.steps, epochs=t.epochs, gradient_accumulation_steps=t.gradient_accumulation_steps
     )
-    trainer = Trainer(
+    trainer = trainer_class(
         model,
         build_optimizer(config, total_steps),
         train_loader,
@@ -152,6 +172,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         progress_bar=t.progress_bar,
         seed=t.seed,
+        **objective_options,
     )
     result: dict[str, Any] = {"num_params": model.num_params, "trainable_params": model.num_trainable_params}
     g = config.generation_eval

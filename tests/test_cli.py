@@ -49,3 +49,34 @@ def test_kithara_train_runs_the_shipped_config(capsys, tmp_path):
     more = [o if o != "trainer.steps=30" else "trainer.steps=32" for o in overrides] + ["generation_eval.enabled=false"]
     assert cli.main(["train", config, *[arg for o in more for arg in ("--set", o)]]) == 0
     assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [30, 32]
+
+
+def test_kithara_train_dpo_on_preference_data(capsys, tmp_path):
+    import json
+
+    rows = [{"prompt": f"Say {w}:", "chosen": f" {w}", "rejected": f" {o}"} for w, o in [("red", "blue")] * 16]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [
+        "data.format=preference",
+        "data.train_file=pairs.jsonl",
+        "data.eval_file=pairs.jsonl",
+        "data.tokenizer=@kithara/tokenizer",
+        "data.max_seq_len=16",
+        "data.per_device_batch_size=1",
+        "trainer.steps=2",
+        "trainer.eval_steps_interval=2",
+        "trainer.tensorboard_dir=null",
+        "trainer.progress_bar=false",
+        "model.hidden_dim=32",
+        "model.intermediate_dim=64",
+    ]
+    (tmp_path / "dpo.yaml").write_text("objective: dpo\ndpo:\n  beta: 0.2\n  loss_weights: {sigmoid: 1.0, sft: 0.5}\n")
+    args = ["train", str(tmp_path / "dpo.yaml"), *[arg for o in common for arg in ("--set", o)]]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval reward accuracy / margin" in out and "perplexity" not in out
+    # Preference data without the DPO objective, and an unknown objective, are refused.
+    assert cli.main([*args, "--set", "objective=sft"]) == 2
+    assert "cannot train on data.format=preference" in capsys.readouterr().out
+    assert cli.main([*args, "--set", "objective=ppo"]) == 2
+    assert "objective must be" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_model, word_tokenizer
 
 import kithara
-from kithara.data import PreferenceDataset
+from kithara.data import PreferenceDataset, PromptCompletionDataset
 from kithara.objectives import dpo_losses
 
 ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
@@ -141,14 +141,49 @@ def ModelVariablesFrom(lora_model, plain):
     return kithara.ModelVariables({p: src[p] for p in v.trainable}, {p: src[p] for p in v.non_trainable})
 
 
-def test_refuses_bad_reference_setups():
+def test_refuses_bad_reference_setups_and_data():
     model = tiny_model()
     with pytest.raises(ValueError, match="ref_model is the model"):
         dpo(model, ref_model=model)
-    with pytest.raises(ValueError, match="needs a reference"):
-        dpo(model)
     with pytest.raises(ValueError, match="Unknown DPO loss"):
         dpo(model, ref_model=tiny_model(), loss_type="nope")
+    with pytest.raises(ValueError, match="needs train_dataloader"):
+        kithara.DPOTrainer(model)
+    rows = [{"prompt": "hi", "completion": "hello"}] * 8
+    sft_rows = kithara.Dataloader(PromptCompletionDataset(rows, word_tokenizer(), max_seq_len=8), 1)
+    with pytest.raises(ValueError, match="needs preference data in train_dataloader"):
+        kithara.DPOTrainer(model, train_dataloader=sft_rows)
+    with pytest.raises(ValueError, match="raw data: pass tokenizer"):
+        kithara.DPOTrainer(model, train_dataloader=ROWS)
+
+
+def test_frozen_copy_reference_equals_a_separate_frozen_model():
+    """Without LoRA, ref_model or precomputing, the reference is an on-device copy of the
+    starting weights: training equals training against a separate, identical frozen model."""
+    copy_trainer = dpo(tiny_model(), steps=3)
+    assert copy_trainer.reference == "frozen_copy"
+    separate = dpo(tiny_model(), steps=3, ref_model=tiny_model())
+    assert separate.reference == "ref_model"
+    a, b = copy_trainer.train(), separate.train()
+    assert a[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # the policy starts at the reference
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-5, abs=1e-7)
+    assert a[-1]["loss"] < a[0]["loss"]
+
+
+def test_raw_rows_and_default_optimizer():
+    trainer = kithara.DPOTrainer(
+        tiny_model(lora=kithara.LoraConfig(rank=4)), train_dataloader=ROWS, eval_dataloader=ROWS[:4],
+        tokenizer=word_tokenizer(), max_seq_len=12, per_device_batch_size=1, steps=2, progress_bar=False,
+    )  # fmt: skip
+    assert trainer.reference == "adapters_off"
+    assert isinstance(trainer.train_dataloader.dataset, PreferenceDataset)
+    assert trainer.train_dataloader.dataset.truncation == "keep_end"
+    assert not trainer.eval_dataloader.shuffle
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "perplexity" not in metrics and "rewards/accuracies" in metrics
 
 
 def test_dpo_end_to_end_raises_reward_accuracy():

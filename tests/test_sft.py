@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import W, tiny_model, word_tokenizer
+from conftest import ASSETS, W, tiny_model, word_tokenizer
 
 import kithara
 
@@ -160,25 +160,20 @@ def test_iterative_checkpoints_and_resumes(tmp_path):
     again.finish()
 
 
-@pytest.mark.slow
-def test_rejection_sampling_example_accuracy_rises():
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, str(root / "examples" / "iterative_sft_rejection_sampling.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    ).stdout
-    accuracy = [float(a) for a in re.findall(r"held-out accuracy ([0-9.]+)", out)]
-    assert len(accuracy) == 5 and accuracy[-1] > accuracy[0] + 0.3, out
-    assert "step compilations: 1" in out
+def test_sft_and_dpo_take_a_model_directory(tmp_path):
+    """A Hugging Face checkpoint directory as ``model``: weights and tokenizer both load from it."""
+    tokenizer = kithara.Tokenizer.from_pretrained(ASSETS / "tokenizer")
+    source = tiny_model(vocab_size=tokenizer.vocab_size)
+    source.save_in_hf_format(tmp_path / "model", tokenizer=tokenizer)
+    path = str(tmp_path / "model")
+    sft = kithara.SFTTrainer(path, [{"text": "the cat sat"}] * 16, max_seq_len=16, steps=1, progress_bar=False)
+    assert sft.tokenizer is not None and sft.tokenizer.vocab_size == tokenizer.vocab_size
+    np.testing.assert_array_equal(
+        sft.model.variables.trainable["token_embedding/embeddings"],
+        source.variables.trainable["token_embedding/embeddings"],
+    )
+    sft.train()
+    pairs = [{"prompt": "Say red:", "chosen": " red", "rejected": " blue"}] * 16
+    dpo = kithara.DPOTrainer(path, train_dataloader=pairs, max_seq_len=16, steps=1, progress_bar=False)
+    assert dpo.reference == "frozen_copy"
+    assert dpo.train()[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,11 +15,18 @@ import optax
 
 from kithara import sharding as sharding_lib
 from kithara.data.dataloader import Dataloader
+from kithara.data.formats import PreferenceDataset
+from kithara.data.sources import Source
+from kithara.data.tokenizer import Tokenizer
 from kithara.models.adapters import adapter_off
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses
+from kithara.objectives.inputs import as_loader, resolve_model
+from kithara.trainer import optimizers
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -42,71 +50,134 @@ def pair_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 class DPOTrainer(Trainer):
     """Trains a ``Model`` on preference pairs (``PreferenceDataset``) with a DPO-family loss.
 
+    The reference policy, in order of precedence: ``ref_model`` (a separate frozen model);
+    with ``precompute_ref_log_probs``, log-probs computed once before training (from
+    ``ref_model`` if given, else from the model as it is) and stored with the examples; for a
+    model with LoRA adapters, the same model with its adapters switched off (no second copy
+    of the weights); otherwise a frozen on-device copy of the model's starting weights.
+
     Args (besides the ``Trainer`` ones):
-        ref_model: a separate, frozen reference model. Without it the reference is the
-            policy with its LoRA adapters switched off (models with LoRA), or, with
-            ``precompute_ref_log_probs``, the model as it is before training.
+        model: a ``kithara.Model``, or a model directory / preset for ``KerasHubModel.from_preset``.
+        optimizer: an optax transformation or keras optimizer; default
+            ``kithara.optimizers.adamw(learning_rate)``.
+        train_dataloader: a ``kithara.Dataloader`` over a ``PreferenceDataset`` (used as is),
+            a ``PreferenceDataset``, or raw preference data (``prompt`` / ``chosen`` /
+            ``rejected`` rows as a path, glob, list of dicts or Hugging Face dataset) that
+            is tokenized with ``tokenizer``.
+        eval_dataloader: like ``train_dataloader``, for evaluation (never shuffled).
+        ref_model: a separate, frozen reference model on the same mesh.
         beta: the KL strength of the implicit reward ``beta * log(pi / pi_ref)``.
         loss_type: a name in ``dpo_losses.LOSSES`` or ``{name: weight}`` to combine, e.g.
             RPO is ``{"sigmoid": 1.0, "sft": alpha}``.
         label_smoothing: ``e`` of the sigmoid and robust losses (robust needs e < 0.5).
         precompute_ref_log_probs: compute the reference log-probs once before training and
             store them with the loaders' examples (``ref_chosen_logps`` / ``ref_rejected_logps``).
+        tokenizer: a ``kithara.Tokenizer`` for raw data (loaded from ``model`` when that is a path).
+        max_seq_len: tokens per sequence for raw data (default 1024).
+        truncation: for raw data; ``"keep_end"`` (default) cuts the shared prompt's start.
+        per_device_batch_size: pairs per device per micro-batch for raw data (default 1).
+        learning_rate: for the default optimizer (default 1e-6).
 
     Example:
-        >>> data = PreferenceDataset(rows, tokenizer, max_seq_len=512)
-        >>> trainer = kithara.DPOTrainer(lora_model, kithara.optimizers.adamw(5e-6),
-        ...                              kithara.Dataloader(data, 1), steps=100, beta=0.1,
+        >>> trainer = kithara.DPOTrainer(lora_model, train_dataloader="pairs.jsonl", tokenizer=tokenizer,
+        ...                              max_seq_len=512, steps=100, beta=0.1,
         ...                              loss_type={"sigmoid": 1.0, "sft": 0.5})  # RPO
         >>> trainer.train()
     """
 
+    reports_perplexity = False  # the eval loss is the pairwise loss, not a token NLL
+
     def __init__(
         self,
-        model: Model,
-        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer,
-        train_dataloader: Dataloader,
-        eval_dataloader: Dataloader | None = None,
+        model: Model | str,
+        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer | None = None,
+        train_dataloader: Any = None,
+        eval_dataloader: Any = None,
         *args: Any,
         ref_model: Model | None = None,
         beta: float = 0.1,
         loss_type: str | Mapping[str, float] = "sigmoid",
         label_smoothing: float = 0.0,
         precompute_ref_log_probs: bool = False,
+        tokenizer: Tokenizer | None = None,
+        max_seq_len: int = 1024,
+        truncation: str = "keep_end",
+        per_device_batch_size: int = 1,
+        learning_rate: float = 1e-6,
         **kwargs: Any,
     ) -> None:
         if ref_model is model:
             raise ValueError(
                 "ref_model is the model being trained; pass a separate frozen copy, or leave ref_model=None to use "
-                "the model with its LoRA adapters off (or precompute_ref_log_probs=True)."
+                "the model with its LoRA adapters off, a frozen copy of its weights, or precomputed log-probs."
             )
-        if ref_model is None and not precompute_ref_log_probs and not has_lora(model):
-            raise ValueError(
-                "DPO needs a reference: pass ref_model, give the model LoRA adapters (the reference is then the "
-                "model with adapters off), or set precompute_ref_log_probs=True."
-            )
-        for loader in (train_dataloader, eval_dataloader):
-            if loader is not None and "chosen_" not in getattr(loader.dataset, "sequences", ()):
-                raise ValueError("DPOTrainer needs preference data (a PreferenceDataset with chosen/rejected).")
+        if train_dataloader is None:
+            raise ValueError("DPOTrainer needs train_dataloader: preference data (prompt / chosen / rejected).")
+        model, self.tokenizer = resolve_model(model, tokenizer)
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
         self.loss_weights = dpo_losses.loss_weights(loss_type, beta=self.beta, label_smoothing=self.label_smoothing)
+        seed = kwargs.get("seed", 0)
+
+        def loader(data: Any, name: str, **options: Any) -> Dataloader:
+            def make(source: Source) -> PreferenceDataset:
+                assert self.tokenizer is not None
+                return PreferenceDataset(source, self.tokenizer, max_seq_len=max_seq_len, truncation=truncation)
+
+            built = as_loader(data, name, self.tokenizer, make, per_device_batch_size=per_device_batch_size, **options)
+            if "chosen_" not in getattr(built.dataset, "sequences", ()):
+                raise ValueError(
+                    f"DPOTrainer needs preference data in {name} (a PreferenceDataset with chosen/rejected)."
+                )
+            return built
+
+        train = loader(train_dataloader, "train_dataloader", seed=seed)
+        evaluation = (
+            None
+            if eval_dataloader is None
+            else loader(eval_dataloader, "eval_dataloader", shuffle=False, drop_remainder=False)
+        )
         self.ref_model = ref_model
-        super().__init__(model, optimizer, train_dataloader, eval_dataloader, *args, **kwargs)
-        if ref_model is not None:
-            self._pass_reference_as_argument(ref_model)
+        self._ref_apply_model: Model = ref_model if ref_model is not None else model
+        if ref_model is not None or precompute_ref_log_probs:
+            self.reference = "precomputed" if precompute_ref_log_probs else "ref_model"
+        else:
+            self.reference = "adapters_off" if has_lora(model) else "frozen_copy"
+        super().__init__(
+            model,
+            optimizer if optimizer is not None else optimizers.adamw(learning_rate),
+            train,
+            evaluation,
+            *args,
+            **kwargs,
+        )
+        if self.reference == "ref_model":
+            assert ref_model is not None
+            self._pass_reference_as_argument(ref_model, ref_model.variables)
+        elif self.reference == "frozen_copy":
+            logger.info(
+                "DPO reference: a frozen copy of the model's starting weights (%d parameters more in memory); "
+                "give the model LoRA adapters or set precompute_ref_log_probs=True to avoid it.",
+                model.num_params,
+            )
+            copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=model.variable_shardings)
+            self._pass_reference_as_argument(model, copy(model.variables))
+        else:
+            logger.info("DPO reference: %s.", self.reference.replace("_", " "))
         if precompute_ref_log_probs:
-            for loader in (train_dataloader, eval_dataloader):
-                if loader is not None:
-                    self.precompute_reference(loader)
+            for data in (self.train_dataloader, self.eval_dataloader):
+                if data is not None:
+                    self.precompute_reference(data)
 
     # Log-probs --------------------------------------------------------------------------
 
-    def _pass_reference_as_argument(self, ref_model: Model) -> None:
-        """Re-jits the steps with the frozen reference's variables as an argument (sharded
-        like the reference model), so they are not baked into the programs as constants."""
+    def _pass_reference_as_argument(self, ref_model: Model, ref_variables: ModelVariables) -> None:
+        """Re-jits the steps with the frozen reference variables (of ``ref_model``, which may
+        be the policy's own architecture) as an argument, sharded like ``ref_model``, so they
+        are not baked into the programs as constants."""
         if ref_model.mesh != self.model.mesh:
             raise ValueError("ref_model must be placed on the same device mesh as the model being trained.")
         mesh, ref_shardings = self.model.mesh, ref_model.variable_shardings
+        self._ref_apply_model = ref_model
 
         def train(state: Any, batch: Any, ref: ModelVariables) -> Any:
             loss_fn = functools.partial(self.dpo_loss, ref_variables=ref)
@@ -127,19 +198,18 @@ class DPOTrainer(Trainer):
             in_shardings=(self.state_shardings.model, batch_sharding(mesh), ref_shardings),
             out_shardings=sharding_lib.replicated(mesh),
         )
-        self._train_step_fn = lambda state, batch: train_fn(state, batch, ref_model.variables)  # type: ignore[assignment]
-        self._eval_step_fn = lambda variables, batch: eval_fn(variables, batch, ref_model.variables)  # type: ignore[assignment]
+        self._train_step_fn = lambda state, batch: train_fn(state, batch, ref_variables)  # type: ignore[assignment]
+        self._eval_step_fn = lambda variables, batch: eval_fn(variables, batch, ref_variables)  # type: ignore[assignment]
 
     def reference_logps(
         self, variables: ModelVariables, batch: Mapping[str, jax.Array], ref_variables: ModelVariables | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Reference summed completion log-probs ``(chosen, rejected)`` of a batch: from
-        ``ref_model`` (with ``ref_variables``, by default its own) if there is one, else from
-        ``variables`` with the adapters off."""
+        ``ref_variables`` (of ``ref_model``, or a frozen copy of the policy) when given, else
+        from ``variables`` with the adapters off (the model as it is, without adapters)."""
         inputs = pair_inputs(batch)
-        if self.ref_model is not None:
-            model = self.ref_model
-            ref_vars = ref_variables if ref_variables is not None else self.ref_model.variables
+        if ref_variables is not None:
+            model, ref_vars = self._ref_apply_model, ref_variables
         else:
             model, ref_vars = self.model, adapter_off(variables)
         logits, _ = model.apply(jax.lax.stop_gradient(ref_vars), inputs, training=False)
@@ -160,7 +230,9 @@ class DPOTrainer(Trainer):
             )
         variables = self.model.variables
         fn = jax.jit(self.reference_logps)
-        ref_variables = self.ref_model.variables if self.ref_model is not None else None
+        ref_variables = None
+        if self.ref_model is not None:
+            self._ref_apply_model, ref_variables = self.ref_model, self.ref_model.variables
         examples = loader.examples
         length = loader.max_seq_len
         keys = [

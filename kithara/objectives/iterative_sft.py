@@ -13,8 +13,8 @@ import optax
 from kithara.data.formats import TRUNCATIONS
 from kithara.data.packing import empty_row
 from kithara.data.tokenizer import Tokenizer
-from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import Model
+from kithara.objectives.inputs import resolve_model
 from kithara.trainer import optimizers
 from kithara.trainer.trainer import Trainer
 
@@ -78,9 +78,7 @@ class IterativeSFTTrainer(Trainer):
             )
         if buckets[-1] != max_length:
             buckets.append(max_length)
-        if isinstance(model, str):
-            tokenizer = tokenizer or Tokenizer.from_pretrained(model)
-            model = KerasHubModel.from_preset(model)
+        model, tokenizer = resolve_model(model, tokenizer)
         trainer_kwargs.setdefault("progress_bar", False)
         super().__init__(
             model,

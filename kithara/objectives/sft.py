@@ -7,12 +7,11 @@ from typing import Any
 
 import optax
 
-from kithara.data.dataloader import Dataloader
 from kithara.data.formats import ConversationalDataset, Dataset, PromptCompletionDataset, TextDataset
-from kithara.data.sources import load_source
+from kithara.data.sources import Source
 from kithara.data.tokenizer import Tokenizer
-from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import Model
+from kithara.objectives.inputs import as_loader, resolve_model
 from kithara.trainer import optimizers
 from kithara.trainer.trainer import Trainer
 
@@ -79,24 +78,36 @@ class SFTTrainer(Trainer):
     ) -> None:
         if dataset_format is not None and dataset_format not in FORMATS:
             raise ValueError(f"dataset_format must be one of {FORMATS}, got {dataset_format!r}.")
-        if isinstance(model, str):
-            tokenizer = tokenizer or Tokenizer.from_pretrained(model)
-            model = KerasHubModel.from_preset(model)
-        self.tokenizer = tokenizer
-        options = dict(
+        model, self.tokenizer = resolve_model(model, tokenizer)
+        options: dict[str, Any] = dict(
             dataset_format=dataset_format,
             max_seq_len=max_seq_len,
             truncation=truncation,
             completion_only_loss=completion_only_loss,
             assistant_only_loss=assistant_only_loss,
         )
-        loader_options = dict(per_device_batch_size=per_device_batch_size, length_buckets=length_buckets, seed=seed)
-        train_loader = self._loader(train_dataset, "train_dataset", options, packing=packing, **loader_options)
+        loader_options: dict[str, Any] = dict(
+            per_device_batch_size=per_device_batch_size, length_buckets=length_buckets, seed=seed
+        )
+        train_loader = as_loader(
+            train_dataset,
+            "train_dataset",
+            self.tokenizer,
+            lambda source: self._dataset(source, "train_dataset", **options),
+            packing=packing,
+            **loader_options,
+        )
         eval_loader = (
             None
             if eval_dataset is None
-            else self._loader(
-                eval_dataset, "eval_dataset", options, shuffle=False, drop_remainder=False, **loader_options
+            else as_loader(
+                eval_dataset,
+                "eval_dataset",
+                self.tokenizer,
+                lambda source: self._dataset(source, "eval_dataset", **options),
+                shuffle=False,
+                drop_remainder=False,
+                **loader_options,
             )
         )
         super().__init__(
@@ -108,15 +119,9 @@ class SFTTrainer(Trainer):
             **trainer_kwargs,
         )
 
-    def _loader(self, data: Any, name: str, options: dict[str, Any], **loader_kwargs: Any) -> Dataloader:
-        if isinstance(data, Dataloader):
-            return data
-        dataset = data if isinstance(data, Dataset) else self._dataset(data, name, **options)
-        return Dataloader(dataset, **loader_kwargs)
-
     def _dataset(
         self,
-        data: Any,
+        source: Source,
         name: str,
         *,
         dataset_format: str | None,
@@ -125,11 +130,7 @@ class SFTTrainer(Trainer):
         completion_only_loss: bool,
         assistant_only_loss: bool,
     ) -> Dataset:
-        if self.tokenizer is None:
-            raise ValueError(f"{name} is raw data: pass tokenizer= (or a model path to load it from).")
-        source = load_source(data)
-        if len(source) == 0:
-            raise ValueError(f"{name} has no rows.")
+        assert self.tokenizer is not None  # as_loader refuses raw data without one
         fmt = dataset_format or infer_format(source[0], name)
         if assistant_only_loss and fmt != "conversational":
             raise ValueError(f"assistant_only_loss=True applies to conversational data, but {name} is {fmt!r}.")

@@ -76,6 +76,8 @@ class Trainer:
         >>> trainer.train()
     """
 
+    reports_perplexity = True  # evaluate() adds exp(loss); objectives whose loss is no token NLL turn it off
+
     def __init__(
         self,
         model: Model,
@@ -418,7 +420,9 @@ class Trainer:
         host = jax.device_get(totals)
         weight = max(float(host.weight), 1.0)
         loss = float(host.total) / weight
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+        metrics = {"loss": loss}
+        if self.reports_perplexity:
+            metrics["perplexity"] = math.exp(min(loss, 80.0))
         metrics.update({k: float(v) / weight for k, v in host.sums.items()})
         step = _step if _step is not None else (int(jax.device_get(self.state.step)) if self.state else 0)
         self.eval_history.append({"step": step, **metrics})
