@@ -18,7 +18,7 @@ from kithara import data, distributed
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
-from kithara.objectives import DPOTrainer, IterativeSFTTrainer, SFTTrainer
+from kithara.objectives import CycleTrainer, DPOTrainer, IterativeSFTTrainer, SFTTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -33,6 +33,7 @@ __all__ = [
     "Architecture",
     "Callback",
     "Checkpointer",
+    "CycleTrainer",
     "DPOTrainer",
     "Dataloader",
     "IterativeSFTTrainer",

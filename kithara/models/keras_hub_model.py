@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import keras
@@ -22,6 +22,7 @@ from rich.table import Table
 from kithara import sharding as sharding_lib
 from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
+from kithara.models.generation import Generator
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import Model, ModelVariables
 from kithara.models.precision import keras_policy
@@ -75,6 +76,8 @@ class KerasHubModel(Model):
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
+        self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
+        self._generator: Any = None  # built by the first generate()
         if lora is not None:
             names = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
             self._lora_layers = enable_lora(self.backbone, lora, layer_layout(names))
@@ -305,35 +308,96 @@ class KerasHubModel(Model):
 
     def generate(
         self,
-        token_ids: Sequence[Sequence[int]],
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int | None = None,
         *,
-        max_length: int,
-        stop_token_ids: Sequence[int] | None = None,
-    ) -> list[list[int]]:
-        """Greedy continuation of each prompt up to ``max_length`` tokens in total.
+        max_length: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token_ids: Sequence[int] | str | None = "auto",
+        seed: int | jax.Array = 0,
+        variables: ModelVariables | None = None,
+        tokenizer: Any = None,
+    ) -> Any:
+        """Continues each prompt with a KV cache in one jitted loop on the model's mesh.
 
-        Returns only the new tokens of each row, cut after the first stop token.
+        Prompts, new-token counts and the batch are padded to power-of-two buckets, so
+        repeated calls (say, inside a training loop) compile once per bucket and sampling
+        mode (see docs/generation.md).
+
+        Args:
+            prompts: a string or list of strings (needs ``tokenizer`` or ``self.tokenizer``;
+                returns strings), or a list of token-id lists (returns token-id lists).
+            max_new_tokens: tokens to add to each prompt at most.
+            max_length: instead of ``max_new_tokens``: total length of each row at most.
+            temperature: 0 (default) is greedy; otherwise sample from ``softmax(logits / t)``.
+            top_k: sample among the ``k`` most likely tokens only.
+            top_p: sample from the smallest set of likeliest tokens with mass ``top_p``.
+            stop_token_ids: a row ends at the first of these (not returned). ``"auto"``: the
+                tokenizer's EOS with string prompts, none with token ids.
+            seed: an int or a ``jax.random`` key for sampling.
+            variables: the variables to generate with (a trainer's current state, or another
+                LoRA adapter set); default ``self.variables``. Nothing is copied.
+            tokenizer: a ``kithara.Tokenizer`` for string prompts (default ``self.tokenizer``).
+
+        Example:
+            >>> model.tokenizer = tokenizer
+            >>> model.generate(["2 + 2 ="], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=1)
         """
-        if any(len(row) >= max_length for row in token_ids):
-            raise ValueError(f"A prompt is as long as max_length={max_length}; nothing left to generate.")
-        ids = np.zeros((len(token_ids), max_length), np.int32)
-        mask = np.zeros((len(token_ids), max_length), bool)
-        for i, row in enumerate(token_ids):
-            ids[i, : len(row)], mask[i, : len(row)] = row, True
-        if not isinstance(getattr(self.causal_lm, "sampler", None), keras_hub.samplers.GreedySampler):
-            self.causal_lm.compile(sampler="greedy")
-        generate_fn = self.causal_lm.make_generate_function()
-        out = generate_fn({"token_ids": ids, "padding_mask": mask}, stop_token_ids=tuple(stop_token_ids or ()) or None)
-        out_ids = np.asarray(out["token_ids"])
-        results = []
-        for i, row in enumerate(token_ids):
-            new = out_ids[i, len(row) :].tolist()
-            for j, token in enumerate(new):
-                if stop_token_ids and token in stop_token_ids:
-                    new = new[:j]
-                    break
-            results.append(new)
-        return results
+        single = isinstance(prompts, str)
+        as_text = single or (len(prompts) > 0 and isinstance(prompts[0], str))
+        tokenizer = tokenizer or self.tokenizer
+        if as_text and tokenizer is None:
+            raise ValueError("String prompts need a tokenizer: pass tokenizer= or set model.tokenizer.")
+        texts = [prompts] if single else list(prompts)
+        if not texts:
+            raise ValueError("generate() got no prompts.")
+        if as_text:
+            token_ids = [tokenizer.encode_text(t) for t in texts]
+        else:
+            token_ids = [[int(t) for t in cast(Sequence[int], r)] for r in texts]
+        if any(len(r) == 0 for r in token_ids):
+            raise ValueError("Every prompt needs at least one token (a BOS will do).")
+        if (max_new_tokens is None) == (max_length is None):
+            raise ValueError("Pass exactly one of max_new_tokens and max_length.")
+        if max_new_tokens is not None:
+            if max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+            ends = [len(r) + max_new_tokens for r in token_ids]
+        else:
+            assert max_length is not None
+            if any(len(r) >= max_length for r in token_ids):
+                raise ValueError(f"A prompt is as long as max_length={max_length}; nothing left to generate.")
+            ends = [max_length] * len(token_ids)
+        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
+            raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}.")
+        if stop_token_ids == "auto":
+            stop_token_ids = [tokenizer.eos_id] if as_text else None
+        if isinstance(stop_token_ids, str):
+            raise ValueError(f"stop_token_ids must be a list of ids, None or 'auto', got {stop_token_ids!r}.")
+        if self._generator is None:
+            self._generator = Generator(self)
+        rng = jax.random.key(seed) if isinstance(seed, int) else seed
+        outputs = self._generator(
+            token_ids,
+            ends,
+            variables=variables if variables is not None else self.variables,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_token_ids=list(stop_token_ids or ()),
+            rng=rng,
+        )
+        if not as_text:
+            return outputs
+        decoded = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        return decoded[0] if single else decoded
+
+    @property
+    def generate_compilations(self) -> int:
+        """How many decode programs ``generate`` has compiled (one per bucket and sampling mode)."""
+        return 0 if self._generator is None else self._generator.compilations
 
     def summary(self) -> str:
         """A one-screen description: family, precision, mesh, parameter counts, groups."""

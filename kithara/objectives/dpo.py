@@ -18,6 +18,7 @@ from kithara.data.dataloader import Dataloader
 from kithara.data.formats import PreferenceDataset
 from kithara.data.sources import Source
 from kithara.data.tokenizer import Tokenizer
+from kithara.models.adapters import adapter_off
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses
 from kithara.objectives.inputs import as_loader, resolve_model
@@ -28,16 +29,6 @@ from kithara.trainer.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def adapter_off(variables: ModelVariables) -> ModelVariables:
-    """The same variables with every LoRA ``lora_kernel_b`` zeroed: keras-hub computes
-    ``kernel + (a @ b) * scale``, so this is the base model, without a second weight copy."""
-
-    def off(tree: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return {p: jnp.zeros_like(v) if p.endswith("lora_kernel_b") else v for p, v in tree.items()}
-
-    return ModelVariables(off(variables.trainable), off(variables.non_trainable))
 
 
 def has_lora(model: Model) -> bool:

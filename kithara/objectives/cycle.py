@@ -1,0 +1,312 @@
+"""CycleTrainer: two mappings A->B and B->A learned from non-parallel text (cycle training).
+
+One cycle step: model B translates a batch of real B text (no gradient); model A is trained
+to map that synthetic A text back to the real B text (the only supervised tokens). Then the
+mirror image: model A (already updated) translates real A text and model B learns to map it
+back. Each side has its own optimizer state and its own jitted update, which leaves the
+other side's variables untouched. Causal LMs only: keras-hub does generate with its
+seq2seq models (BART, T5, T5Gemma: ``call_decoder_with_cache``), but kithara's
+``KerasHubModel`` wraps ``CausalLM`` alone so far (see docs/cycle.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from kithara import sharding as sharding_lib
+from kithara.data.tokenizer import Tokenizer
+from kithara.models.keras_hub_model import KerasHubModel
+from kithara.models.model import ModelVariables
+from kithara.objectives.cycle_models import SIDES, CyclePair, TwoAdapters, TwoModels, on_side, per_side
+from kithara.trainer import step as step_lib
+from kithara.trainer.losses import LossOutput, next_token_cross_entropy
+from kithara.trainer.state import TrainState
+from kithara.trainer.trainer import Trainer
+
+Row = tuple[list[int], list[bool]]  # token ids and which of them are supervised
+Metrics = Callable[[str, list[str], list[str], list[str]], Mapping[str, float]]
+OTHER = {"A": "B", "B": "A"}
+
+
+class _Texts:
+    """What the base loop reads from a train or eval "loader": sizes, never batches."""
+
+    packing = False
+
+    def __init__(self, batches_per_epoch: int, sequence_length: int) -> None:
+        self.batches_per_epoch, self.sequence_length = batches_per_epoch, sequence_length
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class CycleTrainer(Trainer):
+    """Cycle training of two causal LMs, or of two LoRA adapters on one frozen base.
+
+    Model ``"A"`` maps language A to B, model ``"B"`` maps B to A. Rows look like
+    ``[BOS] source{separator} target EOS`` with loss on `` target EOS`` (override
+    ``format_prompt`` and ``prepare_cycle_inputs`` to change that).
+
+    Args:
+        models: ``{"A": model, "B": model}`` (two models, any families, one mesh), or one
+            ``KerasHubModel`` with LoRA (adapters ``"A"`` and ``"B"`` over one frozen base).
+        tokenizers: one ``kithara.Tokenizer`` or ``{"A": ..., "B": ...}``.
+        train_dataset_A / train_dataset_B: non-parallel texts of each language.
+        eval_dataset_A / eval_dataset_B: texts of each language, or ``(source, reference)``
+            pairs (source in that language). Texts give ``cycle_loss_<side>`` (the training
+            objective on held-out text); pairs give the supervised ``loss_<side>`` and
+            ``compute_metrics`` on greedy translations.
+        optimizer: an optax transformation (one state per side) or ``{"A": ..., "B": ...}``.
+        steps / epochs: cycle steps to run (an epoch: the smaller dataset once).
+        batch_size: texts per side per step.
+        max_length: tokens per training row (longer rows are cut at the end).
+        max_new_tokens: tokens each synthetic translation may have.
+        separator: text between source and target.
+        generation_kwargs: extra ``generate`` options for synthetic text (e.g. temperature).
+        compute_metrics: ``f(side, sources, generations, references) -> {name: value}``.
+        **trainer_kwargs: the base ``Trainer``'s options (``checkpointer``, ``tensorboard_dir``,
+            ``eval_steps_interval``, ``seed``, ...).
+
+    Example:
+        >>> trainer = kithara.CycleTrainer(models=lora_model, tokenizers=tokenizer,
+        ...     train_dataset_A=texts_a, train_dataset_B=texts_b, optimizer=kithara.optimizers.adamw(1e-3),
+        ...     steps=200, batch_size=16, max_length=48, max_new_tokens=16)
+        >>> trainer.train(); trainer.evaluate()
+    """
+
+    def __init__(
+        self,
+        models: KerasHubModel | Mapping[str, KerasHubModel],
+        tokenizers: Tokenizer | Mapping[str, Tokenizer],
+        train_dataset_A: Sequence[str],
+        train_dataset_B: Sequence[str],
+        eval_dataset_A: Sequence[str] | Sequence[tuple[str, str]] | None = None,
+        eval_dataset_B: Sequence[str] | Sequence[tuple[str, str]] | None = None,
+        *,
+        optimizer: optax.GradientTransformation | Mapping[str, optax.GradientTransformation],
+        steps: int | None = None,
+        epochs: int | None = None,
+        batch_size: int = 8,
+        max_length: int = 64,
+        max_new_tokens: int = 32,
+        separator: str = " =",
+        generation_kwargs: Mapping[str, Any] | None = None,
+        compute_metrics: Metrics | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        pair: CyclePair = TwoAdapters(models) if isinstance(models, KerasHubModel) else TwoModels(models)
+        self.pair = pair
+        self.tokenizers = {s: tokenizers for s in SIDES} if isinstance(tokenizers, Tokenizer) else dict(tokenizers)
+        if set(self.tokenizers) != set(SIDES):
+            raise ValueError(
+                f"tokenizers must be one Tokenizer or {{'A': ..., 'B': ...}}, got {sorted(self.tokenizers)}."
+            )
+        self.train_texts = {"A": list(train_dataset_A), "B": list(train_dataset_B)}
+        self.eval_data = {"A": list(eval_dataset_A or ()), "B": list(eval_dataset_B or ())}
+        if batch_size < 1 or max_length < 4 or max_new_tokens < 1:
+            raise ValueError("Need batch_size >= 1, max_length >= 4 and max_new_tokens >= 1.")
+        per_epoch = min(len(t) for t in self.train_texts.values()) // batch_size
+        if per_epoch == 0:
+            raise ValueError(f"Each train dataset needs at least batch_size={batch_size} texts.")
+        if trainer_kwargs.get("gradient_accumulation_steps", 1) != 1:
+            raise ValueError("CycleTrainer makes one update per side per step; use a larger batch_size instead.")
+        self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        self.separator = separator
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.compute_metrics = compute_metrics
+        self.side_tx = dict(optimizer) if isinstance(optimizer, Mapping) else dict.fromkeys(SIDES, optimizer)
+        if set(self.side_tx) != set(SIDES) or not all(
+            isinstance(t, optax.GradientTransformation) for t in self.side_tx.values()
+        ):
+            raise ValueError("optimizer must be an optax GradientTransformation or {'A': ..., 'B': ...} of them.")
+        has_eval = any(self.eval_data.values())
+        super().__init__(
+            pair,
+            per_side(self.side_tx),
+            _Texts(per_epoch, max_length),  # type: ignore[arg-type]
+            _Texts(1, max_length) if has_eval else None,  # type: ignore[arg-type]
+            steps,
+            epochs,
+            **trainer_kwargs,
+        )
+        mesh = pair.mesh
+        self.rows_per_step = -(-batch_size // sharding_lib.batch_shards(mesh)) * sharding_lib.batch_shards(mesh)
+        self._side_step = {
+            s: jax.jit(
+                functools.partial(self.side_update, side=s),
+                in_shardings=(self.state_shardings, sharding_lib.batch_sharding(mesh, leading_dims=1)),
+                out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)),
+                donate_argnames=("state",),
+            )
+            for s in SIDES
+        }
+        self._side_eval = {
+            s: jax.jit(functools.partial(step_lib.eval_step, loss_fn=functools.partial(self.side_loss, side=s)))
+            for s in SIDES
+        }
+        self._train_step_fn = self.cycle_step  # type: ignore[assignment]
+
+    # Hooks ------------------------------------------------------------------------------
+
+    def format_prompt(self, text: str, side: str) -> str:
+        """What model ``side`` reads before it writes the translation of ``text``."""
+        return f"{text}{self.separator}"
+
+    def prepare_cycle_inputs(self, sources: Sequence[str], targets: Sequence[str], side: str) -> list[Row]:
+        """Training rows for model ``side``: ``[BOS] prompt(source) target EOS`` (a space before
+        the target) in its
+        tokenizer, supervised on ``target EOS`` only. In a cycle step the sources are the
+        other model's synthetic text and the targets the original text."""
+        tok = self.tokenizers[side]
+        rows = []
+        for source, target in zip(sources, targets, strict=True):
+            prompt = tok.encode_text(self.format_prompt(source, side))
+            joined = tok.encode_text(f"{self.format_prompt(source, side)} {target}")
+            answer = joined[len(prompt) :] if joined[: len(prompt)] == prompt else tok.encode(target)
+            rows.append(([*prompt, *answer, tok.eos_id], [False] * len(prompt) + [True] * (len(answer) + 1)))
+        return rows
+
+    # Pure pieces ------------------------------------------------------------------------
+
+    def side_loss(
+        self, variables: ModelVariables, batch: step_lib.Batch, rng: jax.Array, *, side: str
+    ) -> tuple[LossOutput, dict[str, jax.Array]]:
+        """Next-token cross-entropy of model ``side`` (its own variables) on ``batch``."""
+        del rng
+        logits, non_trainable = self.pair.side_model(side).apply(variables, batch, training=True)
+        return next_token_cross_entropy(logits, batch["labels"], batch["label_mask"]), non_trainable
+
+    def side_update(self, state: TrainState, batch: step_lib.Batch, *, side: str) -> tuple[TrainState, dict]:
+        """One optimizer update of ``side`` only: the other side's variables and optimizer
+        state pass through as they are. The step counter advances after side B."""
+        own = TrainState(self.pair.side_variables(state.model, side), state.opt_state[side], state.step, state.rng)
+        loss_fn = functools.partial(self.side_loss, side=side)
+        new, metrics = step_lib.train_step(own, batch, loss_fn=loss_fn, tx=on_side(self.side_tx[side], side))
+        return TrainState(
+            self.pair.merge_side(state.model, side, new.model),
+            {**state.opt_state, side: new.opt_state},
+            new.step if side == SIDES[-1] else state.step,
+            new.rng,
+        ), metrics
+
+    # The step ---------------------------------------------------------------------------
+
+    def translate(self, variables: ModelVariables, side: str, texts: Sequence[str], seed: int = 0) -> list[str]:
+        """Model ``side``'s translations of ``texts`` with the given pair variables."""
+        tok = self.tokenizers[side]
+        prompts = [tok.encode_text(self.format_prompt(t, side)) for t in texts]
+        options = {"stop_token_ids": [tok.eos_id], **self.generation_kwargs}
+        out = self.pair.side_model(side).generate(
+            prompts,
+            self.max_new_tokens,
+            variables=self.pair.side_variables(variables, side),
+            seed=jax.random.fold_in(jax.random.key(self.seed), seed),
+            **options,
+        )
+        return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    def cycle_step(self, state: TrainState, batch: Mapping[str, list[str]]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """B translates B's texts, A learns to map them back; then the mirror image."""
+        metrics: dict[str, jax.Array] = {}
+        step = int(jax.device_get(state.step))
+        for side in SIDES:
+            other = OTHER[side]
+            synthetic = self.translate(state.model, other, batch[other], seed=2 * step + (side == "B"))
+            rows = self.prepare_cycle_inputs(synthetic, batch[other], side)
+            arrays = self._rows_to_arrays(rows)
+            state, side_metrics = self._side_step[side](state, {k: v[None] for k, v in arrays.items()})
+            metrics.update({f"{k}_{side}": v for k, v in side_metrics.items()})
+        metrics["loss"] = (metrics["loss_A"] + metrics["loss_B"]) / 2
+        metrics["tokens"] = metrics.pop("tokens_A") + metrics.pop("tokens_B")
+        return state, metrics
+
+    def _rows_to_arrays(self, rows: Sequence[Row]) -> dict[str, jax.Array]:
+        """``[rows_per_step, max_length]`` inputs, labels and masks (rows cut at the end;
+        padding rows fully masked), sharded over the batch axes."""
+        n, length = self.rows_per_step, self.max_length
+        out = {
+            "token_ids": np.zeros((n, length), np.int32),
+            "padding_mask": np.zeros((n, length), bool),
+            "labels": np.zeros((n, length), np.int32),
+            "label_mask": np.zeros((n, length), bool),
+        }
+        for i, (ids, supervised) in enumerate(rows):
+            ids, supervised = ids[: length + 1], supervised[: length + 1]
+            k = len(ids) - 1
+            out["token_ids"][i, :k] = ids[:-1]
+            out["padding_mask"][i, :k] = True
+            out["labels"][i, :k] = ids[1:]
+            out["label_mask"][i, :k] = supervised[1:]
+        return _global(out, self.pair)
+
+    def _batches(self, start_step: int) -> Iterator[tuple[int, dict[str, list[str]]]]:  # type: ignore[override]
+        """Texts of each side for every step from ``start_step``: a fresh seeded order per
+        epoch and side, so the position is a function of the step and resumes exactly."""
+        self._restored_data_state = None
+        size = self.batch_size
+        for step in range(start_step, 2**62):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            batch = {}
+            for k, side in enumerate(SIDES):
+                order = np.random.default_rng([self.seed, epoch, k]).permutation(len(self.train_texts[side]))
+                batch[side] = [self.train_texts[side][i] for i in order[index * size : (index + 1) * size]]
+            yield epoch, batch
+
+    # Evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, *, _step: int | None = None) -> dict[str, float]:
+        """Per direction: ``loss_<side>`` (teacher-forced, on eval pairs), ``cycle_loss_<side>``
+        (the cycle objective on the other side's eval texts) and ``compute_metrics`` on
+        greedy translations of the eval pairs' sources (suffixed ``_<side>``)."""
+        if not any(self.eval_data.values()):
+            raise ValueError("evaluate() needs eval_dataset_A or eval_dataset_B.")
+        variables = self._live_model_variables()
+        metrics: dict[str, float] = {}
+        for side in SIDES:
+            pairs = [x for x in self.eval_data[side] if not isinstance(x, str)]
+            texts = [x for x in self.eval_data[OTHER[side]] if isinstance(x, str)]
+            if pairs:
+                sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
+                metrics[f"loss_{side}"] = self._eval_loss(variables, side, sources, references)
+                if self.compute_metrics is not None:
+                    generated = self._translate_all(variables, side, sources)
+                    for name, value in self.compute_metrics(side, sources, generated, references).items():
+                        metrics[f"{name}_{side}"] = float(value)
+            if texts:
+                synthetic = self._translate_all(variables, OTHER[side], texts)
+                metrics[f"cycle_loss_{side}"] = self._eval_loss(variables, side, synthetic, texts)
+        step = _step if _step is not None else (int(jax.device_get(self.state.step)) if self.state else 0)
+        self.eval_history.append({"step": step, **metrics})
+        for cb in self.callbacks:
+            cb.on_eval_end(self, step, metrics)
+        if _step is None:
+            self.model.variables = variables
+        return metrics
+
+    def _translate_all(self, variables: ModelVariables, side: str, texts: Sequence[str]) -> list[str]:
+        size = self.rows_per_step  # one batch bucket for every call
+        return [t for i in range(0, len(texts), size) for t in self.translate(variables, side, texts[i : i + size])]
+
+    def _eval_loss(self, variables: ModelVariables, side: str, sources: list[str], targets: list[str]) -> float:
+        rows = self.prepare_cycle_inputs(sources, targets, side)
+        side_vars = self.pair.side_variables(variables, side)
+        total = weight = 0.0
+        for i in range(0, len(rows), self.rows_per_step):
+            out = jax.device_get(
+                self._side_eval[side](side_vars, self._rows_to_arrays(rows[i : i + self.rows_per_step]))
+            )
+            total, weight = total + float(out.total), weight + float(out.weight)
+        return total / max(weight, 1.0) if weight else math.nan
+
+
+def _global(local: Mapping[str, np.ndarray], pair: CyclePair) -> dict[str, jax.Array]:
+    """The full batch (every process builds the same one) as global arrays over the batch axes."""
+    sharding = sharding_lib.batch_sharding(pair.mesh)
+    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__) for k, v in local.items()}
