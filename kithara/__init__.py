@@ -14,7 +14,7 @@ if keras.backend.backend() != "jax":
         "Set KERAS_BACKEND=jax (or unset it) before importing keras."
     )
 
-from kithara import data
+from kithara import data, distributed
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
@@ -52,5 +52,6 @@ __all__ = [
     "Trainer",
     "__version__",
     "data",
+    "distributed",
     "optimizers",
 ]

@@ -38,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", handlers=[RichHandler(show_path=False)])
+    # force: importing kithara (orbax, through absl) already gave the root logger a WARNING-level
+    # handler, which would make this call a no-op and hide every INFO line.
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(message)s", handlers=[RichHandler(show_path=False)], force=True
+    )
     for noisy in ("jax._src.xla_bridge", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # transformers (tokenizers only here) advises at import that PyTorch is absent; kithara never needs it.
@@ -57,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
-    _report(console, result)
+    import jax
+
+    if jax.process_index() == 0:  # one report per job, not one per host
+        _report(console, result)
     return 0
 
 

@@ -100,6 +100,18 @@ class DPOSection:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Joining the processes of a multi-host job (see docs/distributed.md). All unset: JAX
+    detects a TPU slice, SLURM or Open MPI job, or else the run is a single process."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None  # differs per process: pass it with --set distributed.process_id=N
+    initialization_timeout: int = 300  # seconds to wait for all processes to connect
+    heartbeat_timeout: int = 100  # seconds of silence after which a process counts as dead
+
+
+@dataclasses.dataclass
 class RunConfig:
     objective: str = "sft"  # sft (next-token loss on the data's label mask) | dpo
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -109,6 +121,7 @@ class RunConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     generation_eval: GenerationEvalConfig = dataclasses.field(default_factory=GenerationEvalConfig)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     cpu_devices: int | None = 8  # forced host devices when running on CPU; None leaves JAX's default
 
 
@@ -162,3 +175,18 @@ def _resolve(value: str, base: Path) -> str:
 
 def to_yaml(config: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_flat_dict(config: RunConfig) -> dict[str, Any]:
+    """``{"trainer.steps": 400, ...}``: every leaf value under its dotted name."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}{key}.", item)
+        else:
+            flat[prefix.rstrip(".")] = value
+
+    visit("", dataclasses.asdict(config))
+    return flat

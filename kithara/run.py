@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import optax
 
+from kithara import distributed
 from kithara.callbacks import Checkpointer
-from kithara.config import RunConfig
+from kithara.config import RunConfig, to_flat_dict
 from kithara.data.dataloader import Dataloader
 from kithara.data.formats import DATASETS, Dataset
 from kithara.data.tokenizer import Tokenizer
@@ -34,6 +35,19 @@ def configure_cpu_devices(count: int | None) -> None:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as error:  # backends already initialised by earlier JAX use
         logger.warning("Could not set %d CPU devices (%s); using %d.", count, error, len(jax.devices()))
+
+
+def join_processes(config: RunConfig) -> None:
+    """Joins the job's processes (``config.distributed``) and checks that they all run the
+    same configuration; on processes other than 0, only warnings and errors are logged."""
+    d = config.distributed
+    timeouts = distributed.DistributedTimeouts(initialization=d.initialization_timeout, heartbeat=d.heartbeat_timeout)
+    if not distributed.initialize(d.coordinator_address, d.num_processes, d.process_id, timeouts=timeouts):
+        return
+    if jax.process_index() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one console log per job, from process 0
+    settings = {k: v for k, v in to_flat_dict(config).items() if k != "distributed.process_id"}
+    distributed.check_same_on_all_processes(settings, "run configuration")
 
 
 def build_model(config: RunConfig, vocab_size: int | None = None) -> KerasHubModel:
@@ -128,6 +142,7 @@ def objective(config: RunConfig) -> tuple[type[Trainer], dict[str, Any]]:
 def run(config: RunConfig) -> dict[str, Any]:
     """Trains as configured; returns losses, eval metrics and exact match before/after."""
     configure_cpu_devices(config.cpu_devices)  # only affects the CPU platform
+    join_processes(config)  # before anything touches devices
     d, t = config.data, config.trainer
     trainer_class, objective_options = objective(config)
     tokenizer = Tokenizer.from_pretrained(d.tokenizer)

@@ -245,69 +245,6 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert kithara.Checkpointer(str(save_dir)).manager.all_steps() == [4, 8, 12]
 
 
-MULTI_PROCESS_SCRIPT = """
-import sys
-import jax
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-sys.path.insert(0, {tests!r})
-from conftest import pattern_examples, tiny_model
-import numpy as np
-from jax.experimental import multihost_utils
-import kithara
-
-loader = kithara.Dataloader(pattern_examples(64), 1, seed=0)
-trainer = kithara.Trainer(tiny_model(sharding="fsdp"), kithara.optimizers.adamw(1e-2), loader, steps=3,
-                          progress_bar=False, checkpointer=kithara.Checkpointer(sys.argv[3], save_interval=2))
-trainer.train()
-params = {{k: multihost_utils.process_allgather(v, tiled=True) for k, v in trainer.model.variables.trainable.items()}}
-if jax.process_index() == 0:
-    np.savez(sys.argv[4], **{{k.replace("/", "|"): v for k, v in params.items()}})
-"""
-
-
-@pytest.mark.slow
-def test_two_processes_write_one_checkpoint_that_restores_on_one(examples, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "mp.py"
-    script.write_text(MULTI_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": WORKTREE}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    save_dir, params_file = tmp_path / "ckpt", tmp_path / "params.npz"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(save_dir), str(params_file)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=180)[0].decode()[-3000:] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert sorted(p.name for p in (save_dir / "3" / "state").glob("ocdbt.process_*")) == [
-        "ocdbt.process_0",
-        "ocdbt.process_1",
-    ]
-    one = kithara.ShardingStrategy("dp", devices=jax.devices()[:1])
-    loader = kithara.Dataloader(examples, 1, num_devices=1)
-    target = kithara.Trainer(tiny_model(sharding=one), kithara.optimizers.adamw(1e-2), loader, progress_bar=False)
-    state, _ = kithara.Checkpointer(str(save_dir)).restore(target)
-    assert int(state.step) == 3
-    with np.load(params_file, allow_pickle=False) as saved:
-        for key in saved.files:
-            np.testing.assert_array_equal(np.asarray(state.model.trainable[key.replace("|", "/")]), saved[key])
-
-
 def test_resume_with_a_keras_optimizer_is_exact(examples, tmp_path):
     import keras
 
@@ -353,3 +290,12 @@ def test_synchronous_saves_restore_without_pickle(examples, tmp_path, monkeypatc
     for path, value in first.model.variables.trainable.items():
         np.testing.assert_array_equal(np.asarray(second.model.variables.trainable[path]), np.asarray(value))
     assert np.isfinite(expected).all()
+
+
+def test_a_relative_checkpoint_directory_works(examples, tmp_path, monkeypatch):
+    """`--set trainer.checkpoint_dir=runs/x`: orbax needs an absolute path, the Checkpointer makes one."""
+    monkeypatch.chdir(tmp_path)
+    checkpointer = kithara.Checkpointer("runs/ckpt", save_interval=1)
+    assert checkpointer.save_dir == str(tmp_path / "runs" / "ckpt")
+    make_trainer(tiny_model(), examples, steps=1, checkpointer=checkpointer).train()
+    assert kithara.Checkpointer("runs/ckpt").latest_step() == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,8 @@ class Checkpointer(Callback):
     shapes and dtypes against the model before reading, and the checksums after.
 
     Args:
-        save_dir: directory holding one subdirectory per saved step.
+        save_dir: directory holding one subdirectory per saved step (local, relative to the
+            working directory, or a URL such as ``gs://...``).
         save_interval: save every this many optimizer steps (the last step is always saved).
         max_to_keep: keep only the newest this many checkpoints (None keeps all).
         async_save: write in a background thread while training goes on (arrays are copied
@@ -67,7 +69,9 @@ class Checkpointer(Callback):
             raise ValueError(f"save_interval must be a positive int, got {save_interval!r}.")
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
-        self.save_dir = str(save_dir)
+        save_dir = str(save_dir)
+        # orbax's array store refuses relative paths; a local one is taken from the working directory.
+        self.save_dir = save_dir if "://" in save_dir else os.path.abspath(save_dir)
         self.save_interval = save_interval
         self.max_to_keep = max_to_keep
         self.async_save = async_save

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import logging
 import math
@@ -20,6 +21,7 @@ import optax
 from kithara import sharding as sharding_lib
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data.dataloader import DataIterator, Dataloader, pad_length
+from kithara.distributed.consistency import check_same_on_all_processes
 from kithara.models.model import Model, ModelVariables
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
@@ -161,6 +163,9 @@ class Trainer:
         self._param_shapes = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in params.trainable.items()}
         self.tx = as_gradient_transformation(optimizer, self._param_shapes)
         self.state_shardings = self._state_shardings()
+        # Processes set up differently would compile different steps and hang in their first
+        # collective; compare them now and name the difference instead.
+        check_same_on_all_processes(self._setup_description(), "trainer set-up")
         self._train_step_fn = jax.jit(
             functools.partial(self.train_step, loss_fn=self.compute_loss, tx=self.tx),
             in_shardings=(self.state_shardings, sharding_lib.batch_sharding(model.mesh, leading_dims=1)),
@@ -208,6 +213,28 @@ class Trainer:
         opt_shardings = state_shardings(opt_shapes, model_shardings.trainable, self._param_shapes, mesh)
         replicated = sharding_lib.replicated(mesh)
         return TrainState(model=model_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
+
+    def _setup_description(self) -> dict[str, Any]:
+        """What must be identical on every process: mesh, schedule, batch and state layout."""
+
+        def digest(tree: Any) -> str:
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return hashlib.sha256(repr(leaves).encode()).hexdigest()[:16]
+
+        shapes = jax.eval_shape(self.tx.init, self._param_shapes)
+        return {
+            "mesh": {name: int(size) for name, size in self.model.mesh.shape.items()},
+            "steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            # None without a loader: batches then come through run_step.
+            "global_batch_size": loader.global_batch_size if (loader := self.train_dataloader) else None,
+            "sequence_length": loader.sequence_length if loader else None,
+            "seed": self.seed,
+            "trainable_variables": f"{len(self._param_shapes)} arrays, {digest(self._param_shapes)}",
+            "variable_shardings": digest(jax.tree.map(lambda s: s.spec, self.state_shardings.model)),
+            "optimizer_state": digest(shapes),
+        }
 
     def init_state(self) -> TrainState:
         """A fresh state from the model's current variables."""

@@ -1,0 +1,80 @@
+"""One training script for one process, for every host of a multi-host job, or for Ray.
+
+Run:
+    python examples/multihost.py                      # one process, 8 CPU devices
+    # two processes on this machine, 4 CPU devices each (one shell each):
+    python examples/multihost.py --coordinator 127.0.0.1:1234 --num-processes 2 --process-id 0
+    python examples/multihost.py --coordinator 127.0.0.1:1234 --num-processes 2 --process-id 1
+    python examples/multihost.py --ray 2              # 2 Ray workers (pip install "kithara[ray]")
+
+On a Cloud TPU slice or under SLURM, run it with no flags on every host: the processes find
+each other. See docs/distributed.md.
+"""
+
+import argparse
+import logging
+import math
+
+import jax
+
+import kithara
+from kithara.config import load_config
+from kithara.run import build_dataset, build_model, build_optimizer
+
+
+def train(steps: int) -> float:
+    """The whole program of one process: data, model, trainer. Returns the last loss."""
+    if jax.process_index() != 0:
+        logging.getLogger("kithara").setLevel(logging.WARNING)  # one log per job
+    config = load_config(None, [f"trainer.steps={steps}"])
+    tokenizer = kithara.Tokenizer.from_pretrained(config.data.tokenizer)
+    # Each process reads and tokenizes only its own share of the rows.
+    loader = kithara.Dataloader(build_dataset(config, config.data.train_file, tokenizer), 8)
+    model = build_model(config, vocab_size=tokenizer.vocab_size)  # FSDP over every host's devices
+    # The data order depends on the process count, so each count resumes from its own directory.
+    checkpointer = kithara.Checkpointer(f"runs/multihost/ckpt-{jax.process_count()}p", save_interval=50)
+    trainer = kithara.Trainer(
+        model,
+        build_optimizer(config, steps),
+        loader,
+        steps=steps,
+        log_steps_interval=10,
+        tensorboard_dir="runs/multihost",  # written by process 0 only
+        checkpointer=checkpointer,
+    )
+    history = trainer.train()
+    return history[-1]["loss"] if history else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--coordinator", help="host:port of process 0")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--ray", type=int, metavar="N", help="run on N Ray workers instead")
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.ray:
+        import ray
+
+        ray.init()
+        losses = kithara.distributed.run_on_ray(
+            train,
+            args.ray,
+            args=(args.steps,),
+            placement_strategy="PACK",  # a one-machine cluster; keep the default STRICT_SPREAD on real hosts
+            env_vars={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},  # CPU only
+        )
+        print(f"last loss on each worker: {losses}")
+        return
+    # CPU devices per process (accelerators ignore it), then join: both before devices start.
+    jax.config.update("jax_num_cpu_devices", 4 if args.num_processes else 8)
+    kithara.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    loss = train(args.steps)
+    if jax.process_index() == 0:
+        print(f"last loss: {loss:.4f} ({jax.process_count()} processes, {jax.device_count()} devices)")
+
+
+if __name__ == "__main__":
+    main()
