@@ -73,15 +73,16 @@ def rss_now_mib() -> float:
     return float("nan")
 
 
-def run_child(kind: str, specs: list[dict[str, Any]], timeout: float = 1800) -> list[dict[str, Any]]:
-    """Runs ``bench.child`` on configurations in a fresh interpreter; returns one result per
+def run_child(specs: list[dict[str, Any]], timeout: float = 1800) -> list[dict[str, Any]]:
+    """Runs ``bench.child`` on configurations (each names its ``kind``: ``sft``, ``dpo``,
+    ``overhead``, ``trl_sft``, ``trl_dpo``) in a fresh interpreter; returns one result per
     spec, each with ``peak_rss_mib``: the child's maximum resident memory as the kernel
     counted it (XLA allocates outside Python's allocator, so tracemalloc would miss most of
     it). Pass one spec per call for per-configuration memory; several share one process
     (and one peak), which only the smoke run does, to save start-up time."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.child", kind, json.dumps(specs)],
+        [sys.executable, "-m", "bench.child", json.dumps(specs)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -94,7 +95,7 @@ def run_child(kind: str, specs: list[dict[str, Any]], timeout: float = 1800) -> 
         raise
     line = next((x for x in reversed(out.splitlines()) if x.startswith(RESULT_PREFIX)), None)
     if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"bench child {kind} {specs} failed (exit {proc.returncode}):\n{err[-4000:]}")
+        raise RuntimeError(f"bench child {specs} failed (exit {proc.returncode}):\n{err[-4000:]}")
     results = json.loads(line[len(RESULT_PREFIX) :])
     for result in results:
         result["shared_process"] = len(specs) > 1
@@ -108,8 +109,8 @@ def finish_child(results: list[dict[str, Any]], rss_after_import_mib: float) -> 
     print(RESULT_PREFIX + json.dumps(results), flush=True)
 
 
-def run_configs(kind: str, specs: list[dict[str, Any]], *, shared: bool = False) -> list[dict[str, Any]]:
+def run_configs(specs: list[dict[str, Any]], *, shared: bool = False) -> list[dict[str, Any]]:
     """Each spec in its own child (per-configuration peak memory), or all in one (``shared``)."""
     if shared:
-        return run_child(kind, specs)
-    return [run_child(kind, [spec])[0] for spec in specs]
+        return run_child(specs)
+    return [run_child([spec])[0] for spec in specs]

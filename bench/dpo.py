@@ -88,16 +88,24 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
                                      **common)  # fmt: skip
     setup_s = time.perf_counter() - start  # includes precomputing reference log-probs
     history = trainer.train()
-    return {"params": model.num_params, "setup_s": setup_s, "loss_is_finite": bool(np.isfinite(history[-1]["loss"])), **summarize(history)}
+    finite = bool(np.isfinite(history[-1]["loss"]))
+    return {"params": model.num_params, "setup_s": setup_s, "loss_is_finite": finite, **summarize(history)}
 
 
-def bench_dpo(size: str, *, steps: int, seq: int, batch: int, shared: bool = False) -> list[dict[str, Any]]:
-    plan = [(m, False) for m in FULL_MODES] + [(m, True) for m in LORA_MODES]
-    specs = [{"size": size, "mode": m, "lora": lo, "steps": steps, "seq": seq, "batch": batch} for m, lo in plan]
-    results = [{**s, **r} for s, r in zip(specs, run_configs("dpo", specs, shared=shared), strict=True)]
+def bench_dpo(
+    size: str, *, steps: int, seq: int, batch: int, plan: list[tuple[str, bool]] | None = None, shared: bool = False
+) -> list[dict[str, Any]]:
+    """``plan``: (mode, LoRA) pairs; by default every mode, full fine-tuning and LoRA. A mode
+    without an SFT row of its own kind compares with the other kind's SFT."""
+    plan = plan or [(m, False) for m in FULL_MODES] + [(m, True) for m in LORA_MODES]
+    specs = [
+        {"kind": "dpo", "size": size, "mode": m, "lora": lo, "steps": steps, "seq": seq, "batch": batch}
+        for m, lo in plan
+    ]
+    results = [{**s, **r} for s, r in zip(specs, run_configs(specs, shared=shared), strict=True)]
     baseline = {r["lora"]: r for r in results if r["mode"] == "sft"}
     for r in results:
-        base = baseline[r["lora"]]
+        base = baseline.get(r["lora"]) or next(iter(baseline.values()))
         r["step_vs_sft"] = r["step_s"] / base["step_s"]
         r["memory_vs_sft"] = r["peak_rss_mib"] / base["peak_rss_mib"]
     return results

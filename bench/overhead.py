@@ -124,6 +124,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
 def bench_overhead(
     sizes: list[str], *, steps: int, rounds: int, seq: int, batch: int, shared: bool = False
 ) -> list[dict[str, Any]]:
-    specs = [{"size": size, "steps": steps, "rounds": rounds, "seq": seq, "batch": batch} for size in sizes]
-    results = run_configs("overhead", specs, shared=shared)
+    base = {"kind": "overhead", "steps": steps, "rounds": rounds, "seq": seq, "batch": batch}
+    specs = [{**base, "size": size} for size in sizes]
+    results = run_configs(specs, shared=shared)
     return [{"size": s["size"], "seq_len": seq, **r} for s, r in zip(specs, results, strict=True)]

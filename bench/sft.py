@@ -72,9 +72,9 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
 def bench_sft(
     plan: list[tuple[str, bool]], *, steps: int, seq: int, batch: int, peak_flops: float, shared: bool = False
 ) -> list[dict[str, Any]]:
-    specs = [{"size": size, "lora": lora, "steps": steps, "seq": seq, "batch": batch} for size, lora in plan]
+    specs = [{"kind": "sft", "size": s, "lora": lo, "steps": steps, "seq": seq, "batch": batch} for s, lo in plan]
     results = []
-    for spec, result in zip(specs, run_configs("sft", specs, shared=shared), strict=True):
+    for spec, result in zip(specs, run_configs(specs, shared=shared), strict=True):
         row = {"size": spec["size"], "lora": spec["lora"], "seq_len": seq, **result}
         row["mfu"] = mfu(row["flops_per_token"], row["tokens_per_s"], peak_flops)
         results.append(row)

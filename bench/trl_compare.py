@@ -21,6 +21,7 @@ preparation produces) and skips that preparation.
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import tempfile
@@ -114,7 +115,7 @@ def _step_timer() -> Any:
 
 def _timing(timer: Any, tokens_per_step: int, skip: int = 2) -> dict[str, float]:
     marks = [timer.begin, *timer.ends]
-    steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(marks)]
     steady = steps[skip:] or steps[-1:]
     step = statistics.median(steady)
     return {
@@ -194,12 +195,16 @@ def trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
 def bench_trl(size: str, *, steps: int, seq: int, batch: int, shared: bool = False) -> list[dict[str, Any]]:
     """kithara and TRL, SFT and DPO: one row per objective with both sides and the ratios."""
     base = {"size": size, "steps": steps, "seq": seq, "batch": batch}
-    kithara_sft = run_configs("sft", [{**base, "lora": False, "full": True}])[0]
-    kithara_dpo = run_configs("dpo", [{**base, "lora": False, "mode": "copy", "full": True}])[0]
-    torch_rows = run_configs("trl_sft", [base])[0], run_configs("trl_dpo", [base])[0]
-    del shared  # each side always has its own process: the memory ratio is the point
+    ours_rows = run_configs(
+        [
+            {**base, "kind": "sft", "lora": False, "full": True},
+            {**base, "kind": "dpo", "lora": False, "mode": "copy", "full": True},
+        ],
+        shared=shared,
+    )
+    theirs_rows = run_configs([{**base, "kind": "trl_sft"}, {**base, "kind": "trl_dpo"}], shared=shared)  # fmt: skip
     results = []
-    for objective, ours, theirs in zip(("sft", "dpo"), (kithara_sft, kithara_dpo), torch_rows, strict=True):
+    for objective, ours, theirs in zip(("sft", "dpo"), ours_rows, theirs_rows, strict=True):
         if ours.get("params", theirs["params"]) != theirs["params"]:
             raise SystemExit(f"kithara and TRL models differ: {ours['params']} vs {theirs['params']} parameters")
         results.append({
