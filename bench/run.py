@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites from {SUITES}")
     parser.add_argument("--cpu-devices", type=int, default=None, help="force this many JAX CPU devices")
+    parser.add_argument("--sizes", default=None, help="only these model sizes (comma-separated), e.g. tiny,small")
     args = parser.parse_args()
     suites = [s for s in args.only.split(",") if s]
     unknown = sorted(set(suites) - set(SUITES))
@@ -77,6 +78,14 @@ def main() -> None:
     from bench.report import markdown
 
     plan = PLANS["smoke" if args.smoke else "full"]
+    if args.sizes:
+        keep = set(args.sizes.split(","))
+        plan = {
+            **plan,
+            "sft": {**plan["sft"], "plan": [(s, lo) for s, lo in plan["sft"]["plan"] if s in keep]},
+            "overhead": {**plan["overhead"], "sizes": [s for s in plan["overhead"]["sizes"] if s in keep]},
+            "trl": {**plan["trl"], "sizes": [s for s in plan["trl"]["sizes"] if s in keep]},
+        }
     shared = args.smoke  # smoke: a suite's configurations share one child, to save start-up time
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
