@@ -114,3 +114,21 @@ def run_configs(specs: list[dict[str, Any]], *, shared: bool = False) -> list[di
     if shared:
         return run_child(specs)
     return [run_child([spec])[0] for spec in specs]
+
+
+def median_merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one configuration as one: the median of every number, a boolean
+    true only if true in every run (``loss_is_finite``), text from the first run, and
+    ``repeats`` set to how many were merged."""
+    import statistics
+
+    merged: dict[str, Any] = {}
+    for key, first in results[0].items():
+        values = [r[key] for r in results]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if isinstance(first, bool):
+            merged[key] = all(values)
+        else:
+            merged[key] = statistics.median(values) if numeric else first
+    merged["repeats"] = len(results)
+    return merged

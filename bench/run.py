@@ -32,14 +32,14 @@ PLANS: dict[str, dict[str, Any]] = {
         "peak": dict(size=2048, repeats=7),
         "sft": dict(plan=[(s, lo) for s in ("tiny", "small", "medium") for lo in (False, True)], steps=30, seq=128),
         "overhead": dict(sizes=["small", "medium"], steps=8, rounds=5, seq=128),
-        "trl": dict(sizes=["small", "medium"], steps=12, seq=128),
+        "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
         "dpo": dict(size="small", steps=20, seq=128),
     },
     "smoke": {
         "peak": dict(size=512, repeats=3),
         "sft": dict(plan=[("tiny", False), ("tiny", True)], steps=5, seq=32),
         "overhead": dict(sizes=["tiny"], steps=5, rounds=2, seq=32),
-        "trl": dict(sizes=["tiny"], steps=4, seq=32),
+        "trl": dict(sizes=["tiny"], steps=4, seq=32, repeats=1),
         "dpo": dict(
             size="tiny",
             steps=4,
@@ -122,7 +122,9 @@ def main() -> None:
             results["trl"] = [
                 row
                 for size in p["sizes"]
-                for row in bench_trl(size, steps=p["steps"], seq=p["seq"], batch=BATCH, shared=shared)
+                for row in bench_trl(
+                    size, steps=p["steps"], seq=p["seq"], batch=BATCH, repeats=p["repeats"], shared=shared
+                )
             ]
         elif suite == "dpo":
             from bench.dpo import bench_dpo

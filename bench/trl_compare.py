@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import LEARNING_RATE, SIZES, rows, run_configs
+from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child, run_configs
 
 
 def _threads() -> int:
@@ -192,17 +192,31 @@ def trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def bench_trl(size: str, *, steps: int, seq: int, batch: int, shared: bool = False) -> list[dict[str, Any]]:
-    """kithara and TRL, SFT and DPO: one row per objective with both sides and the ratios."""
+def bench_trl(
+    size: str, *, steps: int, seq: int, batch: int, repeats: int = 1, shared: bool = False
+) -> list[dict[str, Any]]:
+    """kithara and TRL, SFT and DPO: one row per objective with both sides and the ratios.
+
+    With ``repeats`` > 1 the two sides take turns (kithara, TRL, kithara, TRL, ...) per
+    objective, each run a fresh child, and every figure is the median over the repeats,
+    so a change in the machine's load hits both sides alike."""
     base = {"size": size, "steps": steps, "seq": seq, "batch": batch}
-    ours_rows = run_configs(
-        [
-            {**base, "kind": "sft", "lora": False, "full": True},
-            {**base, "kind": "dpo", "lora": False, "mode": "copy", "full": True},
-        ],
-        shared=shared,
-    )
-    theirs_rows = run_configs([{**base, "kind": "trl_sft"}, {**base, "kind": "trl_dpo"}], shared=shared)  # fmt: skip
+    ours_specs = [{**base, "kind": "sft", "lora": False, "full": True},
+                  {**base, "kind": "dpo", "lora": False, "mode": "copy", "full": True}]  # fmt: skip
+    theirs_specs = [{**base, "kind": "trl_sft"}, {**base, "kind": "trl_dpo"}]
+    ours_runs: list[list[dict[str, Any]]] = [[], []]
+    theirs_runs: list[list[dict[str, Any]]] = [[], []]
+    for _ in range(repeats):
+        if shared:  # smoke: each side's objectives in one child
+            for runs, specs in ((ours_runs, ours_specs), (theirs_runs, theirs_specs)):
+                for i, result in enumerate(run_configs(specs, shared=True)):
+                    runs[i].append(result)
+            continue
+        for i in range(2):
+            ours_runs[i].append(run_child([ours_specs[i]])[0])
+            theirs_runs[i].append(run_child([theirs_specs[i]])[0])
+    ours_rows = [median_merge(runs) for runs in ours_runs]
+    theirs_rows = [median_merge(runs) for runs in theirs_runs]
     results = []
     for objective, ours, theirs in zip(("sft", "dpo"), ours_rows, theirs_rows, strict=True):
         if ours.get("params", theirs["params"]) != theirs["params"]:

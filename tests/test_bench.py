@@ -153,3 +153,16 @@ def test_kithara_never_imports_the_bench_frameworks():
     pattern = re.compile(r"^\s*(import|from)\s+(torch|trl)\b", re.MULTILINE)
     offenders = [str(p) for p in package.rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_median_merge_of_repeated_runs():
+    from bench.common import median_merge
+
+    runs = [
+        {"step_s": 3.0, "peak_rss_mib": 900.0, "loss_is_finite": True, "framework": "x", "steps": 4},
+        {"step_s": 1.0, "peak_rss_mib": 700.0, "loss_is_finite": False, "framework": "y", "steps": 4},
+        {"step_s": 2.0, "peak_rss_mib": 800.0, "loss_is_finite": True, "framework": "z", "steps": 4},
+    ]
+    merged = median_merge(runs)
+    assert merged == {"step_s": 2.0, "peak_rss_mib": 800.0, "loss_is_finite": False, "framework": "x", "steps": 4,
+                      "repeats": 3}  # fmt: skip
