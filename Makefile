@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 KERAS_HUB := keras-hub==0.32.0
 
 .PHONY: install demo test test-fast lint bench clean
@@ -18,6 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	# keras-hub without its TensorFlow dependency: see README, "Why no TensorFlow".
 	$(BIN)/pip install --quiet --no-deps $(KERAS_HUB)
 	touch $(STAMP)
+
+# The bench extra (TRL, torch) on top of the dev install: only `make bench` needs it.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
 
 install: $(STAMP)
 
@@ -35,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check kithara tests bench examples
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

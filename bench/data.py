@@ -2,8 +2,9 @@
 
 Measured side by side in one run on the same rows:
 - encode rows/s: building a Dataloader (read, validate, tokenize every row of the shard);
-- batch tokens/s: producing batches (pad or pack, stack), with prefetch off so it is the
-  pure host cost; compare with the trainer's tokens/s in the model table;
+- batch tokens/s and batches/s: producing batches (pad or pack, stack), with prefetch off
+  so it is the pure host cost; bench/report.py sets them against the fastest training
+  step of the same run;
 - fill: the share of row positions holding real tokens, padded versus packed.
 """
 
@@ -90,8 +91,11 @@ def bench_data(*, smoke: bool) -> list[dict]:
                 row[f"{key}_batches"] = len(times)
                 row[f"{key}_fill"] = real / positions
                 row[f"{key}_batch_tokens_per_s"] = real / len(times) / statistics.median(times)
+                row[f"{key}_batches_per_s"] = 1.0 / statistics.median(times)
                 if not packing:
                     row["encode_rows_per_s"] = len(dataset) / encode_s
+                    # tokenizing every row, then batching: what one epoch of input costs in all
+                    row["end_to_end_tokens_per_s"] = real / (encode_s + sum(times))
             row["packing_speedup"] = row["padded_batches"] / row["packed_batches"]
             row["fill_ok"] = bool(np.isfinite(row["packed_fill"]) and row["packed_fill"] >= row["padded_fill"])
             results.append(row)

@@ -1,12 +1,14 @@
-"""Benchmarks: Trainer throughput and framework overhead versus a hand-written jit step,
-and the data pipeline (bench/data.py).
+"""Benchmarks, side by side in one run: SFT throughput/memory/MFU per size (bench/sft.py),
+framework overhead (bench/overhead.py), TRL (bench/trl_compare.py), DPO reference modes
+(bench/dpo.py), data loading (bench/data.py) and cycle training (bench/cycle.py, skipped).
 
-Both run side by side in one process on the same model, batch and optimizer. Results go
-to bench/results/results.json and a markdown table (bench/results/results.md).
+Every training configuration runs in a fresh child process (bench/child.py) so its peak
+memory is its own. Results go to bench/results/results.json and results.md, written after
+each suite so a run cut short keeps what it measured.
 
-    python -m bench.run            # full sizes
-    python -m bench.run --smoke    # tiny sizes, few steps (what CI runs)
-    python -m bench.run --only data  # one of the two suites
+    python -m bench.run                      # full sizes (about 15-20 minutes on 2 cores)
+    python -m bench.run --smoke              # tiny sizes, few steps (what CI runs)
+    python -m bench.run --only sft,overhead  # some suites
 """
 
 from __future__ import annotations
@@ -14,169 +16,136 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
+import shlex
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax
+SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle")
 
-from bench.data import bench_data
-from bench.data import table as data_table
-
-SIZES = {
-    "tiny": dict(vocab_size=256, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=128),
-    "small": dict(vocab_size=4096, num_layers=4, hidden_dim=256, num_heads=8, num_kv_heads=4, intermediate_dim=704),
-    "medium": dict(vocab_size=16384, num_layers=8, hidden_dim=512, num_heads=8, num_kv_heads=4, intermediate_dim=1408),
+# Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
+PLANS: dict[str, dict[str, Any]] = {
+    "full": {
+        "peak": dict(size=2048, repeats=7),
+        "sft": dict(plan=[(s, lo) for s in ("tiny", "small", "medium") for lo in (False, True)], steps=30, seq=128),
+        "overhead": dict(sizes=["small", "medium"], steps=8, rounds=5, seq=128),
+        "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
+        "dpo": dict(size="small", steps=20, seq=128),
+    },
+    "smoke": {
+        "peak": dict(size=512, repeats=3),
+        "sft": dict(plan=[("tiny", False), ("tiny", True)], steps=5, seq=32),
+        "overhead": dict(sizes=["tiny"], steps=5, rounds=2, seq=32),
+        "trl": dict(sizes=["tiny"], steps=4, seq=32, repeats=1),
+        "dpo": dict(
+            size="tiny",
+            steps=4,
+            seq=32,
+            plan=[("sft", False), ("copy", False), ("precomputed", False), ("adapter_off", True)],
+        ),
+    },
 }
+BATCH = 4
 
 
-def examples(n: int, length: int, vocab: int) -> list[dict]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        size = int(rng.integers(length // 2, length + 1))
-        seq = rng.integers(3, vocab, length + 1).astype(np.int32)
-        valid = np.arange(length) < size
-        mask = valid.astype(np.int32)
-        out.append({"token_ids": seq[:-1], "padding_mask": valid, "labels": seq[1:], "label_mask": mask})
-    return out
-
-
-def bench_size(name: str, arch: dict, *, lora: bool, steps: int, seq: int, per_device: int) -> dict:
-    import numpy as np
-    import optax
-
-    import kithara
-    from kithara.models.model import ModelVariables
-    from kithara.sharding import batch_sharding, replicated, shard_batch
-    from kithara.trainer.losses import next_token_cross_entropy
-
-    lora_config = kithara.LoraConfig(rank=8, targets=("all",)) if lora else None
-    model = kithara.KerasHubModel.from_config("llama3", **arch, lora=lora_config)
-    data = examples(per_device * jax.device_count() * (steps + 2), seq, arch["vocab_size"])
-    loader = kithara.Dataloader(data, per_device, seed=0)
-    trainer = kithara.Trainer(model, optax.adamw(1e-4), loader, steps=steps, progress_bar=False)
-    start = time.perf_counter()
-    history = trainer.train()
-    trainer_wall = time.perf_counter() - start
-    steady = history[2:]
-    trainer_step = statistics.median(h["step_time"] for h in steady)
-
-    # The minimal hand-written step: same model function, loss, optimizer and shardings.
-    tx = optax.adamw(1e-4)
-    shardings = model.variable_shardings
-    variables = model.variables
-    params = jax.tree.map(lambda x: x.copy(), variables.trainable)
-    frozen = variables.non_trainable
-
-    def loss_fn(p, batch):
-        logits, _ = model.apply(ModelVariables(p, frozen), batch, training=True)
-        out = next_token_cross_entropy(logits, batch["labels"], batch["label_mask"])
-        return out.total / out.weight
-
-    def step(p, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    opt_state = jax.jit(tx.init)(params)
-    opt_shardings = jax.tree.map(lambda x: x.sharding if x.ndim else replicated(model.mesh), opt_state)
-    opt_state = jax.device_put(opt_state, opt_shardings)
-    jitted = jax.jit(
-        step,
-        in_shardings=(shardings.trainable, opt_shardings, batch_sharding(model.mesh)),
-        out_shardings=(shardings.trainable, opt_shardings, replicated(model.mesh)),
-        donate_argnums=(0, 1),
-    )
-    batch = shard_batch(next(loader.epoch(0)), model.mesh)
-    t0 = time.perf_counter()
-    params, opt_state, loss = jitted(params, opt_state, batch)
-    loss.block_until_ready()
-    compile_time_raw = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        params, opt_state, loss = jitted(params, opt_state, batch)
-        loss.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    raw_step = statistics.median(times[2:] or times)
-    tokens = statistics.median(h["tokens"] for h in steady)
-    return {
-        "size": name,
-        "lora": lora,
-        "params": model.num_params,
-        "trainable_params": model.num_trainable_params,
-        "global_batch": loader.global_batch_size,
-        "seq_len": seq,
-        "trainer_step_s": trainer_step,
-        "raw_jit_step_s": raw_step,
-        "overhead_ratio": trainer_step / raw_step,
-        "first_step_s": history[0]["step_time"],
-        "raw_compile_s": compile_time_raw,
-        "tokens_per_s": tokens / trainer_step,
-        "mfu": statistics.median(h["mfu"] for h in steady),
-        "trainer_wall_s": trainer_wall,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "final_loss": history[-1]["loss"],
-        "loss_is_finite": bool(np.isfinite(history[-1]["loss"])),
-    }
+def _check_finite(name: str, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        if not row.get("loss_is_finite", True):
+            raise SystemExit(f"benchmark {name} produced a non-finite loss: {row}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and few steps, to prove the suite runs")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--cpu-devices", type=int, default=None)
-    parser.add_argument("--only", choices=["model", "data"], default=None, help="run one of the two suites")
+    parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites from {SUITES}")
+    parser.add_argument("--cpu-devices", type=int, default=None, help="force this many JAX CPU devices")
+    parser.add_argument("--sizes", default=None, help="only these model sizes (comma-separated), e.g. tiny,small")
     args = parser.parse_args()
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    full = [("tiny", False), ("small", False), ("small", True), ("medium", False), ("medium", True)]
-    plan = [("tiny", False), ("tiny", True)] if args.smoke else full
-    steps = 6 if args.smoke else 30
-    seq = 64 if args.smoke else 128
-    if args.only == "data":
-        plan = []
-    rows = [bench_size(n, SIZES[n], lora=lo, steps=steps, seq=seq, per_device=4) for n, lo in plan]
-    for row in rows:
-        if not row["loss_is_finite"]:
-            raise SystemExit(f"benchmark {row['size']} produced a non-finite loss")
-    data_rows = [] if args.only == "model" else bench_data(smoke=args.smoke)
-    for row in data_rows:
-        if not row["fill_ok"]:
-            raise SystemExit(f"packing filled rows worse than padding on {row['data']}")
-    machine = {
-        "platform": jax.default_backend(),
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-    }
+    suites = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suites {unknown}; choose from {SUITES}")
+    if args.cpu_devices:  # children inherit it
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+        os.environ["XLA_FLAGS"] += str(args.cpu_devices)
+
+    from bench.common import machine
+    from bench.peak import measure_peak
+    from bench.report import markdown
+
+    plan = PLANS["smoke" if args.smoke else "full"]
+    if args.sizes:
+        keep = set(args.sizes.split(","))
+        plan = {
+            **plan,
+            "sft": {**plan["sft"], "plan": [(s, lo) for s, lo in plan["sft"]["plan"] if s in keep]},
+            "overhead": {**plan["overhead"], "sizes": [s for s in plan["overhead"]["sizes"] if s in keep]},
+            "trl": {**plan["trl"], "sizes": [s for s in plan["trl"]["sizes"] if s in keep]},
+        }
+    shared = args.smoke  # smoke: a suite's configurations share one child, to save start-up time
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine, "smoke": args.smoke, "rows": rows, "data": data_rows}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    header = (
-        "| size | LoRA | params | trainable | batch x seq | trainer step (s) | raw jit step (s) | overhead "
-        "| tokens/s | MFU | first step (s) | peak RSS (MiB) |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r['size']} | {'yes' if r['lora'] else 'no'} | {r['params']:,} | {r['trainable_params']:,} | "
-            f"{r['global_batch']}x{r['seq_len']} | {r['trainer_step_s']:.4f} | {r['raw_jit_step_s']:.4f} | "
-            f"{r['overhead_ratio']:.3f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | {r['first_step_s']:.2f} | "
-            f"{r['peak_rss_mib']:,.0f} |"
-        )
-    table = "\n".join(lines) + "\n\nData pipeline:\n\n" + data_table(data_rows)
-    (out / "results.md").write_text(f"Machine: {machine}\n\n{table}\n")
-    print(f"Machine: {machine}\n\n{table}")
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "smoke": args.smoke,
+        "command": "python -m bench.run " + shlex.join(sys.argv[1:]),
+        "batch_per_device": BATCH,
+        "seconds": {},
+    }
+    results["peak"] = measure_peak(**plan["peak"])
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(markdown(results))
+
+    for suite in suites:
+        start = time.perf_counter()
+        print(f"[bench] {suite} ...", flush=True)
+        if suite == "sft":
+            from bench.sft import bench_sft
+
+            p = plan["sft"]
+            results["sft"] = bench_sft(p["plan"], steps=p["steps"], seq=p["seq"], batch=BATCH,
+                                       peak_flops=results["peak"]["peak_flops"], shared=shared)  # fmt: skip
+        elif suite == "overhead":
+            from bench.overhead import bench_overhead
+
+            results["overhead"] = bench_overhead(**plan["overhead"], batch=BATCH, shared=shared)
+        elif suite == "trl":
+            from bench.trl_compare import bench_trl
+
+            p = plan["trl"]
+            results["trl"] = [
+                row
+                for size in p["sizes"]
+                for row in bench_trl(
+                    size, steps=p["steps"], seq=p["seq"], batch=BATCH, repeats=p["repeats"], shared=shared
+                )
+            ]
+        elif suite == "dpo":
+            from bench.dpo import bench_dpo
+
+            results["dpo"] = bench_dpo(**plan["dpo"], batch=BATCH, shared=shared)
+        elif suite == "data":
+            from bench.data import bench_data
+
+            results["data"] = bench_data(smoke=args.smoke)
+            for row in results["data"]:
+                if not row["fill_ok"]:
+                    raise SystemExit(f"packing filled rows worse than padding on {row['data']}")
+        elif suite == "cycle":
+            from bench.cycle import bench_cycle
+
+            results["cycle"] = bench_cycle()
+        if isinstance(results.get(suite), list):
+            _check_finite(suite, results[suite])
+        results["seconds"][suite] = time.perf_counter() - start
+        save()
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -207,4 +207,6 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, leading_dims:
     process order (``jax.make_array_from_process_local_data``).
     """
     sharding = batch_sharding(mesh, leading_dims)
+    if jax.process_count() == 1:  # one batched transfer: the local batch is the global one
+        return jax.device_put({k: np.asarray(v) for k, v in local_batch.items()}, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

@@ -25,7 +25,8 @@ def train_step(
     """One optimizer update from ``batch``, whose arrays are ``[micro_batches, batch, ...]``.
 
     Gradients of each micro-batch's loss *sum* are added up and divided by the total weight
-    at the end, so K micro-batches give the same update as one K-times-larger batch.
+    at the end, so K micro-batches give the same update as one K-times-larger batch. With
+    one micro-batch the mean is differentiated directly (same gradient, one pass fewer).
     """
     rng, step_rng = jax.random.split(state.rng)
     num_micro = jax.tree.leaves(batch)[0].shape[0]
@@ -44,14 +45,18 @@ def train_step(
         loss_sum = jax.tree.map(jnp.add, loss_sum, out)
         return (grads_sum, loss_sum, new_non_trainable), None
 
-    zero_grads = jax.tree.map(jnp.zeros_like, state.model.trainable)
-    zero_loss = jax.eval_shape(lambda: loss_fn(state.model, jax.tree.map(lambda x: x[0], batch), step_rng)[0])
-    zero_loss = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_loss)
-    (grads_sum, loss, non_trainable), _ = jax.lax.scan(
-        micro_step, (zero_grads, zero_loss, state.model.non_trainable), (batch, jnp.arange(num_micro))
-    )
-    weight = jnp.maximum(loss.weight, 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads_sum)
+    if num_micro == 1:
+        grads, loss, non_trainable = _mean_loss_grads(state, batch, loss_fn, step_rng)
+        weight = jnp.maximum(loss.weight, 1.0)
+    else:
+        zero_grads = jax.tree.map(jnp.zeros_like, state.model.trainable)
+        zero_loss = jax.eval_shape(lambda: loss_fn(state.model, jax.tree.map(lambda x: x[0], batch), step_rng)[0])
+        zero_loss = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_loss)
+        (grads_sum, loss, non_trainable), _ = jax.lax.scan(
+            micro_step, (zero_grads, zero_loss, state.model.non_trainable), (batch, jnp.arange(num_micro))
+        )
+        weight = jnp.maximum(loss.weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.model.trainable)
     trainable = optax.apply_updates(state.model.trainable, updates)
     new_state = TrainState(ModelVariables(trainable, non_trainable), opt_state, state.step + 1, rng)
@@ -66,6 +71,23 @@ def train_step(
     if lr is not None:
         metrics["learning_rate"] = lr
     return new_state, metrics
+
+
+def _mean_loss_grads(
+    state: TrainState, batch: Batch, loss_fn: LossFn, step_rng: jax.Array
+) -> tuple[Any, LossOutput, dict[str, jax.Array]]:
+    """One micro-batch: the gradient of ``total / weight`` (weight held constant), which
+    equals the accumulated path's ``grad(total) / weight`` but seeds the backward pass with
+    ``1 / weight`` instead of dividing every gradient afterwards: one pass fewer over them."""
+    micro_batch = jax.tree.map(lambda x: x[0], batch)
+
+    def mean_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, tuple[LossOutput, dict[str, jax.Array]]]:
+        variables = ModelVariables(trainable, state.model.non_trainable)
+        out, new_non_trainable = loss_fn(variables, micro_batch, jax.random.fold_in(step_rng, 0))
+        return out.total / jax.lax.stop_gradient(jnp.maximum(out.weight, 1.0)), (out, new_non_trainable)
+
+    grads, (out, non_trainable) = jax.grad(mean_loss, has_aux=True)(state.model.trainable)
+    return grads, out, non_trainable
 
 
 def eval_step(variables: ModelVariables, batch: Batch, *, loss_fn: LossFn) -> LossOutput:

@@ -389,9 +389,12 @@ class Trainer:
         for step in itertools.count(start_step):
             epoch = step // self.steps_per_epoch
             micro = [next(self.data_iterator) for _ in range(k)]
-            length = max(v.shape[-1] for m in micro for v in m.values() if v.ndim >= 2)
-            micro = [pad_length(m, length) for m in micro]
-            stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+            if k == 1:  # the common case: a view, no padding or copy on the host
+                stacked = {key: v[None] for key, v in micro[0].items()}
+            else:
+                length = max(v.shape[-1] for m in micro for v in m.values() if v.ndim >= 2)
+                micro = [pad_length(m, length) for m in micro]
+                stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
             yield epoch, sharding_lib.shard_batch(stacked, self.model.mesh, leading_dims=1)
 
     def _complete(self, pending: _Pending) -> None:

@@ -1,0 +1,115 @@
+"""Markdown tables of a benchmark run (bench/results/results.md and docs/performance.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.data import table as data_table
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def sft_table(rows: list[dict[str, Any]]) -> str:
+    header = ["size", "LoRA", "params", "trainable", "batch x seq", "step (s)", "compile (s)", "tokens/s", "MFU",
+              "peak RSS (MiB)"]  # fmt: skip
+    body = [
+        [r["size"], _yes(r["lora"]), f"{r['params']:,}", f"{r['trainable_params']:,}",
+         f"{r['global_batch']}x{r['seq_len']}", f"{r['step_s']:.4f}", f"{r['compile_s']:.2f}",
+         f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.3f}", f"{r['peak_rss_mib']:,.0f}"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def overhead_table(rows: list[dict[str, Any]]) -> str:
+    header = ["size", "params", "raw jit step (s)", "trainer program (s)", "Trainer.train() (s)",
+              "program / raw", "overhead (train / raw)", "min-max over rounds",
+              "XLA FLOPs / bytes, program / raw"]  # fmt: skip
+    body = [
+        [r["size"], f"{r['params']:,}", f"{r['raw_step_s']:.4f}", f"{r['program_step_s']:.4f}",
+         f"{r['trainer_step_s']:.4f}", f"{r['program_overhead']:.3f}", f"**{r['overhead']:.3f}**",
+         f"{r['overhead_min']:.3f}-{r['overhead_max']:.3f} ({r['rounds']} rounds)",
+         f"{r.get('program_flops_ratio', float('nan')):.3f} / {r.get('program_bytes_ratio', float('nan')):.3f}"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def trl_table(rows: list[dict[str, Any]]) -> str:
+    header = ["objective", "size", "params", "batch x seq", "kithara step (s)", "TRL step (s)",
+              "kithara tokens/s", "TRL tokens/s", "tokens/s ratio", "kithara peak RSS (MiB)",
+              "TRL peak RSS (MiB)", "memory ratio"]  # fmt: skip
+    body = [
+        [r["objective"], r["size"], f"{r['params']:,}", f"{r['global_batch']}x{r['seq_len']}",
+         f"{r['kithara']['step_s']:.4f}", f"{r['trl']['step_s']:.4f}", f"{r['kithara']['tokens_per_s']:,.0f}",
+         f"{r['trl']['tokens_per_s']:,.0f}", f"**{r['tokens_per_s_ratio']:.2f}x**",
+         f"{r['kithara']['peak_rss_mib']:,.0f}", f"{r['trl']['peak_rss_mib']:,.0f}", f"{r['peak_rss_ratio']:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def dpo_table(rows: list[dict[str, Any]]) -> str:
+    header = ["objective", "LoRA", "size", "batch x seq", "step (s)", "vs SFT", "tokens/s", "setup (s)",
+              "peak RSS (MiB)", "vs SFT"]  # fmt: skip
+    names = {"sft": "SFT (chosen only)", "copy": "DPO, frozen copy", "precomputed": "DPO, precomputed",
+             "adapter_off": "DPO, adapters off"}  # fmt: skip
+    body = [
+        [names[r["mode"]], _yes(r["lora"]), r["size"], f"{r['batch']}x{r['seq']}", f"{r['step_s']:.4f}",
+         f"{r['step_vs_sft']:.2f}x", f"{r['tokens_per_s']:,.0f}", f"{r['setup_s']:.2f}", f"{r['peak_rss_mib']:,.0f}",
+         f"{r['memory_vs_sft']:.2f}x"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def data_section(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> str:
+    text = data_table(rows)
+    if rows and sft_rows:
+        fastest = max(sft_rows, key=lambda r: r["tokens_per_s"])
+        text += (
+            f"\n\nInput versus training: the fastest training run above ({fastest['size']}, "
+            f"{'LoRA' if fastest['lora'] else 'full'}) consumes {fastest['tokens_per_s']:,.0f} real tokens/s "
+            f"({1 / fastest['step_s']:,.1f} steps/s)."
+        )
+        for r in rows:
+            per_batch = r["padded_batch_tokens_per_s"] / r["padded_batches_per_s"]
+            text += (
+                f"\n- {r['data']} (padded): {r['end_to_end_tokens_per_s']:,.0f} real tokens/s counting the "
+                f"tokenization of every row ({r['end_to_end_tokens_per_s'] / fastest['tokens_per_s']:,.1f}x the "
+                f"training rate); once encoded, {r['padded_batches_per_s']:,.0f} batches/s of {per_batch:,.0f} real "
+                f"tokens ({r['padded_batch_tokens_per_s'] / fastest['tokens_per_s']:,.0f}x)."
+            )
+    return text
+
+
+def markdown(results: dict[str, Any]) -> str:
+    parts = [f"Machine: {results['machine']}", f"Command: `{results['command']}`"]
+    peak = results.get("peak")
+    if peak:
+        parts.append(
+            f"Peak: {peak['peak_flops'] / 1e9:,.1f} GFLOP/s, best of a jitted float32 "
+            f"{peak['matmul_size']}x{peak['matmul_size']} matmul (median {peak['median_flops'] / 1e9:,.1f})."
+        )
+    sections = [
+        ("SFT throughput, compile time, memory, MFU", "sft", sft_table),
+        ("Framework overhead", "overhead", overhead_table),
+        ("Side by side with TRL", "trl", trl_table),
+        ("DPO reference modes against SFT", "dpo", dpo_table),
+    ]
+    for title, key, render in sections:
+        if results.get(key):
+            parts.append(f"### {title}\n\n{render(results[key])}")
+    if results.get("data"):
+        parts.append(f"### Data loading\n\n{data_section(results['data'], results.get('sft') or [])}")
+    if results.get("cycle"):
+        parts.append(f"### Cycle training\n\n{results['cycle']['note']}")
+    return "\n\n".join(parts) + "\n"
