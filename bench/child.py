@@ -24,6 +24,8 @@ def runner(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         from bench.dpo import train_once
     elif kind == "overhead":
         from bench.overhead import train_once
+    elif kind == "cycle":
+        from bench.cycle import train_once
     elif kind == "trl_sft":
         from bench.trl_compare import trl_sft as train_once
     elif kind == "trl_dpo":

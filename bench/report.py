@@ -71,6 +71,21 @@ def dpo_table(rows: list[dict[str, Any]]) -> str:
     return _table(header, body)
 
 
+def cycle_table(rows: list[dict[str, Any]]) -> str:
+    header = ["mode", "size", "batch x seq", "weights (MiB)", "trainable (MiB)", "optimizer (MiB)", "vs two models",
+              "step (s)", "vs two models", "compile (s)", "tokens/s", "peak RSS (MiB)", "vs two models"]  # fmt: skip
+    mib = 2**20
+    names = {"two_models": "two models", "two_adapters": "one base, two LoRA adapters"}
+    body = [
+        [names[r["mode"]], r["size"], f"{r['batch']}x{r['seq']}", f"{r['weights_bytes'] / mib:.2f}",
+         f"{r['trainable_bytes'] / mib:.2f}", f"{r['optimizer_bytes'] / mib:.2f}", f"{r['weights_vs_two_models']:.2f}x",
+         f"{r['step_s']:.4f}", f"{r['step_vs_two_models']:.2f}x", f"{r['compile_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+         f"{r['peak_rss_mib']:,.0f}", f"{r['memory_vs_two_models']:.2f}x"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
 def data_section(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> str:
     text = data_table(rows)
     if rows and sft_rows:
@@ -111,5 +126,7 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("data"):
         parts.append(f"### Data loading\n\n{data_section(results['data'], results.get('sft') or [])}")
     if results.get("cycle"):
-        parts.append(f"### Cycle training\n\n{results['cycle']['note']}")
+        parts.append(
+            f"### Cycle training: two models vs one base with two LoRA adapters\n\n{cycle_table(results['cycle'])}"
+        )
     return "\n\n".join(parts) + "\n"

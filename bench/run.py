@@ -1,6 +1,6 @@
 """Benchmarks, side by side in one run: SFT throughput/memory/MFU per size (bench/sft.py),
 framework overhead (bench/overhead.py), TRL (bench/trl_compare.py), DPO reference modes
-(bench/dpo.py), data loading (bench/data.py) and cycle training (bench/cycle.py, skipped).
+(bench/dpo.py), data loading (bench/data.py) and cycle training (bench/cycle.py).
 
 Every training configuration runs in a fresh child process (bench/child.py) so its peak
 memory is its own. Results go to bench/results/results.json and results.md, written after
@@ -34,6 +34,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "overhead": dict(sizes=["small", "medium"], steps=8, rounds=5, seq=128),
         "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
         "dpo": dict(size="small", steps=20, seq=128),
+        "cycle": dict(size="small", steps=12, seq=32),
     },
     "smoke": {
         "peak": dict(size=512, repeats=3),
@@ -46,6 +47,7 @@ PLANS: dict[str, dict[str, Any]] = {
             seq=32,
             plan=[("sft", False), ("copy", False), ("precomputed", False), ("adapter_off", True)],
         ),
+        "cycle": dict(size="tiny", steps=4, seq=16),
     },
 }
 BATCH = 4
@@ -140,7 +142,7 @@ def main() -> None:
         elif suite == "cycle":
             from bench.cycle import bench_cycle
 
-            results["cycle"] = bench_cycle()
+            results["cycle"] = bench_cycle(**plan["cycle"], batch=BATCH * 2, shared=shared)
         if isinstance(results.get(suite), list):
             _check_finite(suite, results[suite])
         results["seconds"][suite] = time.perf_counter() - start

@@ -115,7 +115,7 @@ def run_on_ray(
         ) from None
     worker_class = ray.remote(_JaxWorker)
     runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
-    workers = [
+    workers: list[Any] = [  # ray's stubs do not type actor methods' .remote
         worker_class.options(
             num_cpus=resources.get("CPU", 0),
             num_gpus=resources.get("GPU", 0),

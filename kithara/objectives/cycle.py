@@ -40,8 +40,9 @@ class _Texts:
 
     packing = False
 
-    def __init__(self, batches_per_epoch: int, sequence_length: int) -> None:
+    def __init__(self, batches_per_epoch: int, sequence_length: int, global_batch_size: int) -> None:
         self.batches_per_epoch, self.sequence_length = batches_per_epoch, sequence_length
+        self.global_batch_size = global_batch_size  # texts per side per step (compared across processes)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -130,8 +131,8 @@ class CycleTrainer(Trainer):
         super().__init__(
             pair,
             per_side(self.side_tx),
-            _Texts(per_epoch, max_length),  # type: ignore[arg-type]
-            _Texts(1, max_length) if has_eval else None,  # type: ignore[arg-type]
+            _Texts(per_epoch, max_length, batch_size),  # type: ignore[arg-type]
+            _Texts(1, max_length, batch_size) if has_eval else None,  # type: ignore[arg-type]
             steps,
             epochs,
             **trainer_kwargs,
