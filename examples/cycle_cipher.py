@@ -81,9 +81,16 @@ def supervised(models, tokenizer, pairs_ab, steps: int, lr: float, batch: int, s
 
 
 def adapter_pair(base, tokenizer, texts, pairs_ab, args, batch: int) -> tuple[kithara.KerasHubModel, dict]:
-    """The one-model mode: ``base`` learns both languages as a plain LM, then freezes under
-    LoRA; adapters A and B each get the warm start. Returns the LoRA model and both adapters."""
-    sft(base, tokenizer, texts, args.warm_steps, args.warm_lr, batch, args.seed)
+    """The one-model mode: ``base`` learns to reproduce sentences of both languages
+    (``"s = s"``, monolingual text only), then freezes under LoRA; adapters A and B each get
+    the warm start. Returns the LoRA model and both adapters.
+
+    Not a plain LM: the texts are uniformly random words, so a language model of them only
+    ever predicts "some word of this language", and its frozen output layer (embeddings,
+    final norm) cannot then tell the words of one language apart: LoRA on the projections
+    stays at chance. Reproducing a sentence needs every word's own logit.
+    """
+    sft(base, tokenizer, [(t, t) for t in texts], args.warm_steps, args.warm_lr, batch, args.seed)
     model = kithara.KerasHubModel(base.causal_lm, lora=kithara.LoraConfig(rank=args.lora, targets=("all",)))
     # Copies: a trainer donates the arrays it starts from.
     start = {p: v.copy() for p, v in adapters.adapter_set(model.variables).items()}
