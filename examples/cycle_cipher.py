@@ -8,6 +8,7 @@ cycle training, and after supervised training on all pairs (the ceiling).
 
 Run: python examples/cycle_cipher.py              (the docs/cycle.md table; about 4 minutes on 2 CPU cores)
      python examples/cycle_cipher.py --tiny       (a smoke run, about a minute)
+     python examples/cycle_cipher.py --lora 8     (one frozen base, two rank-8 adapters; about 3 minutes)
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=5)
     parser.add_argument("--cycle-lr", type=float, default=3e-4)
     parser.add_argument("--warm-lr", type=float, default=3e-3)
-    parser.add_argument("--lora", type=int, default=0, help="rank: one base LM with two LoRA adapters")
+    parser.add_argument("--lora", type=int, default=0, help="rank: one frozen base with two LoRA adapters")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.tiny:
