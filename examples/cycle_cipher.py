@@ -81,6 +81,11 @@ def supervised(models, tokenizer, pairs_ab, steps: int, lr: float, batch: int, s
     sft(models["B"], tokenizer, [(b, a) for a, b in pairs_ab], steps, lr, batch, seed)
 
 
+def reproduce(model: kithara.KerasHubModel, tokenizer, texts: list[str], args, batch: int) -> None:
+    """Monolingual pretraining: ``model`` learns to copy each sentence (``"s = s"``)."""
+    sft(model, tokenizer, [(t, t) for t in texts], args.warm_steps, args.warm_lr, batch, args.seed)
+
+
 def adapter_pair(base, tokenizer, texts, pairs_ab, args, batch: int) -> tuple[kithara.KerasHubModel, dict]:
     """The one-model mode: ``base`` learns to reproduce sentences of both languages
     (``"s = s"``, monolingual text only), then freezes under LoRA; adapters A and B each get
@@ -91,7 +96,7 @@ def adapter_pair(base, tokenizer, texts, pairs_ab, args, batch: int) -> tuple[ki
     final norm) cannot then tell the words of one language apart: LoRA on the projections
     stays at chance. Reproducing a sentence needs every word's own logit.
     """
-    sft(base, tokenizer, [(t, t) for t in texts], args.warm_steps, args.warm_lr, batch, args.seed)
+    reproduce(base, tokenizer, texts, args, batch)
     model = kithara.KerasHubModel(base.causal_lm, lora=kithara.LoraConfig(rank=args.lora, targets=("all",)))
     # Copies: a trainer donates the arrays it starts from.
     start = {p: v.copy() for p, v in adapters.adapter_set(model.variables).items()}
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--cycle-lr", type=float, default=3e-4)
     parser.add_argument("--warm-lr", type=float, default=3e-3)
     parser.add_argument("--lora", type=int, default=0, help="rank: one frozen base with two LoRA adapters")
+    parser.add_argument("--pretrain", action="store_true", help="two models: copy-pretrain as the --lora base")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.tiny:
@@ -174,6 +180,9 @@ def main() -> None:
         trainer.pair.variables = kithara.ModelVariables(both, model.variables.non_trainable)
     else:
         models = build(args.seed)
+        if args.pretrain:
+            for m in models.values():
+                reproduce(m, tokenizer, mono_a + mono_b, args, batch)
         supervised(models, tokenizer, parallel, args.warm_steps, args.warm_lr, batch, args.seed)
         trainer = cycle(models, args.cycle_steps)
     row(f"warm start ({len(parallel)} pairs)", trainer)
