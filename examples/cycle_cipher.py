@@ -8,6 +8,7 @@ cycle training, and after supervised training on all pairs (the ceiling).
 
 Run: python examples/cycle_cipher.py              (the docs/cycle.md table; about 4 minutes on 2 CPU cores)
      python examples/cycle_cipher.py --tiny       (a smoke run, about a minute)
+     python examples/cycle_cipher.py --lora 8     (one frozen base, two rank-8 adapters; about 3 minutes)
 """
 
 from __future__ import annotations
@@ -80,10 +81,22 @@ def supervised(models, tokenizer, pairs_ab, steps: int, lr: float, batch: int, s
     sft(models["B"], tokenizer, [(b, a) for a, b in pairs_ab], steps, lr, batch, seed)
 
 
+def reproduce(model: kithara.KerasHubModel, tokenizer, texts: list[str], args, batch: int) -> None:
+    """Monolingual pretraining: ``model`` learns to copy each sentence (``"s = s"``)."""
+    sft(model, tokenizer, [(t, t) for t in texts], args.warm_steps, args.warm_lr, batch, args.seed)
+
+
 def adapter_pair(base, tokenizer, texts, pairs_ab, args, batch: int) -> tuple[kithara.KerasHubModel, dict]:
-    """The one-model mode: ``base`` learns both languages as a plain LM, then freezes under
-    LoRA; adapters A and B each get the warm start. Returns the LoRA model and both adapters."""
-    sft(base, tokenizer, texts, args.warm_steps, args.warm_lr, batch, args.seed)
+    """The one-model mode: ``base`` learns to reproduce sentences of both languages
+    (``"s = s"``, monolingual text only), then freezes under LoRA; adapters A and B each get
+    the warm start. Returns the LoRA model and both adapters.
+
+    Not a plain LM: the texts are uniformly random words, so a language model of them only
+    ever predicts "some word of this language", and its frozen output layer (embeddings,
+    final norm) cannot then tell the words of one language apart: LoRA on the projections
+    stays at chance. Reproducing a sentence needs every word's own logit.
+    """
+    reproduce(base, tokenizer, texts, args, batch)
     model = kithara.KerasHubModel(base.causal_lm, lora=kithara.LoraConfig(rank=args.lora, targets=("all",)))
     # Copies: a trainer donates the arrays it starts from.
     start = {p: v.copy() for p, v in adapters.adapter_set(model.variables).items()}
@@ -116,7 +129,8 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=5)
     parser.add_argument("--cycle-lr", type=float, default=3e-4)
     parser.add_argument("--warm-lr", type=float, default=3e-3)
-    parser.add_argument("--lora", type=int, default=0, help="rank: one base LM with two LoRA adapters")
+    parser.add_argument("--lora", type=int, default=0, help="rank: one frozen base with two LoRA adapters")
+    parser.add_argument("--pretrain", action="store_true", help="two models: copy-pretrain as the --lora base")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.tiny:
@@ -166,6 +180,9 @@ def main() -> None:
         trainer.pair.variables = kithara.ModelVariables(both, model.variables.non_trainable)
     else:
         models = build(args.seed)
+        if args.pretrain:
+            for m in models.values():
+                reproduce(m, tokenizer, mono_a + mono_b, args, batch)
         supervised(models, tokenizer, parallel, args.warm_steps, args.warm_lr, batch, args.seed)
         trainer = cycle(models, args.cycle_steps)
     row(f"warm start ({len(parallel)} pairs)", trainer)

@@ -167,7 +167,8 @@ def test_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_cipher_example_runs_at_tiny_size():
+@pytest.mark.parametrize("extra", [[], ["--lora", "4"]], ids=["two_models", "adapters"])
+def test_cipher_example_runs_at_tiny_size(extra):
     import subprocess
     import sys
     from pathlib import Path
@@ -175,7 +176,7 @@ def test_cipher_example_runs_at_tiny_size():
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("XLA_FLAGS", None)  # the documented run uses the default devices
-    command = [sys.executable, str(root / "examples" / "cycle_cipher.py"), "--tiny"]
+    command = [sys.executable, str(root / "examples" / "cycle_cipher.py"), "--tiny", *extra]
     out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root, env=env).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "training" not in line]
     names = [r.split(" | ")[0] for r in rows]
