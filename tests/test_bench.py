@@ -139,13 +139,32 @@ def test_report_renders_every_section():
                 "end_to_end_tokens_per_s": 500.0,
             }
         ],
-        "cycle": {"skipped": True, "note": "Skipped: not landed."},
+        "cycle": [
+            {
+                "mode": mode,
+                "size": "tiny",
+                "batch": 8,
+                "seq": 16,
+                "weights_bytes": weights * 2**20,
+                "trainable_bytes": 2**20,
+                "optimizer_bytes": 2 * 2**20,
+                "weights_vs_two_models": weights / 2.0,
+                "step_s": 0.01,
+                "step_vs_two_models": 1.0,
+                "compile_s": 1.0,
+                "tokens_per_s": 100.0,
+                "peak_rss_mib": 800.0,
+                "memory_vs_two_models": 1.0,
+            }
+            for mode, weights in (("two_models", 2.0), ("two_adapters", 1.1))
+        ],
     }
     text = markdown(results)
     for title in ("SFT throughput", "Framework overhead", "Side by side with TRL", "DPO reference", "Data loading",
                   "Cycle training"):  # fmt: skip
         assert f"### {title}" in text
     assert "**1.020**" in text and "5.0x the training rate" in text
+    assert "| one base, two LoRA adapters | tiny | 8x16 | 1.10 | 1.00 | 2.00 | 0.55x |" in text
 
 
 def test_kithara_never_imports_the_bench_frameworks():
