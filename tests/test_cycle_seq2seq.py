@@ -39,7 +39,7 @@ def test_seq2seq_rows_put_the_source_in_the_encoder_and_supervise_only_the_targe
     source, decoder, _ = row
     assert source == [W["<s>"], W["hi"], W["hello"], W["</s>"]]
     assert decoder == [W["</s>"], W["<s>"], W["fine"], W["thanks"], W["</s>"]]
-    arrays = host(trainer._rows_to_arrays([row]))
+    arrays = host(trainer._rows_to_arrays([tuple(row)]))  # a plain tuple from an override works too
     assert arrays["encoder_token_ids"][0, :4].tolist() == source and arrays["encoder_padding_mask"].sum() == 4
     assert arrays["decoder_token_ids"][0, :4].tolist() == decoder[:-1]
     assert arrays["label_mask"].sum() == 3  # not the forced <s>, not the padding rows

@@ -112,3 +112,17 @@ def test_invalid_inputs_raise(bart):
         kithara.KerasHubSeq2SeqModel.from_config(
             "t5", vocab_size=8, num_layers=1, hidden_dim=8, num_heads=1, intermediate_dim=8
         )
+
+
+def test_fsdp_sharded_equals_replicated(bart):
+    replicated = spread(tiny_seq2seq(seed=5, sharding="dp"))
+    assert bart.generate(SOURCES, 6, decoder_start_ids=START) == replicated.generate(
+        SOURCES, 6, decoder_start_ids=START
+    )
+    probe = batch(SOURCES[2], START + [3, 4])
+    np.testing.assert_allclose(
+        np.asarray(bart.apply(bart.variables, probe, training=False)[0]),
+        np.asarray(replicated.apply(replicated.variables, probe, training=False)[0]),
+        rtol=1e-5,
+        atol=1e-5,
+    )

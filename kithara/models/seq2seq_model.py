@@ -77,7 +77,6 @@ class KerasHubSeq2SeqModel(Model):
         self.seq2seq_lm = seq2seq_lm
         self.backbone = seq2seq_lm.backbone
         self.family = family
-        self.lora = None
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings

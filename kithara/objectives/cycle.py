@@ -263,8 +263,8 @@ class CycleTrainer(Trainer):
         """``[rows_per_step, max_length]`` inputs, labels and masks (rows cut at the end;
         padding rows fully masked), sharded over the batch axes."""
         n, length = self.rows_per_step, self.max_length
-        if rows and isinstance(rows[0], Seq2SeqRow):
-            return _global(seq2seq_arrays(rows, n, length), self.pair)  # type: ignore[arg-type]
+        if rows and len(rows[0]) == 3:  # (source ids, decoder ids, supervised): a seq2seq side
+            return _global(seq2seq_arrays([Seq2SeqRow(*r) for r in rows], n, length), self.pair)
         out = {
             "token_ids": np.zeros((n, length), np.int32),
             "padding_mask": np.zeros((n, length), bool),
