@@ -119,7 +119,7 @@ def test_fsdp_sharded_equals_replicated(bart):
     assert bart.generate(SOURCES, 6, decoder_start_ids=START) == replicated.generate(
         SOURCES, 6, decoder_start_ids=START
     )
-    probe = batch(SOURCES[2], START + [3, 4])
+    probe = batch(SOURCES[2], [*START, 3, 4])
     np.testing.assert_allclose(
         np.asarray(bart.apply(bart.variables, probe, training=False)[0]),
         np.asarray(replicated.apply(replicated.variables, probe, training=False)[0]),
