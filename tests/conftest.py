@@ -23,8 +23,8 @@ TINY_SEQ2SEQ = dict(
 )
 
 
-def tiny_seq2seq(**kwargs) -> kithara.KerasHubSeq2SeqModel:
-    return kithara.KerasHubSeq2SeqModel.from_config("bart", **{**TINY_SEQ2SEQ, **kwargs})
+def tiny_seq2seq(family: str = "bart", **kwargs) -> kithara.KerasHubSeq2SeqModel:
+    return kithara.KerasHubSeq2SeqModel.from_config(family, **{**TINY_SEQ2SEQ, **kwargs})
 
 
 def pattern_examples(n: int, length: int = 16, vocab: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -69,6 +69,18 @@ def test_greedy_with_cache_equals_full_forward_argmax(bart):
     assert len({tuple(o) for o in out}) > 1  # the output depends on the source
 
 
+def test_t5gemma_greedy_with_cache_equals_full_forward_and_batch_equals_one_by_one():
+    # Untied head: with tied embeddings a random T5Gemma's argmax echoes its input token.
+    model = spread(tiny_seq2seq("t5gemma", seed=7, tie_word_embeddings=False), seed=2)
+    out = model.generate(SOURCES, 6, decoder_start_ids=START)
+    assert out == [full_forward_greedy(model, s, 6) for s in SOURCES]
+    assert out == [model.generate([s], 6, decoder_start_ids=START)[0] for s in SOURCES]
+    assert len({tuple(o) for o in out}) > 1
+    tok = word_tokenizer()
+    assert model.encode_source(tok, "hi") == [W["hi"], W["</s>"]]
+    assert model.decoder_start_ids(tok) == [W["<s>"]]
+
+
 def test_batch_equals_one_by_one_and_compiles_once_per_bucket():
     model = spread(tiny_seq2seq(seed=6), seed=1)
     together = model.generate(SOURCES, 6, decoder_start_ids=START)

@@ -1,8 +1,9 @@
-"""Batched, jitted, KV-cached decoding for keras-hub encoder-decoder models (BART).
+"""Batched, jitted, KV-cached decoding for keras-hub encoder-decoder models (BART, T5Gemma).
 
-The source is encoded once and its cross-attention keys/values cached by keras-hub's
-``_build_cache``; then ``call_decoder_with_cache`` writes one token per ``lax.while_loop``
-iteration. Sources, new-token counts and the batch are padded to power-of-two buckets
+The source is encoded once (with the decoder prefix) by keras-hub's ``_build_cache``; then
+``call_decoder_with_cache`` writes one token per ``lax.while_loop`` iteration. The two
+families' cache APIs differ, so each has a small ``start`` / ``next`` pair in ``CACHE_API``.
+Sources, new-token counts and the batch are padded to power-of-two buckets
 (``generation.bucket``), so repeated calls reuse one compiled program per bucket, and any
 variables of the model's structure go in without recompiling.
 """
@@ -26,8 +27,54 @@ from kithara.models.sampling import choose_tokens
 if TYPE_CHECKING:
     from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
 
-# (index, decoder token ids, self-attention cache, rows done, rng) carried through the loop.
-_Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+# (index, decoder token ids, family cache state, rows done, rng) carried through the loop.
+_Carry = tuple[jax.Array, jax.Array, Any, jax.Array, jax.Array]
+
+
+def _bart_start(
+    lm: Any, encoder_ids: jax.Array, encoder_mask: jax.Array, decoder_ids: jax.Array, prefix: jax.Array
+) -> Any:
+    """BART: encoder states, its cross-attention cache and the decoder's self-attention cache
+    (slots past the prefix are overwritten before they are attended to)."""
+    del prefix
+    _, encoder_states, self_cache, cross_cache = lm._build_cache(encoder_ids, encoder_mask, decoder_ids)
+    return self_cache, cross_cache, encoder_states, encoder_mask
+
+
+def _bart_next(lm: Any, state: Any, token_Bx1: jax.Array, index: jax.Array) -> tuple[jax.Array, Any]:
+    self_cache, cross_cache, encoder_states, encoder_mask = state
+    logits, _, self_cache, _ = lm.call_decoder_with_cache(
+        encoder_hidden_states=encoder_states,
+        encoder_padding_mask=encoder_mask,
+        decoder_token_ids=token_Bx1,
+        self_attention_cache=self_cache,
+        self_attention_cache_update_index=index,
+        cross_attention_cache=cross_cache,
+        cross_attention_cache_update_index=None,  # reuse the encoder's keys/values
+    )
+    return logits, (self_cache, cross_cache, encoder_states, encoder_mask)
+
+
+def _t5gemma_start(
+    lm: Any, encoder_ids: jax.Array, encoder_mask: jax.Array, decoder_ids: jax.Array, prefix: jax.Array
+) -> Any:
+    """T5Gemma: its cache (self and cross attention) and the encoder output; the decoder
+    mask covers the prefix, as in keras-hub's own ``generate_step``."""
+    decoder_mask = (jnp.arange(decoder_ids.shape[1])[None] < prefix).astype(jnp.int32)
+    decoder_mask = jnp.broadcast_to(decoder_mask, decoder_ids.shape)
+    _, cache, (encoder_states, encoder_mask) = lm._build_cache(encoder_ids, encoder_mask, decoder_ids, decoder_mask)
+    return cache, encoder_states, encoder_mask
+
+
+def _t5gemma_next(lm: Any, state: Any, token_Bx1: jax.Array, index: jax.Array) -> tuple[jax.Array, Any]:
+    cache, encoder_states, encoder_mask = state
+    logits, _, cache = lm.call_decoder_with_cache(token_Bx1, None, cache, index, encoder_states, encoder_mask)
+    return logits, (cache, encoder_states, encoder_mask)
+
+
+# family -> (start, next): ``start`` runs the encoder and fills the caches; ``next`` feeds the
+# token at ``index`` and returns the logits of the one after it.
+CACHE_API = {"bart": (_bart_start, _bart_next), "t5gemma": (_t5gemma_start, _t5gemma_next)}
 
 
 class Seq2SeqGenerator:
@@ -64,9 +111,10 @@ class Seq2SeqGenerator:
         row cut before its first stop token."""
         if len(stop_token_ids) > MAX_STOP_TOKENS:
             raise ValueError(f"At most {MAX_STOP_TOKENS} stop_token_ids, got {len(stop_token_ids)}.")
-        limit = self.model.max_sequence_length
         longest = max(len(s) for s in sources)
         prefix = len(decoder_start)
+        table = self.model.max_sequence_length
+        limit = table if table is not None else 2**31 - 1
         if longest > limit or prefix + max_new_tokens > limit:
             raise ValueError(
                 f"A source of {longest} tokens or {prefix} + {max_new_tokens} decoder tokens exceeds the "
@@ -144,26 +192,15 @@ class Seq2SeqGenerator:
         by_path = self.model._by_path
         mapping = [(by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
         batch = decoder_ids_BxT.shape[0]
+        start_fn, next_fn = CACHE_API[self.model.family]
         with keras.StatelessScope(state_mapping=mapping):
-            # One pass: encoder states, the cross-attention cache, and the self-attention
-            # cache over the prefix (later slots are overwritten before they are attended to).
-            _, encoder_states, self_cache, cross_cache = lm._build_cache(
-                encoder_ids_BxS, encoder_mask_BxS, decoder_ids_BxT
-            )
+            cache = start_fn(lm, encoder_ids_BxS, encoder_mask_BxS, decoder_ids_BxT, start)
 
         def body(carry: _Carry) -> _Carry:
-            index, ids_BxT, self_cache, done_B, rng = carry
+            index, ids_BxT, cache, done_B, rng = carry
             last_Bx1 = jax.lax.dynamic_slice(ids_BxT, (0, index - 1), (batch, 1))
             with keras.StatelessScope(state_mapping=mapping):
-                logits_Bx1xV, _, self_cache, _ = lm.call_decoder_with_cache(
-                    encoder_hidden_states=encoder_states,
-                    encoder_padding_mask=encoder_mask_BxS,
-                    decoder_token_ids=last_Bx1,
-                    self_attention_cache=self_cache,
-                    self_attention_cache_update_index=index - 1,
-                    cross_attention_cache=cross_cache,
-                    cross_attention_cache_update_index=None,  # reuse the encoder's keys/values
-                )
+                logits_Bx1xV, cache = next_fn(lm, cache, last_Bx1, index - 1)
             rng, key = jax.random.split(rng)
             chosen_B = choose_tokens(
                 logits_Bx1xV[:, 0], key, temperature, top_k, top_p, greedy=greedy, filtered=filtered
@@ -171,11 +208,11 @@ class Seq2SeqGenerator:
             ids_BxT = ids_BxT.at[:, index].set(jnp.where(done_B, ids_BxT[:, index], chosen_B))
             stopped_B = (chosen_B[:, None] == stop_ids_K[None]).any(-1)
             done_B = done_B | stopped_B | (index + 1 >= end)
-            return index + 1, ids_BxT, self_cache, done_B, rng
+            return index + 1, ids_BxT, cache, done_B, rng
 
         def cond(carry: _Carry) -> jax.Array:
             index, _, _, done_B, _ = carry
             return (index < end) & ~done_B.all()
 
-        carry = (start, decoder_ids_BxT, self_cache, jnp.zeros((batch,), bool), rng)
+        carry = (start, decoder_ids_BxT, cache, jnp.zeros((batch,), bool), rng)
         return jax.lax.while_loop(cond, body, carry)[1]

@@ -1,10 +1,9 @@
-"""KerasHubSeq2SeqModel: a keras-hub encoder-decoder LM (BART) placed on a device mesh."""
+"""KerasHubSeq2SeqModel: a keras-hub encoder-decoder LM (BART, T5Gemma) placed on a device mesh."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import jax
@@ -17,36 +16,17 @@ from kithara.models.keras_hub_model import host_device, place_variables
 from kithara.models.model import Model, ModelVariables
 from kithara.models.precision import keras_policy
 from kithara.models.sampling import check_sampling
+from kithara.models.seq2seq_families import SEQ2SEQ_FAMILIES, Seq2SeqArchitecture
 from kithara.models.seq2seq_generation import Seq2SeqGenerator
 
 SEQ2SEQ_INPUTS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_ids", "decoder_padding_mask")
 
 
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqFamily:
-    """How kithara builds and starts decoding one keras-hub seq2seq family.
-
-    Args:
-        backbone_class / lm_class: keras-hub class names.
-        decoder_start: ``f(eos_id, bos_id) -> ids`` the decoder reads before the target.
-    """
-
-    backbone_class: str
-    lm_class: str
-    decoder_start: Callable[[int, int | None], list[int]]
-
-
-# BART's decoder reads ``</s> <s> target </s>``: keras-hub's BartSeq2SeqLMPreprocessor packs it
-# so (start_value=[end, start]), matching Hugging Face's decoder_start_token_id=</s> with
-# forced_bos_token_id=<s>.
-SEQ2SEQ_FAMILIES = {
-    "bart": Seq2SeqFamily("BartBackbone", "BartSeq2SeqLM", lambda eos, bos: [eos] if bos is None else [eos, bos]),
-}
 _BY_CLASS = {spec.lm_class: name for name, spec in SEQ2SEQ_FAMILIES.items()}
 
 
 class KerasHubSeq2SeqModel(Model):
-    """A keras-hub ``Seq2SeqLM`` (BART) whose variables live, sharded, on a device mesh.
+    """A keras-hub ``Seq2SeqLM`` (BART or T5Gemma) whose variables live, sharded, on a device mesh.
 
     Batches carry ``encoder_token_ids`` / ``encoder_padding_mask`` (the source) and
     ``decoder_token_ids`` / ``decoder_padding_mask`` (the shifted target); ``apply`` returns
@@ -55,8 +35,8 @@ class KerasHubSeq2SeqModel(Model):
     cross-attention caches in one jitted loop. LoRA and packing are not supported.
 
     Args:
-        seq2seq_lm: a keras-hub ``BartSeq2SeqLM`` (e.g. ``BartSeq2SeqLM.from_preset(name,
-            preprocessor=None)``).
+        seq2seq_lm: a keras-hub ``BartSeq2SeqLM`` or ``T5GemmaSeq2SeqLM`` (e.g.
+            ``BartSeq2SeqLM.from_preset(name, preprocessor=None)``).
         sharding: a strategy name (``"dp"``, ``"fsdp"``, ``"fsdp_tp"``) or a ``ShardingStrategy``.
 
     Example:
@@ -106,43 +86,46 @@ class KerasHubSeq2SeqModel(Model):
         seed: int = 0,
         **backbone_kwargs: Any,
     ) -> KerasHubSeq2SeqModel:
-        """A randomly initialised seq2seq model of ``family`` (``"bart"``).
+        """A randomly initialised seq2seq model of ``family`` (``"bart"``, ``"t5gemma"``).
 
-        ``num_layers`` is per stack (encoder and decoder each). ``max_sequence_length``
-        bounds encoder and decoder lengths (learned positions). ``backbone_kwargs`` go to the
-        keras-hub backbone unchanged (e.g. ``dropout``, keras-hub's default 0.1). ``seed``
-        seeds keras' random generator so every process builds identical weights.
+        Encoder and decoder get the same sizes; ``num_layers`` is per stack.
+        ``max_sequence_length`` bounds encoder and decoder lengths where positions are a
+        learned table (BART); T5Gemma's are rotary and ignore it. ``backbone_kwargs`` go to
+        the keras-hub backbone unchanged and override the shared sizes (e.g. BART's
+        ``dropout``, keras-hub's default 0.1, or T5Gemma's ``decoder_num_key_value_heads``).
+        ``seed`` seeds keras' random generator so every process builds identical weights.
         """
         if family not in SEQ2SEQ_FAMILIES:
             raise ValueError(f"Unknown seq2seq family {family!r}; choose one of {sorted(SEQ2SEQ_FAMILIES)}.")
         spec = SEQ2SEQ_FAMILIES[family]
         keras.utils.set_random_seed(seed)
         with host_device():
-            backbone = getattr(keras_hub.models, spec.backbone_class)(
-                vocabulary_size=vocab_size,
-                num_layers=num_layers,
-                num_heads=num_heads,
-                hidden_dim=hidden_dim,
-                intermediate_dim=intermediate_dim,
-                max_sequence_length=max_sequence_length,
-                dtype=keras_policy(precision),
-                **backbone_kwargs,
+            arch = Seq2SeqArchitecture(
+                vocab_size, num_layers, hidden_dim, num_heads, intermediate_dim, max_sequence_length
             )
+            args = {**spec.backbone_args(arch), **backbone_kwargs}
+            backbone = getattr(keras_hub.models, spec.backbone_class)(dtype=keras_policy(precision), **args)
             lm = getattr(keras_hub.models, spec.lm_class)(backbone=backbone, preprocessor=None)
         return cls(lm, sharding=sharding)
 
     @property
-    def max_sequence_length(self) -> int:
-        """Longest encoder or decoder sequence the position embeddings cover."""
+    def max_sequence_length(self) -> int | None:
+        """Longest encoder or decoder sequence a learned position table covers (BART);
+        ``None`` for rotary positions (T5Gemma)."""
+        if not SEQ2SEQ_FAMILIES[self.family].position_table:
+            return None
         return int(self.backbone.max_sequence_length)
 
     def decoder_start_ids(self, tokenizer: Any) -> list[int]:
-        """The ids the decoder reads before the target (BART: ``</s> <s>``) in ``tokenizer``."""
+        """The ids the decoder reads before the target in ``tokenizer`` (BART: ``</s> <s>``,
+        T5Gemma: ``<bos>``)."""
         return SEQ2SEQ_FAMILIES[self.family].decoder_start(tokenizer.eos_id, tokenizer.bos_id)
 
     def encode_source(self, tokenizer: Any, text: str) -> list[int]:
-        """Encoder ids of ``text`` as the family's preprocessor packs them: ``<s> text </s>``."""
-        return [*tokenizer.encode_text(text), tokenizer.eos_id]
+        """Encoder ids of ``text`` as the family's preprocessor packs them (BART:
+        ``<s> text </s>``, T5Gemma: ``text <eos>``)."""
+        body = tokenizer.encode_text(text) if SEQ2SEQ_FAMILIES[self.family].source_bos else tokenizer.encode(text)
+        return [*body, tokenizer.eos_id]
 
     @property
     def mesh(self) -> Mesh:
@@ -199,9 +182,11 @@ class KerasHubSeq2SeqModel(Model):
         weight (encoder and decoder) used once, plus encoder self-, decoder self- and
         cross-attention over ``sequence_length``."""
         b = self.backbone
+        hidden = getattr(b, "hidden_dim", None) or b.decoder_hidden_dim  # T5Gemma names each stack
+        layers = getattr(b, "num_layers", None) or b.decoder_num_layers
         weights = sum(math.prod(v.shape) for p, v in self._by_path.items() if p.endswith("/kernel"))
-        weights += b.vocabulary_size * b.hidden_dim  # the tied LM head
-        attention = 3 * 4 * b.num_layers * sequence_length * b.hidden_dim
+        weights += b.vocabulary_size * hidden  # the LM head
+        attention = 3 * 4 * layers * sequence_length * hidden
         forward = 2 * weights + attention
         return float(3 * forward if training else forward)
 

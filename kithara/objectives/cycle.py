@@ -129,13 +129,12 @@ class CycleTrainer(Trainer):
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
         for side in SIDES:
             model = pair.side_model(side)
-            if (
-                isinstance(model, KerasHubSeq2SeqModel)
-                and max(max_length, len(model.decoder_start_ids(self.tokenizers[side])) + max_new_tokens)
-                > model.max_sequence_length
-            ):
+            if not isinstance(model, KerasHubSeq2SeqModel) or model.max_sequence_length is None:
+                continue
+            limit = model.max_sequence_length
+            if max(max_length, len(model.decoder_start_ids(self.tokenizers[side])) + max_new_tokens) > limit:
                 raise ValueError(
-                    f"Model {side!r} takes sequences of at most {model.max_sequence_length} tokens; lower "
+                    f"Model {side!r} takes sequences of at most {limit} tokens; lower "
                     f"max_length ({max_length}) or max_new_tokens ({max_new_tokens})."
                 )
         self.separator = separator
