@@ -105,3 +105,15 @@ def test_adapter_mode_rejects_a_seq2seq_model():
         make_trainer(
             {"A": tiny_seq2seq(vocab_size=32, max_sequence_length=8), "B": bart(2)}, max_length=8, max_new_tokens=8
         )
+
+
+def test_a_t5gemma_and_a_bart_side_train_together():
+    models = {"A": tiny_seq2seq("t5gemma", seed=8, vocab_size=32), "B": bart(9)}
+    trainer = make_trainer(models, steps=2)
+    ((source, decoder, _),) = trainer.prepare_cycle_inputs(["hi"], ["fine"], "A")
+    assert (source, decoder) == ([W["hi"], W["</s>"]], [W["<s>"], W["fine"], W["</s>"]])  # T5Gemma's framing
+    before = host(models["A"].variables.trainable)
+    history = trainer.train()
+    assert all(np.isfinite([h["loss_A"] for h in history] + [h["loss_B"] for h in history]))
+    after = host(models["A"].variables.trainable)
+    assert any(not np.array_equal(before[p], after[p]) for p in before)

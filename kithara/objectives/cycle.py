@@ -56,8 +56,8 @@ class CycleTrainer(Trainer):
 
     Model ``"A"`` maps language A to B, model ``"B"`` maps B to A. A causal side's rows look
     like ``[BOS] source{separator} target EOS`` with loss on `` target EOS``; a seq2seq side
-    (BART) encodes ``<s> source </s>`` and its decoder reads ``</s> <s> target </s>`` with
-    loss on ``target </s>`` (override ``format_prompt`` and ``prepare_cycle_inputs`` to change
+    encodes the source (BART: ``<s> source </s>``) and its decoder reads the start prefix and
+    the target (BART: ``</s> <s> target </s>``) with loss on ``target EOS`` (override ``format_prompt`` and ``prepare_cycle_inputs`` to change
     that; ``format_prompt`` applies to causal sides only).
 
     Args:
