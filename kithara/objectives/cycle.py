@@ -57,12 +57,12 @@ class CycleTrainer(Trainer):
     Model ``"A"`` maps language A to B, model ``"B"`` maps B to A. A causal side's rows look
     like ``[BOS] source{separator} target EOS`` with loss on `` target EOS``; a seq2seq side
     encodes the source (BART: ``<s> source </s>``) and its decoder reads the start prefix and
-    the target (BART: ``</s> <s> target </s>``) with loss on ``target EOS`` (override ``format_prompt`` and ``prepare_cycle_inputs`` to change
-    that; ``format_prompt`` applies to causal sides only).
+    the target (BART: ``</s> <s> target </s>``) with loss on ``target EOS``. Override
+    ``format_prompt`` (causal sides only) and ``prepare_cycle_inputs`` to change that.
 
     Args:
         models: ``{"A": model, "B": model}`` (two models, any families, causal
-            ``KerasHubModel`` or seq2seq ``KerasHubSeq2SeqModel``, one mesh), or one
+            ``KerasHubModel`` or seq2seq ``KerasHubSeq2SeqModel``: BART, T5Gemma; one mesh), or one
             ``KerasHubModel`` with LoRA (adapters ``"A"`` and ``"B"`` over one frozen base).
         tokenizers: one ``kithara.Tokenizer`` or ``{"A": ..., "B": ...}``.
         train_dataset_A / train_dataset_B: non-parallel texts of each language.
