@@ -17,7 +17,7 @@ if keras.backend.backend() != "jax":
 from kithara import data, distributed
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
-from kithara.models import Architecture, KerasHubModel, LoraConfig, Model, ModelVariables
+from kithara.models import Architecture, KerasHubModel, KerasHubSeq2SeqModel, LoraConfig, Model, ModelVariables
 from kithara.objectives import CycleTrainer, DPOTrainer, IterativeSFTTrainer, SFTTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
@@ -38,6 +38,7 @@ __all__ = [
     "Dataloader",
     "IterativeSFTTrainer",
     "KerasHubModel",
+    "KerasHubSeq2SeqModel",
     "LoraConfig",
     "LossOutput",
     "Model",

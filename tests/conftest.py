@@ -18,6 +18,15 @@ def tiny_model(family: str = "llama3", **kwargs) -> kithara.KerasHubModel:
     return kithara.KerasHubModel.from_config(family, **{**TINY, **kwargs})
 
 
+TINY_SEQ2SEQ = dict(
+    vocab_size=64, num_layers=2, hidden_dim=32, num_heads=4, intermediate_dim=64, max_sequence_length=64
+)
+
+
+def tiny_seq2seq(family: str = "bart", **kwargs) -> kithara.KerasHubSeq2SeqModel:
+    return kithara.KerasHubSeq2SeqModel.from_config(family, **{**TINY_SEQ2SEQ, **kwargs})
+
+
 def pattern_examples(n: int, length: int = 16, vocab: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Learnable sequences: a random 3-token pattern repeated, with random lengths."""
     rng = np.random.default_rng(seed)

@@ -88,10 +88,10 @@ class Generator:
         program = self._program(greedy, filtered)
         out = program(
             variables,
-            _put(ids, mesh, by_row=True),
-            _put(lengths, mesh, by_row=True),
-            _put(ends_arr, mesh, by_row=True),
-            _put(stops, mesh, by_row=False),
+            put_rows(ids, mesh, by_row=True),
+            put_rows(lengths, mesh, by_row=True),
+            put_rows(ends_arr, mesh, by_row=True),
+            put_rows(stops, mesh, by_row=False),
             rng,
             jnp.float32(temperature or 1.0),
             jnp.int32(top_k or 0),
@@ -175,7 +175,8 @@ def _seed_cache(causal_lm: keras_hub.models.CausalLM, token_ids_BxT: jax.Array) 
     return causal_lm._build_cache(token_ids_BxT)[1]
 
 
-def _put(array: np.ndarray, mesh: Mesh, *, by_row: bool) -> jax.Array:
-    """A global array from the full host array every process holds, split by rows if asked."""
+def put_rows(array: np.ndarray, mesh: Mesh, *, by_row: bool) -> jax.Array:
+    """A global array from the full host array every process holds, split by rows if asked
+    (shared with ``seq2seq_generation``)."""
     sharding = sharding_lib.batch_sharding(mesh) if by_row else sharding_lib.replicated(mesh)
     return jax.make_array_from_callback(array.shape, sharding, array.__getitem__)

@@ -26,6 +26,7 @@ from kithara.models.generation import Generator
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import Model, ModelVariables
 from kithara.models.precision import keras_policy
+from kithara.models.sampling import check_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class KerasHubModel(Model):
             raise ValueError(f"{type(causal_lm).__name__} has variables with duplicate paths.")
         shapes = {path: tuple(v.shape) for path, v in self._by_path.items()}
         self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
-        self._place_variables()
+        place_variables(self._by_path, self._shardings)
 
     @classmethod
     def from_config(
@@ -119,7 +120,7 @@ class KerasHubModel(Model):
         arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
         kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
         keras.utils.set_random_seed(seed)
-        with _host_device():
+        with host_device():
             backbone = getattr(keras_hub.models, spec.backbone_class)(dtype=keras_policy(precision), **kwargs)
             causal_lm = getattr(keras_hub.models, spec.causal_lm_class)(backbone=backbone, preprocessor=None)
         return cls(causal_lm, sharding=sharding, lora=lora, family=family)
@@ -151,7 +152,7 @@ class KerasHubModel(Model):
                     f"{handle} is a Hugging Face checkpoint; extra from_preset arguments {sorted(kwargs)} only "
                     "apply to keras-hub presets."
                 )
-            with _host_device():
+            with host_device():
                 causal_lm, hf_config = hf.load_causal_lm(
                     handle, dtype=keras_policy(precision), load_preprocessor=load_preprocessor
                 )
@@ -164,7 +165,7 @@ class KerasHubModel(Model):
             return model
         if not load_preprocessor:
             kwargs["preprocessor"] = None
-        with _host_device():
+        with host_device():
             causal_lm = keras_hub.models.CausalLM.from_preset(handle, dtype=keras_policy(precision), **kwargs)
         return cls(causal_lm, sharding=sharding, lora=lora)
 
@@ -370,8 +371,7 @@ class KerasHubModel(Model):
             if any(len(r) >= max_length for r in token_ids):
                 raise ValueError(f"A prompt is as long as max_length={max_length}; nothing left to generate.")
             ends = [max_length] * len(token_ids)
-        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
-            raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}.")
+        check_sampling(temperature, top_k, top_p)
         if stop_token_ids == "auto":
             stop_token_ids = [tokenizer.eos_id] if as_text else None
         if isinstance(stop_token_ids, str):
@@ -435,15 +435,17 @@ class KerasHubModel(Model):
         console.print(table)
         return "\n".join(lines) + "\n" + console.export_text()
 
-    def _place_variables(self) -> None:
-        """Moves every variable onto its sharding, one device shard at a time."""
-        for path, variable in self._by_path.items():
-            sharding: NamedSharding = self._shardings[path]
-            value = variable.value
-            if getattr(value, "sharding", None) == sharding:
-                continue
-            host = np.asarray(value)
-            variable.assign(jax.make_array_from_callback(host.shape, sharding, host.__getitem__))
+
+def place_variables(by_path: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> None:
+    """Moves every keras variable onto its sharding, one device shard at a time (also used
+    by ``KerasHubSeq2SeqModel``)."""
+    for path, variable in by_path.items():
+        sharding = shardings[path]
+        value = variable.value
+        if getattr(value, "sharding", None) == sharding:
+            continue
+        host = np.asarray(value)
+        variable.assign(jax.make_array_from_callback(host.shape, sharding, host.__getitem__))
 
 
 def _group(path: str) -> str:
@@ -461,7 +463,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _host_device() -> contextlib.AbstractContextManager[Any]:
+def host_device() -> contextlib.AbstractContextManager[Any]:
     """Builds variables in host memory when an accelerator is the default device, so a
     model larger than one accelerator can still be built and then sharded."""
     if jax.default_backend() == "cpu":

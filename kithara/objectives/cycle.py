@@ -4,9 +4,10 @@ One cycle step: model B translates a batch of real B text (no gradient); model A
 to map that synthetic A text back to the real B text (the only supervised tokens). Then the
 mirror image: model A (already updated) translates real A text and model B learns to map it
 back. Each side has its own optimizer state and its own jitted update, which leaves the
-other side's variables untouched. Causal LMs only: keras-hub does generate with its
-seq2seq models (BART, T5, T5Gemma: ``call_decoder_with_cache``), but kithara's
-``KerasHubModel`` wraps ``CausalLM`` alone so far (see docs/cycle.md).
+other side's variables untouched. In two-model mode either side may be a causal LM
+(``KerasHubModel``: rows ``source{separator} target``) or a seq2seq model
+(``KerasHubSeq2SeqModel``: the synthetic text is the encoder's source, see ``cycle_seq2seq``);
+the adapter mode is causal only (see docs/cycle.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from kithara import sharding as sharding_lib
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import ModelVariables
-from kithara.objectives.cycle_models import SIDES, CyclePair, TwoAdapters, TwoModels, on_side, per_side
+from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
+from kithara.objectives.cycle_models import SIDES, CyclePair, SideModel, TwoAdapters, TwoModels, on_side, per_side
+from kithara.objectives.cycle_seq2seq import Seq2SeqRow, seq2seq_arrays, seq2seq_rows, source_ids
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
 from kithara.trainer.state import TrainState
@@ -49,14 +52,18 @@ class _Texts:
 
 
 class CycleTrainer(Trainer):
-    """Cycle training of two causal LMs, or of two LoRA adapters on one frozen base.
+    """Cycle training of two models (causal or seq2seq), or of two LoRA adapters on one
+    frozen causal base.
 
-    Model ``"A"`` maps language A to B, model ``"B"`` maps B to A. Rows look like
-    ``[BOS] source{separator} target EOS`` with loss on `` target EOS`` (override
-    ``format_prompt`` and ``prepare_cycle_inputs`` to change that).
+    Model ``"A"`` maps language A to B, model ``"B"`` maps B to A. A causal side's rows look
+    like ``[BOS] source{separator} target EOS`` with loss on `` target EOS``; a seq2seq side
+    encodes the source (BART: ``<s> source </s>``) and its decoder reads the start prefix and
+    the target (BART: ``</s> <s> target </s>``) with loss on ``target EOS``. Override
+    ``format_prompt`` (causal sides only) and ``prepare_cycle_inputs`` to change that.
 
     Args:
-        models: ``{"A": model, "B": model}`` (two models, any families, one mesh), or one
+        models: ``{"A": model, "B": model}`` (two models, any families, causal
+            ``KerasHubModel`` or seq2seq ``KerasHubSeq2SeqModel``: BART, T5Gemma; one mesh), or one
             ``KerasHubModel`` with LoRA (adapters ``"A"`` and ``"B"`` over one frozen base).
         tokenizers: one ``kithara.Tokenizer`` or ``{"A": ..., "B": ...}``.
         train_dataset_A / train_dataset_B: non-parallel texts of each language.
@@ -84,7 +91,7 @@ class CycleTrainer(Trainer):
 
     def __init__(
         self,
-        models: KerasHubModel | Mapping[str, KerasHubModel],
+        models: KerasHubModel | Mapping[str, SideModel],
         tokenizers: Tokenizer | Mapping[str, Tokenizer],
         train_dataset_A: Sequence[str],
         train_dataset_B: Sequence[str],
@@ -102,6 +109,8 @@ class CycleTrainer(Trainer):
         compute_metrics: Metrics | None = None,
         **trainer_kwargs: Any,
     ) -> None:
+        if isinstance(models, KerasHubSeq2SeqModel):
+            raise ValueError("The adapter (one-model) mode is causal only; pass {'A': model_a, 'B': model_b}.")
         pair: CyclePair = TwoAdapters(models) if isinstance(models, KerasHubModel) else TwoModels(models)
         self.pair = pair
         self.tokenizers = {s: tokenizers for s in SIDES} if isinstance(tokenizers, Tokenizer) else dict(tokenizers)
@@ -119,6 +128,16 @@ class CycleTrainer(Trainer):
         if trainer_kwargs.get("gradient_accumulation_steps", 1) != 1:
             raise ValueError("CycleTrainer makes one update per side per step; use a larger batch_size instead.")
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        for side in SIDES:
+            model = pair.side_model(side)
+            if not isinstance(model, KerasHubSeq2SeqModel) or model.max_sequence_length is None:
+                continue
+            limit = model.max_sequence_length
+            if max(max_length, len(model.decoder_start_ids(self.tokenizers[side])) + max_new_tokens) > limit:
+                raise ValueError(
+                    f"Model {side!r} takes sequences of at most {limit} tokens; lower "
+                    f"max_length ({max_length}) or max_new_tokens ({max_new_tokens})."
+                )
         self.separator = separator
         self.generation_kwargs = dict(generation_kwargs or {})
         self.compute_metrics = compute_metrics
@@ -160,12 +179,19 @@ class CycleTrainer(Trainer):
         """What model ``side`` reads before it writes the translation of ``text``."""
         return f"{text}{self.separator}"
 
-    def prepare_cycle_inputs(self, sources: Sequence[str], targets: Sequence[str], side: str) -> list[Row]:
-        """Training rows for model ``side``: ``[BOS] prompt(source) target EOS`` (a space before
-        the target) in its
-        tokenizer, supervised on ``target EOS`` only. In a cycle step the sources are the
-        other model's synthetic text and the targets the original text."""
+    def prepare_cycle_inputs(
+        self, sources: Sequence[str], targets: Sequence[str], side: str
+    ) -> list[Row] | list[Seq2SeqRow]:
+        """Training rows for model ``side``, supervised on ``target EOS`` only. In a cycle step
+        the sources are the other model's synthetic text and the targets the original text.
+
+        A causal side gets ``[BOS] prompt(source) target EOS`` (a space before the target) in
+        its tokenizer; a seq2seq side gets a ``Seq2SeqRow`` (source to the encoder, target
+        after the decoder prefix)."""
         tok = self.tokenizers[side]
+        model = self.pair.side_model(side)
+        if isinstance(model, KerasHubSeq2SeqModel):
+            return seq2seq_rows(model, tok, sources, targets, self.max_length)
         rows = []
         for source, target in zip(sources, targets, strict=True):
             prompt = tok.encode_text(self.format_prompt(source, side))
@@ -202,9 +228,14 @@ class CycleTrainer(Trainer):
     def translate(self, variables: ModelVariables, side: str, texts: Sequence[str], seed: int = 0) -> list[str]:
         """Model ``side``'s translations of ``texts`` with the given pair variables."""
         tok = self.tokenizers[side]
-        prompts = [tok.encode_text(self.format_prompt(t, side)) for t in texts]
-        options = {"stop_token_ids": [tok.eos_id], **self.generation_kwargs}
-        out = self.pair.side_model(side).generate(
+        model = self.pair.side_model(side)
+        options: dict[str, Any] = {"stop_token_ids": [tok.eos_id], **self.generation_kwargs}
+        if isinstance(model, KerasHubSeq2SeqModel):
+            prompts = [source_ids(model, tok, t, self.max_length) for t in texts]
+            options["decoder_start_ids"] = model.decoder_start_ids(tok)
+        else:
+            prompts = [tok.encode_text(self.format_prompt(t, side)) for t in texts]
+        out = model.generate(
             prompts,
             self.max_new_tokens,
             variables=self.pair.side_variables(variables, side),
@@ -228,10 +259,12 @@ class CycleTrainer(Trainer):
         metrics["tokens"] = metrics.pop("tokens_A") + metrics.pop("tokens_B")
         return state, metrics
 
-    def _rows_to_arrays(self, rows: Sequence[Row]) -> dict[str, jax.Array]:
+    def _rows_to_arrays(self, rows: Sequence[Row] | Sequence[Seq2SeqRow]) -> dict[str, jax.Array]:
         """``[rows_per_step, max_length]`` inputs, labels and masks (rows cut at the end;
         padding rows fully masked), sharded over the batch axes."""
         n, length = self.rows_per_step, self.max_length
+        if rows and len(rows[0]) == 3:  # (source ids, decoder ids, supervised): a seq2seq side
+            return _global(seq2seq_arrays([Seq2SeqRow(*r) for r in rows], n, length), self.pair)
         out = {
             "token_ids": np.zeros((n, length), np.int32),
             "padding_mask": np.zeros((n, length), bool),

@@ -1,7 +1,8 @@
 """The two sides of cycle training as one ``Model`` for the Trainer's state and checkpoints.
 
-``TwoModels`` holds two separate models (any families, one mesh); ``TwoAdapters`` holds one
-frozen base with two LoRA adapter sets, so its weight memory is one base plus two adapters.
+``TwoModels`` holds two separate models (any families, causal or seq2seq, one mesh);
+``TwoAdapters`` holds one frozen causal base with two LoRA adapter sets, so its weight memory
+is one base plus two adapters.
 Either way the pair's variables are one ``ModelVariables`` whose paths carry the side
 (``"A/..."``, ``"B/..."``; the shared base of ``TwoAdapters`` keeps its own paths), and
 ``side_variables`` / ``merge_side`` move one side's variables in and out without copies.
@@ -20,8 +21,10 @@ from jax.sharding import Mesh
 from kithara.models import adapters
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import Model, ModelVariables
+from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
 
 SIDES = ("A", "B")
+SideModel = KerasHubModel | KerasHubSeq2SeqModel  # what runs one side: a causal or a seq2seq LM
 
 
 def _prefixed(tree: Mapping[str, Any], side: str) -> dict[str, Any]:
@@ -37,7 +40,7 @@ class CyclePair(Model):
     """Two models (or two adapters) seen as one; subclasses say how the sides are stored."""
 
     @abc.abstractmethod
-    def side_model(self, side: str) -> KerasHubModel:
+    def side_model(self, side: str) -> SideModel:
         """The model whose layers run ``side`` (the shared base for adapters)."""
 
     @abc.abstractmethod
@@ -64,7 +67,7 @@ class CyclePair(Model):
 class TwoModels(CyclePair):
     """Two separate models, ``{"A": model_a, "B": model_b}`` (families may differ), on one mesh."""
 
-    def __init__(self, models: Mapping[str, KerasHubModel]) -> None:
+    def __init__(self, models: Mapping[str, SideModel]) -> None:
         if set(models) != set(SIDES):
             raise ValueError(f"models must be {{'A': ..., 'B': ...}}, got keys {sorted(models)}.")
         if models["A"] is models["B"]:
@@ -73,7 +76,7 @@ class TwoModels(CyclePair):
             raise ValueError("Both models must live on the same device mesh (same devices and axes).")
         self.models = dict(models)
 
-    def side_model(self, side: str) -> KerasHubModel:
+    def side_model(self, side: str) -> SideModel:
         return self.models[side]
 
     @property
@@ -127,7 +130,7 @@ class TwoAdapters(CyclePair):
         # A real copy: the trainer donates its state, and one buffer may not appear twice.
         self._adapters = {"A": dict(start), "B": {p: v.copy() for p, v in start.items()}}
 
-    def side_model(self, side: str) -> KerasHubModel:
+    def side_model(self, side: str) -> SideModel:
         return self.model
 
     def adapter(self, side: str) -> adapters.AdapterSet:

@@ -1,0 +1,218 @@
+"""Batched, jitted, KV-cached decoding for keras-hub encoder-decoder models (BART, T5Gemma).
+
+The source is encoded once (with the decoder prefix) by keras-hub's ``_build_cache``; then
+``call_decoder_with_cache`` writes one token per ``lax.while_loop`` iteration. The two
+families' cache APIs differ, so each has a small ``start`` / ``next`` pair in ``CACHE_API``.
+Sources, new-token counts and the batch are padded to power-of-two buckets
+(``generation.bucket``), so repeated calls reuse one compiled program per bucket, and any
+variables of the model's structure go in without recompiling.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from kithara import sharding as sharding_lib
+from kithara.models.generation import MAX_STOP_TOKENS, bucket, put_rows
+from kithara.models.model import ModelVariables
+from kithara.models.sampling import choose_tokens
+
+if TYPE_CHECKING:
+    from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
+
+# (index, decoder token ids, family cache state, rows done, rng) carried through the loop.
+_Carry = tuple[jax.Array, jax.Array, Any, jax.Array, jax.Array]
+
+
+def _bart_start(
+    lm: Any, encoder_ids: jax.Array, encoder_mask: jax.Array, decoder_ids: jax.Array, prefix: jax.Array
+) -> Any:
+    """BART: encoder states, its cross-attention cache and the decoder's self-attention cache
+    (slots past the prefix are overwritten before they are attended to)."""
+    del prefix
+    _, encoder_states, self_cache, cross_cache = lm._build_cache(encoder_ids, encoder_mask, decoder_ids)
+    return self_cache, cross_cache, encoder_states, encoder_mask
+
+
+def _bart_next(lm: Any, state: Any, token_Bx1: jax.Array, index: jax.Array) -> tuple[jax.Array, Any]:
+    self_cache, cross_cache, encoder_states, encoder_mask = state
+    logits, _, self_cache, _ = lm.call_decoder_with_cache(
+        encoder_hidden_states=encoder_states,
+        encoder_padding_mask=encoder_mask,
+        decoder_token_ids=token_Bx1,
+        self_attention_cache=self_cache,
+        self_attention_cache_update_index=index,
+        cross_attention_cache=cross_cache,
+        cross_attention_cache_update_index=None,  # reuse the encoder's keys/values
+    )
+    return logits, (self_cache, cross_cache, encoder_states, encoder_mask)
+
+
+def _t5gemma_start(
+    lm: Any, encoder_ids: jax.Array, encoder_mask: jax.Array, decoder_ids: jax.Array, prefix: jax.Array
+) -> Any:
+    """T5Gemma: its cache (self and cross attention) and the encoder output; the decoder
+    mask covers the prefix, as in keras-hub's own ``generate_step``."""
+    decoder_mask = (jnp.arange(decoder_ids.shape[1])[None] < prefix).astype(jnp.int32)
+    decoder_mask = jnp.broadcast_to(decoder_mask, decoder_ids.shape)
+    _, cache, (encoder_states, encoder_mask) = lm._build_cache(encoder_ids, encoder_mask, decoder_ids, decoder_mask)
+    return cache, encoder_states, encoder_mask
+
+
+def _t5gemma_next(lm: Any, state: Any, token_Bx1: jax.Array, index: jax.Array) -> tuple[jax.Array, Any]:
+    cache, encoder_states, encoder_mask = state
+    logits, _, cache = lm.call_decoder_with_cache(token_Bx1, None, cache, index, encoder_states, encoder_mask)
+    return logits, (cache, encoder_states, encoder_mask)
+
+
+# family -> (start, next): ``start`` runs the encoder and fills the caches; ``next`` feeds the
+# token at ``index`` and returns the logits of the one after it.
+CACHE_API = {"bart": (_bart_start, _bart_next), "t5gemma": (_t5gemma_start, _t5gemma_next)}
+
+
+class Seq2SeqGenerator:
+    """Decodes with one ``KerasHubSeq2SeqModel``; one jitted program per sampling mode.
+
+    Args:
+        model: the model whose keras layers run the decode (its variables are only the
+            default; every call may pass others).
+    """
+
+    def __init__(self, model: KerasHubSeq2SeqModel) -> None:
+        self.model = model
+        self._programs: dict[tuple[bool, bool], Any] = {}
+
+    @property
+    def compilations(self) -> int:
+        """Programs compiled so far (all modes and buckets): a guard against per-call retracing."""
+        return sum(fn._cache_size() for fn in self._programs.values())
+
+    def __call__(
+        self,
+        sources: Sequence[Sequence[int]],
+        decoder_start: Sequence[int],
+        max_new_tokens: int,
+        *,
+        variables: ModelVariables,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        stop_token_ids: Sequence[int],
+        rng: jax.Array,
+    ) -> list[list[int]]:
+        """Up to ``max_new_tokens`` decoder tokens per source after ``decoder_start``, each
+        row cut before its first stop token."""
+        if len(stop_token_ids) > MAX_STOP_TOKENS:
+            raise ValueError(f"At most {MAX_STOP_TOKENS} stop_token_ids, got {len(stop_token_ids)}.")
+        longest = max(len(s) for s in sources)
+        prefix = len(decoder_start)
+        table = self.model.max_sequence_length
+        limit = table if table is not None else 2**31 - 1
+        if longest > limit or prefix + max_new_tokens > limit:
+            raise ValueError(
+                f"A source of {longest} tokens or {prefix} + {max_new_tokens} decoder tokens exceeds the "
+                f"model's max_sequence_length={limit}."
+            )
+        mesh = self.model.mesh
+        rows = len(sources)
+        shards = sharding_lib.batch_shards(mesh)
+        padded_rows = -(-bucket(rows, 1) // shards) * shards
+        # Buckets never pass the position table; padding beyond a row's length is masked anyway.
+        source_len = min(bucket(longest), limit)
+        total = min(bucket(prefix) + bucket(max_new_tokens), limit)
+        encoder_ids = np.zeros((padded_rows, source_len), np.int32)
+        encoder_mask = np.zeros((padded_rows, source_len), np.int32)
+        for i in range(padded_rows):
+            source = sources[i if i < rows else 0]
+            encoder_ids[i, : len(source)] = source
+            encoder_mask[i, : len(source)] = 1
+        decoder_ids = np.zeros((padded_rows, total), np.int32)
+        decoder_ids[:, :prefix] = list(decoder_start)
+        stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
+        stops[: len(stop_token_ids)] = list(stop_token_ids)
+        greedy = not temperature
+        filtered = not greedy and (bool(top_k) or (top_p is not None and top_p < 1.0))
+        out = self._program(greedy, filtered)(
+            variables,
+            put_rows(encoder_ids, mesh, by_row=True),
+            put_rows(encoder_mask, mesh, by_row=True),
+            put_rows(decoder_ids, mesh, by_row=True),
+            jnp.int32(prefix),
+            jnp.int32(prefix + max_new_tokens),
+            put_rows(stops, mesh, by_row=False),
+            rng,
+            jnp.float32(temperature or 1.0),
+            jnp.int32(top_k or 0),
+            jnp.float32(1.0 if top_p is None else top_p),
+        )
+        out = np.asarray(jax.device_get(out))
+        results = []
+        for i in range(rows):
+            new = out[i, prefix : prefix + max_new_tokens].tolist()
+            cut = next((j for j, t in enumerate(new) if t in stop_token_ids), len(new))
+            results.append(new[:cut])
+        return results
+
+    def _program(self, greedy: bool, filtered: bool) -> Any:
+        key = (greedy, filtered)
+        if key not in self._programs:
+            self._programs[key] = jax.jit(
+                functools.partial(self._decode, greedy=greedy, filtered=filtered),
+                out_shardings=sharding_lib.replicated(self.model.mesh),
+            )
+        return self._programs[key]
+
+    def _decode(
+        self,
+        variables: ModelVariables,
+        encoder_ids_BxS: jax.Array,
+        encoder_mask_BxS: jax.Array,
+        decoder_ids_BxT: jax.Array,
+        start: jax.Array,
+        end: jax.Array,
+        stop_ids_K: jax.Array,
+        rng: jax.Array,
+        temperature: jax.Array,
+        top_k: jax.Array,
+        top_p: jax.Array,
+        *,
+        greedy: bool,
+        filtered: bool,
+    ) -> jax.Array:
+        """The decoder ids with positions ``start .. end - 1`` written (rows that stopped keep
+        zeros after their stop token)."""
+        lm = self.model.seq2seq_lm
+        by_path = self.model._by_path
+        mapping = [(by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
+        batch = decoder_ids_BxT.shape[0]
+        start_fn, next_fn = CACHE_API[self.model.family]
+        with keras.StatelessScope(state_mapping=mapping):
+            cache = start_fn(lm, encoder_ids_BxS, encoder_mask_BxS, decoder_ids_BxT, start)
+
+        def body(carry: _Carry) -> _Carry:
+            index, ids_BxT, cache, done_B, rng = carry
+            last_Bx1 = jax.lax.dynamic_slice(ids_BxT, (0, index - 1), (batch, 1))
+            with keras.StatelessScope(state_mapping=mapping):
+                logits_Bx1xV, cache = next_fn(lm, cache, last_Bx1, index - 1)
+            rng, key = jax.random.split(rng)
+            chosen_B = choose_tokens(
+                logits_Bx1xV[:, 0], key, temperature, top_k, top_p, greedy=greedy, filtered=filtered
+            )
+            ids_BxT = ids_BxT.at[:, index].set(jnp.where(done_B, ids_BxT[:, index], chosen_B))
+            stopped_B = (chosen_B[:, None] == stop_ids_K[None]).any(-1)
+            done_B = done_B | stopped_B | (index + 1 >= end)
+            return index + 1, ids_BxT, cache, done_B, rng
+
+        def cond(carry: _Carry) -> jax.Array:
+            index, _, _, done_B, _ = carry
+            return (index < end) & ~done_B.all()
+
+        carry = (start, decoder_ids_BxT, cache, jnp.zeros((batch,), bool), rng)
+        return jax.lax.while_loop(cond, body, carry)[1]

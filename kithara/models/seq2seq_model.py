@@ -1,0 +1,270 @@
+"""KerasHubSeq2SeqModel: a keras-hub encoder-decoder LM (BART, T5Gemma) placed on a device mesh."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import jax
+import keras
+import keras_hub
+from jax.sharding import Mesh
+
+from kithara import sharding as sharding_lib
+from kithara.models.keras_hub_model import host_device, place_variables
+from kithara.models.model import Model, ModelVariables
+from kithara.models.precision import keras_policy
+from kithara.models.sampling import check_sampling
+from kithara.models.seq2seq_families import SEQ2SEQ_FAMILIES, Seq2SeqArchitecture
+from kithara.models.seq2seq_generation import Seq2SeqGenerator
+
+SEQ2SEQ_INPUTS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_ids", "decoder_padding_mask")
+
+
+_BY_CLASS = {spec.lm_class: name for name, spec in SEQ2SEQ_FAMILIES.items()}
+
+
+class KerasHubSeq2SeqModel(Model):
+    """A keras-hub ``Seq2SeqLM`` (BART or T5Gemma) whose variables live, sharded, on a device mesh.
+
+    Batches carry ``encoder_token_ids`` / ``encoder_padding_mask`` (the source) and
+    ``decoder_token_ids`` / ``decoder_padding_mask`` (the shifted target); ``apply`` returns
+    the decoder's logits, so ``labels[t]`` is the decoder token after position ``t``.
+    ``generate`` encodes each source once and decodes with keras-hub's self- and
+    cross-attention caches in one jitted loop. LoRA and packing are not supported.
+
+    Args:
+        seq2seq_lm: a keras-hub ``BartSeq2SeqLM`` or ``T5GemmaSeq2SeqLM`` (e.g.
+            ``BartSeq2SeqLM.from_preset(name, preprocessor=None)``).
+        sharding: a strategy name (``"dp"``, ``"fsdp"``, ``"fsdp_tp"``) or a ``ShardingStrategy``.
+
+    Example:
+        >>> model = KerasHubSeq2SeqModel.from_config(
+        ...     "bart", vocab_size=512, num_layers=2, hidden_dim=64, num_heads=4, intermediate_dim=128)
+        >>> model.generate([[1, 5, 6, 2]], max_new_tokens=8, decoder_start_ids=[2, 1])
+    """
+
+    def __init__(
+        self, seq2seq_lm: keras_hub.models.Seq2SeqLM, *, sharding: str | sharding_lib.ShardingStrategy | None = None
+    ) -> None:
+        family = _BY_CLASS.get(type(seq2seq_lm).__name__)
+        if family is None:
+            raise TypeError(
+                f"KerasHubSeq2SeqModel supports {sorted(_BY_CLASS)}, got {type(seq2seq_lm).__name__}: "
+                "other seq2seq families have other cache APIs."
+            )
+        self.seq2seq_lm = seq2seq_lm
+        self.backbone = seq2seq_lm.backbone
+        self.family = family
+        self.strategy = sharding_lib.as_strategy(sharding)
+        self._mesh = self.strategy.make_mesh()
+        self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
+        self._generator: Seq2SeqGenerator | None = None
+        self._trainable_paths = [v.path for v in seq2seq_lm.trainable_variables]
+        self._non_trainable_paths = [v.path for v in seq2seq_lm.non_trainable_variables]
+        self._by_path = {v.path: v for v in seq2seq_lm.variables}
+        if len(self._by_path) != len(seq2seq_lm.variables):
+            raise ValueError(f"{type(seq2seq_lm).__name__} has variables with duplicate paths.")
+        shapes = {path: tuple(v.shape) for path, v in self._by_path.items()}
+        self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
+        place_variables(self._by_path, self._shardings)
+
+    @classmethod
+    def from_config(
+        cls,
+        family: str,
+        *,
+        vocab_size: int,
+        num_layers: int,
+        hidden_dim: int,
+        num_heads: int,
+        intermediate_dim: int,
+        max_sequence_length: int = 1024,
+        precision: str = "float32",
+        sharding: str | sharding_lib.ShardingStrategy | None = None,
+        seed: int = 0,
+        **backbone_kwargs: Any,
+    ) -> KerasHubSeq2SeqModel:
+        """A randomly initialised seq2seq model of ``family`` (``"bart"``, ``"t5gemma"``).
+
+        Encoder and decoder get the same sizes; ``num_layers`` is per stack.
+        ``max_sequence_length`` bounds encoder and decoder lengths where positions are a
+        learned table (BART); T5Gemma's are rotary and ignore it. ``backbone_kwargs`` go to
+        the keras-hub backbone unchanged and override the shared sizes (e.g. BART's
+        ``dropout``, keras-hub's default 0.1, or T5Gemma's ``decoder_num_key_value_heads``).
+        ``seed`` seeds keras' random generator so every process builds identical weights.
+        """
+        if family not in SEQ2SEQ_FAMILIES:
+            raise ValueError(f"Unknown seq2seq family {family!r}; choose one of {sorted(SEQ2SEQ_FAMILIES)}.")
+        spec = SEQ2SEQ_FAMILIES[family]
+        keras.utils.set_random_seed(seed)
+        with host_device():
+            arch = Seq2SeqArchitecture(
+                vocab_size, num_layers, hidden_dim, num_heads, intermediate_dim, max_sequence_length
+            )
+            args = {**spec.backbone_args(arch), **backbone_kwargs}
+            backbone = getattr(keras_hub.models, spec.backbone_class)(dtype=keras_policy(precision), **args)
+            lm = getattr(keras_hub.models, spec.lm_class)(backbone=backbone, preprocessor=None)
+        return cls(lm, sharding=sharding)
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """Longest encoder or decoder sequence a learned position table covers (BART);
+        ``None`` for rotary positions (T5Gemma)."""
+        if not SEQ2SEQ_FAMILIES[self.family].position_table:
+            return None
+        return int(self.backbone.max_sequence_length)
+
+    def decoder_start_ids(self, tokenizer: Any) -> list[int]:
+        """The ids the decoder reads before the target in ``tokenizer`` (BART: ``</s> <s>``,
+        T5Gemma: ``<bos>``)."""
+        return SEQ2SEQ_FAMILIES[self.family].decoder_start(tokenizer.eos_id, tokenizer.bos_id)
+
+    def encode_source(self, tokenizer: Any, text: str) -> list[int]:
+        """Encoder ids of ``text`` as the family's preprocessor packs them (BART:
+        ``<s> text </s>``, T5Gemma: ``text <eos>``)."""
+        body = tokenizer.encode_text(text) if SEQ2SEQ_FAMILIES[self.family].source_bos else tokenizer.encode(text)
+        return [*body, tokenizer.eos_id]
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    @property
+    def variables(self) -> ModelVariables:
+        return ModelVariables(
+            trainable={p: self._by_path[p].value for p in self._trainable_paths},
+            non_trainable={p: self._by_path[p].value for p in self._non_trainable_paths},
+        )
+
+    @variables.setter
+    def variables(self, values: ModelVariables) -> None:
+        for expected, given in (
+            (self._trainable_paths, values.trainable),
+            (self._non_trainable_paths, values.non_trainable),
+        ):
+            if set(expected) != set(given):
+                missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+                raise ValueError(f"Variables do not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
+        for path, value in {**values.trainable, **values.non_trainable}.items():
+            variable = self._by_path[path]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"Variable {path}: shape {tuple(value.shape)} does not match {tuple(variable.shape)}.")
+            variable.assign(value)
+
+    @property
+    def variable_shardings(self) -> ModelVariables:
+        return ModelVariables(
+            trainable={p: self._shardings[p] for p in self._trainable_paths},
+            non_trainable={p: self._shardings[p] for p in self._non_trainable_paths},
+        )
+
+    def apply(
+        self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Decoder logits ``[batch, decoder length, vocab]`` for the four seq2seq inputs."""
+        if "segment_ids" in inputs:
+            raise ValueError("Seq2seq models do not support packed sequences; set packing off.")
+        missing = [k for k in SEQ2SEQ_INPUTS if k not in inputs]
+        if missing:
+            raise ValueError(f"A seq2seq batch needs {list(SEQ2SEQ_INPUTS)}; missing {missing}.")
+        trainable = [variables.trainable[p] for p in self._trainable_paths]
+        non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
+        model_inputs = {k: inputs[k] for k in SEQ2SEQ_INPUTS}
+        logits, new_non_trainable = self.seq2seq_lm.stateless_call(
+            trainable, non_trainable, model_inputs, training=training
+        )
+        return logits, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
+
+    def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
+        """PaLM-style count per decoder token, with a source as long as the target: every
+        weight (encoder and decoder) used once, plus encoder self-, decoder self- and
+        cross-attention over ``sequence_length``."""
+        b = self.backbone
+        hidden = getattr(b, "hidden_dim", None) or b.decoder_hidden_dim  # T5Gemma names each stack
+        layers = getattr(b, "num_layers", None) or b.decoder_num_layers
+        weights = sum(math.prod(v.shape) for p, v in self._by_path.items() if p.endswith("/kernel"))
+        weights += b.vocabulary_size * hidden  # the LM head
+        attention = 3 * 4 * layers * sequence_length * hidden
+        forward = 2 * weights + attention
+        return float(3 * forward if training else forward)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        decoder_start_ids: Sequence[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token_ids: Sequence[int] | str | None = "auto",
+        seed: int | jax.Array = 0,
+        variables: ModelVariables | None = None,
+        tokenizer: Any = None,
+    ) -> Any:
+        """Writes the decoder's continuation of ``decoder_start_ids`` for each source, with
+        KV caches in one jitted loop on the model's mesh (compiled once per bucket of batch,
+        source length and new tokens, and per sampling mode).
+
+        Args:
+            prompts: sources: a string or list of strings (needs ``tokenizer`` or
+                ``self.tokenizer``; encoded ``<s> text </s>``; returns strings), or a list of
+                encoder token-id lists (used as they are; returns token-id lists).
+            max_new_tokens: tokens to write after the decoder prefix at most.
+            decoder_start_ids: what the decoder reads first; default (needs a tokenizer) the
+                family's start, ``</s> <s>`` for BART. Not part of the output.
+            temperature, top_k, top_p: as in ``KerasHubModel.generate`` (0 is greedy).
+            stop_token_ids: a row ends at the first of these (not returned). ``"auto"``: the
+                tokenizer's EOS with string prompts, none with token ids.
+            seed: an int or a ``jax.random`` key for sampling.
+            variables: the variables to generate with; default ``self.variables``.
+            tokenizer: a ``kithara.Tokenizer`` (default ``self.tokenizer``).
+        """
+        single = isinstance(prompts, str)
+        as_text = single or (len(prompts) > 0 and isinstance(prompts[0], str))
+        tokenizer = tokenizer or self.tokenizer
+        if (as_text or decoder_start_ids is None) and tokenizer is None:
+            raise ValueError("String prompts or a default decoder start need a tokenizer: pass tokenizer=.")
+        texts = [prompts] if single else list(prompts)
+        if not texts:
+            raise ValueError("generate() got no prompts.")
+        if as_text:
+            sources = [self.encode_source(tokenizer, cast(str, t)) for t in texts]
+        else:
+            sources = [[int(t) for t in cast(Sequence[int], r)] for r in texts]
+        if any(len(r) == 0 for r in sources):
+            raise ValueError("Every source needs at least one token.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        start = list(decoder_start_ids) if decoder_start_ids is not None else self.decoder_start_ids(tokenizer)
+        if not start:
+            raise ValueError("decoder_start_ids must hold at least one id.")
+        check_sampling(temperature, top_k, top_p)
+        if stop_token_ids == "auto":
+            stop_token_ids = [tokenizer.eos_id] if as_text else None
+        if isinstance(stop_token_ids, str):
+            raise ValueError(f"stop_token_ids must be a list of ids, None or 'auto', got {stop_token_ids!r}.")
+        if self._generator is None:
+            self._generator = Seq2SeqGenerator(self)
+        outputs = self._generator(
+            sources,
+            start,
+            max_new_tokens,
+            variables=variables if variables is not None else self.variables,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_token_ids=list(stop_token_ids or ()),
+            rng=jax.random.key(seed) if isinstance(seed, int) else seed,
+        )
+        if not as_text:
+            return outputs
+        decoded = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        return decoded[0] if single else decoded
+
+    @property
+    def generate_compilations(self) -> int:
+        """How many decode programs ``generate`` has compiled (one per bucket and sampling mode)."""
+        return 0 if self._generator is None else self._generator.compilations
