@@ -38,15 +38,16 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-class Generator:
-    """Decodes with one ``KerasHubModel``; holds one jitted program per sampling mode.
+class DecodePrograms:
+    """One jitted decode program per sampling mode (greedy or not, filtered or not) of a
+    model's ``_decode``; each compiles once per bucket of shapes.
 
     Args:
         model: the model whose keras layers run the decode (its own variables are only
             the default; every call may pass others).
     """
 
-    def __init__(self, model: KerasHubModel) -> None:
+    def __init__(self, model: Any) -> None:
         self.model = model
         self._programs: dict[tuple[bool, bool], Any] = {}
 
@@ -54,6 +55,29 @@ class Generator:
     def compilations(self) -> int:
         """Programs compiled so far (all modes and buckets): a guard against per-call retracing."""
         return sum(fn._cache_size() for fn in self._programs.values())
+
+    def _program(self, greedy: bool, filtered: bool) -> Any:
+        key = (greedy, filtered)
+        if key not in self._programs:
+            self._programs[key] = jax.jit(
+                functools.partial(self._decode, greedy=greedy, filtered=filtered),
+                out_shardings=sharding_lib.replicated(self.model.mesh),
+            )
+        return self._programs[key]
+
+    def _decode(self, *args: Any, greedy: bool, filtered: bool) -> jax.Array:
+        raise NotImplementedError
+
+
+def cut_at_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> list[int]:
+    """``tokens`` up to (not including) the first stop token."""
+    return tokens[: next((j for j, t in enumerate(tokens) if t in stop_token_ids), len(tokens))]
+
+
+class Generator(DecodePrograms):
+    """Decodes with one ``KerasHubModel``; holds one jitted program per sampling mode."""
+
+    model: KerasHubModel
 
     def __call__(
         self,
@@ -100,21 +124,10 @@ class Generator:
         out = np.asarray(jax.device_get(out))
         results = []
         for i in range(rows):
-            new = out[i, lengths[i] : ends_arr[i]].tolist()
-            cut = next((j for j, t in enumerate(new) if t in stop_token_ids), len(new))
-            results.append(new[:cut])
+            results.append(cut_at_stop(out[i, lengths[i] : ends_arr[i]].tolist(), stop_token_ids))
         return results
 
-    def _program(self, greedy: bool, filtered: bool) -> Any:
-        key = (greedy, filtered)
-        if key not in self._programs:
-            self._programs[key] = jax.jit(
-                functools.partial(self._decode, greedy=greedy, filtered=filtered),
-                out_shardings=sharding_lib.replicated(self.model.mesh),
-            )
-        return self._programs[key]
-
-    def _decode(
+    def _decode(  # type: ignore[override]
         self,
         variables: ModelVariables,
         token_ids_BxT: jax.Array,

@@ -15,7 +15,7 @@ import jax
 import keras
 import keras_hub
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from rich.console import Console
 from rich.table import Table
 
@@ -23,8 +23,9 @@ from kithara import sharding as sharding_lib
 from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
 from kithara.models.generation import Generator
+from kithara.models.keras_variables import KerasVariables
 from kithara.models.lora import LoraConfig, enable_lora
-from kithara.models.model import Model, ModelVariables
+from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
 from kithara.models.sampling import check_sampling
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 _REMOTE_SCHEMES = ("hf://", "kaggle://", "gs://", "modelscope://")
 
 
-class KerasHubModel(Model):
+class KerasHubModel(KerasVariables):
     """A keras-hub ``CausalLM`` whose variables live, sharded, on a device mesh.
 
     Build one with ``from_config`` (random weights) or ``from_preset`` (a keras-hub preset
@@ -82,14 +83,7 @@ class KerasHubModel(Model):
         if lora is not None:
             names = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
             self._lora_layers = enable_lora(self.backbone, lora, layer_layout(names))
-        self._trainable_paths = [v.path for v in causal_lm.trainable_variables]
-        self._non_trainable_paths = [v.path for v in causal_lm.non_trainable_variables]
-        self._by_path = {v.path: v for v in causal_lm.variables}
-        if len(self._by_path) != len(causal_lm.variables):
-            raise ValueError(f"{type(causal_lm).__name__} has variables with duplicate paths.")
-        shapes = {path: tuple(v.shape) for path, v in self._by_path.items()}
-        self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
-        place_variables(self._by_path, self._shardings)
+        self._index_variables(causal_lm)
 
     @classmethod
     def from_config(
@@ -172,35 +166,6 @@ class KerasHubModel(Model):
     @property
     def mesh(self) -> Mesh:
         return self._mesh
-
-    @property
-    def variables(self) -> ModelVariables:
-        return ModelVariables(
-            trainable={p: self._by_path[p].value for p in self._trainable_paths},
-            non_trainable={p: self._by_path[p].value for p in self._non_trainable_paths},
-        )
-
-    @variables.setter
-    def variables(self, values: ModelVariables) -> None:
-        for expected, given in (
-            (self._trainable_paths, values.trainable),
-            (self._non_trainable_paths, values.non_trainable),
-        ):
-            if set(expected) != set(given):
-                missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-                raise ValueError(f"Variables do not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
-        for path, value in {**values.trainable, **values.non_trainable}.items():
-            variable = self._by_path[path]
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(f"Variable {path}: shape {tuple(value.shape)} does not match {tuple(variable.shape)}.")
-            variable.assign(value)
-
-    @property
-    def variable_shardings(self) -> ModelVariables:
-        return ModelVariables(
-            trainable={p: self._shardings[p] for p in self._trainable_paths},
-            non_trainable={p: self._shardings[p] for p in self._non_trainable_paths},
-        )
 
     def apply(
         self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
@@ -434,18 +399,6 @@ class KerasHubModel(Model):
         console = Console(width=110, record=True, file=io.StringIO())
         console.print(table)
         return "\n".join(lines) + "\n" + console.export_text()
-
-
-def place_variables(by_path: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> None:
-    """Moves every keras variable onto its sharding, one device shard at a time (also used
-    by ``KerasHubSeq2SeqModel``)."""
-    for path, variable in by_path.items():
-        sharding = shardings[path]
-        value = variable.value
-        if getattr(value, "sharding", None) == sharding:
-            continue
-        host = np.asarray(value)
-        variable.assign(jax.make_array_from_callback(host.shape, sharding, host.__getitem__))
 
 
 def _group(path: str) -> str:

@@ -10,7 +10,6 @@ variables of the model's structure go in without recompiling.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ import keras
 import numpy as np
 
 from kithara import sharding as sharding_lib
-from kithara.models.generation import MAX_STOP_TOKENS, bucket, put_rows
+from kithara.models.generation import MAX_STOP_TOKENS, DecodePrograms, bucket, cut_at_stop, put_rows
 from kithara.models.model import ModelVariables
 from kithara.models.sampling import choose_tokens
 
@@ -77,22 +76,10 @@ def _t5gemma_next(lm: Any, state: Any, token_Bx1: jax.Array, index: jax.Array) -
 CACHE_API = {"bart": (_bart_start, _bart_next), "t5gemma": (_t5gemma_start, _t5gemma_next)}
 
 
-class Seq2SeqGenerator:
-    """Decodes with one ``KerasHubSeq2SeqModel``; one jitted program per sampling mode.
+class Seq2SeqGenerator(DecodePrograms):
+    """Decodes with one ``KerasHubSeq2SeqModel``; one jitted program per sampling mode."""
 
-    Args:
-        model: the model whose keras layers run the decode (its variables are only the
-            default; every call may pass others).
-    """
-
-    def __init__(self, model: KerasHubSeq2SeqModel) -> None:
-        self.model = model
-        self._programs: dict[tuple[bool, bool], Any] = {}
-
-    @property
-    def compilations(self) -> int:
-        """Programs compiled so far (all modes and buckets): a guard against per-call retracing."""
-        return sum(fn._cache_size() for fn in self._programs.values())
+    model: KerasHubSeq2SeqModel
 
     def __call__(
         self,
@@ -155,21 +142,10 @@ class Seq2SeqGenerator:
         out = np.asarray(jax.device_get(out))
         results = []
         for i in range(rows):
-            new = out[i, prefix : prefix + max_new_tokens].tolist()
-            cut = next((j for j, t in enumerate(new) if t in stop_token_ids), len(new))
-            results.append(new[:cut])
+            results.append(cut_at_stop(out[i, prefix : prefix + max_new_tokens].tolist(), stop_token_ids))
         return results
 
-    def _program(self, greedy: bool, filtered: bool) -> Any:
-        key = (greedy, filtered)
-        if key not in self._programs:
-            self._programs[key] = jax.jit(
-                functools.partial(self._decode, greedy=greedy, filtered=filtered),
-                out_shardings=sharding_lib.replicated(self.model.mesh),
-            )
-        return self._programs[key]
-
-    def _decode(
+    def _decode(  # type: ignore[override]
         self,
         variables: ModelVariables,
         encoder_ids_BxS: jax.Array,

@@ -12,8 +12,9 @@ import keras_hub
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
-from kithara.models.keras_hub_model import host_device, place_variables
-from kithara.models.model import Model, ModelVariables
+from kithara.models.keras_hub_model import host_device
+from kithara.models.keras_variables import KerasVariables
+from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
 from kithara.models.sampling import check_sampling
 from kithara.models.seq2seq_families import SEQ2SEQ_FAMILIES, Seq2SeqArchitecture
@@ -25,7 +26,7 @@ SEQ2SEQ_INPUTS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_id
 _BY_CLASS = {spec.lm_class: name for name, spec in SEQ2SEQ_FAMILIES.items()}
 
 
-class KerasHubSeq2SeqModel(Model):
+class KerasHubSeq2SeqModel(KerasVariables):
     """A keras-hub ``Seq2SeqLM`` (BART or T5Gemma) whose variables live, sharded, on a device mesh.
 
     Batches carry ``encoder_token_ids`` / ``encoder_padding_mask`` (the source) and
@@ -61,14 +62,7 @@ class KerasHubSeq2SeqModel(Model):
         self._mesh = self.strategy.make_mesh()
         self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
         self._generator: Seq2SeqGenerator | None = None
-        self._trainable_paths = [v.path for v in seq2seq_lm.trainable_variables]
-        self._non_trainable_paths = [v.path for v in seq2seq_lm.non_trainable_variables]
-        self._by_path = {v.path: v for v in seq2seq_lm.variables}
-        if len(self._by_path) != len(seq2seq_lm.variables):
-            raise ValueError(f"{type(seq2seq_lm).__name__} has variables with duplicate paths.")
-        shapes = {path: tuple(v.shape) for path, v in self._by_path.items()}
-        self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
-        place_variables(self._by_path, self._shardings)
+        self._index_variables(seq2seq_lm)
 
     @classmethod
     def from_config(
@@ -130,35 +124,6 @@ class KerasHubSeq2SeqModel(Model):
     @property
     def mesh(self) -> Mesh:
         return self._mesh
-
-    @property
-    def variables(self) -> ModelVariables:
-        return ModelVariables(
-            trainable={p: self._by_path[p].value for p in self._trainable_paths},
-            non_trainable={p: self._by_path[p].value for p in self._non_trainable_paths},
-        )
-
-    @variables.setter
-    def variables(self, values: ModelVariables) -> None:
-        for expected, given in (
-            (self._trainable_paths, values.trainable),
-            (self._non_trainable_paths, values.non_trainable),
-        ):
-            if set(expected) != set(given):
-                missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-                raise ValueError(f"Variables do not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
-        for path, value in {**values.trainable, **values.non_trainable}.items():
-            variable = self._by_path[path]
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(f"Variable {path}: shape {tuple(value.shape)} does not match {tuple(variable.shape)}.")
-            variable.assign(value)
-
-    @property
-    def variable_shardings(self) -> ModelVariables:
-        return ModelVariables(
-            trainable={p: self._shardings[p] for p in self._trainable_paths},
-            non_trainable={p: self._shardings[p] for p in self._non_trainable_paths},
-        )
 
     def apply(
         self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool

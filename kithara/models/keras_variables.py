@@ -1,0 +1,81 @@
+"""A keras model's variables as the Trainer sees them: by path, placed on the mesh.
+
+``KerasHubModel`` (causal) and ``KerasHubSeq2SeqModel`` both keep their keras variables
+this way; this base holds the indexing, placement and the ``variables`` /
+``variable_shardings`` half of the ``Model`` contract once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+from jax.sharding import NamedSharding
+
+from kithara import sharding as sharding_lib
+from kithara.models.model import Model, ModelVariables
+
+
+class KerasVariables(Model):
+    """``Model`` whose variables are a keras model's, indexed by path and sharded by a strategy.
+
+    Subclasses set ``self.strategy`` and ``self._mesh`` and call ``_index_variables`` once
+    their keras model is complete (after LoRA is enabled, say).
+    """
+
+    strategy: sharding_lib.ShardingStrategy
+    _mesh: Any
+
+    def _index_variables(self, keras_model: keras.Model) -> None:
+        """Indexes ``keras_model``'s variables by path and moves each onto its sharding."""
+        self._trainable_paths = [v.path for v in keras_model.trainable_variables]
+        self._non_trainable_paths = [v.path for v in keras_model.non_trainable_variables]
+        self._by_path = {v.path: v for v in keras_model.variables}
+        if len(self._by_path) != len(keras_model.variables):
+            raise ValueError(f"{type(keras_model).__name__} has variables with duplicate paths.")
+        shapes = {path: tuple(v.shape) for path, v in self._by_path.items()}
+        self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
+        place_variables(self._by_path, self._shardings)
+
+    @property
+    def variables(self) -> ModelVariables:
+        return ModelVariables(
+            trainable={p: self._by_path[p].value for p in self._trainable_paths},
+            non_trainable={p: self._by_path[p].value for p in self._non_trainable_paths},
+        )
+
+    @variables.setter
+    def variables(self, values: ModelVariables) -> None:
+        for expected, given in (
+            (self._trainable_paths, values.trainable),
+            (self._non_trainable_paths, values.non_trainable),
+        ):
+            if set(expected) != set(given):
+                missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+                raise ValueError(f"Variables do not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
+        for path, value in {**values.trainable, **values.non_trainable}.items():
+            variable = self._by_path[path]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"Variable {path}: shape {tuple(value.shape)} does not match {tuple(variable.shape)}.")
+            variable.assign(value)
+
+    @property
+    def variable_shardings(self) -> ModelVariables:
+        return ModelVariables(
+            trainable={p: self._shardings[p] for p in self._trainable_paths},
+            non_trainable={p: self._shardings[p] for p in self._non_trainable_paths},
+        )
+
+
+def place_variables(by_path: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> None:
+    """Moves every keras variable onto its sharding, one device shard at a time."""
+    for path, variable in by_path.items():
+        sharding = shardings[path]
+        value = variable.value
+        if getattr(value, "sharding", None) == sharding:
+            continue
+        host = np.asarray(value)
+        variable.assign(jax.make_array_from_callback(host.shape, sharding, host.__getitem__))
