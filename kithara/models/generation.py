@@ -9,9 +9,11 @@ current state, another LoRA adapter) go in without recompiling or copying weight
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +40,7 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-class DecodePrograms:
+class DecodePrograms(abc.ABC):
     """One jitted decode program per sampling mode (greedy or not, filtered or not) of a
     model's ``_decode``; each compiles once per bucket of shapes.
 
@@ -65,8 +67,61 @@ class DecodePrograms:
             )
         return self._programs[key]
 
+    @abc.abstractmethod
     def _decode(self, *args: Any, greedy: bool, filtered: bool) -> jax.Array:
-        raise NotImplementedError
+        """The pure decode of one sampling mode, jitted by ``_program``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """What ``generate`` was given, as token ids, and how to hand the output back."""
+
+    token_ids: list[list[int]]
+    as_text: bool  # strings in, strings out
+    single: bool  # one string in, one string out
+    tokenizer: Any
+
+    def stop_ids(self, stop_token_ids: Sequence[int] | str | None) -> list[int]:
+        """``"auto"``: the tokenizer's EOS for string prompts, none for token ids."""
+        if stop_token_ids == "auto":
+            return [self.tokenizer.eos_id] if self.as_text else []
+        if isinstance(stop_token_ids, str):
+            raise ValueError(f"stop_token_ids must be a list of ids, None or 'auto', got {stop_token_ids!r}.")
+        return list(stop_token_ids or ())
+
+    def output(self, outputs: list[list[int]]) -> Any:
+        if not self.as_text:
+            return outputs
+        decoded = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        return decoded[0] if self.single else decoded
+
+
+def read_prompts(
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    tokenizer: Any,
+    encode: Callable[[Any, str], list[int]],
+    *,
+    need_tokenizer: bool = False,
+) -> Prompts:
+    """Strings (encoded with ``encode(tokenizer, text)``) or token-id lists, checked."""
+    single = isinstance(prompts, str)
+    as_text = single or (len(prompts) > 0 and isinstance(prompts[0], str))
+    if (as_text or need_tokenizer) and tokenizer is None:
+        raise ValueError("String prompts need a tokenizer: pass tokenizer= or set model.tokenizer.")
+    texts = [prompts] if single else list(prompts)
+    if not texts:
+        raise ValueError("generate() got no prompts.")
+    if as_text:
+        token_ids = [encode(tokenizer, cast(str, t)) for t in texts]
+    else:
+        token_ids = [[int(t) for t in cast(Sequence[int], r)] for r in texts]
+    if any(len(r) == 0 for r in token_ids):
+        raise ValueError("Every prompt needs at least one token (a BOS will do).")
+    return Prompts(token_ids, as_text, single, tokenizer)
+
+
+def as_key(seed: int | jax.Array) -> jax.Array:
+    return jax.random.key(seed) if isinstance(seed, int) else seed
 
 
 def cut_at_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> list[int]:

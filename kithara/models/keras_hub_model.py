@@ -22,7 +22,7 @@ from rich.table import Table
 from kithara import sharding as sharding_lib
 from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
-from kithara.models.generation import Generator
+from kithara.models.generation import Generator, as_key, read_prompts
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
@@ -311,39 +311,23 @@ class KerasHubModel(KerasVariables):
             >>> model.tokenizer = tokenizer
             >>> model.generate(["2 + 2 ="], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=1)
         """
-        single = isinstance(prompts, str)
-        as_text = single or (len(prompts) > 0 and isinstance(prompts[0], str))
-        tokenizer = tokenizer or self.tokenizer
-        if as_text and tokenizer is None:
-            raise ValueError("String prompts need a tokenizer: pass tokenizer= or set model.tokenizer.")
-        texts = [prompts] if single else list(prompts)
-        if not texts:
-            raise ValueError("generate() got no prompts.")
-        if as_text:
-            token_ids = [tokenizer.encode_text(t) for t in texts]
-        else:
-            token_ids = [[int(t) for t in cast(Sequence[int], r)] for r in texts]
-        if any(len(r) == 0 for r in token_ids):
-            raise ValueError("Every prompt needs at least one token (a BOS will do).")
+        given = read_prompts(prompts, tokenizer or self.tokenizer, lambda tok, text: tok.encode_text(text))
+        token_ids = given.token_ids
         if (max_new_tokens is None) == (max_length is None):
             raise ValueError("Pass exactly one of max_new_tokens and max_length.")
-        if max_new_tokens is not None:
-            if max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-            ends = [len(r) + max_new_tokens for r in token_ids]
+        if max_length is None:
+            new_tokens = cast(int, max_new_tokens)  # exactly one of the two is set
+            if new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {new_tokens}.")
+            ends = [len(r) + new_tokens for r in token_ids]
         else:
-            assert max_length is not None
             if any(len(r) >= max_length for r in token_ids):
                 raise ValueError(f"A prompt is as long as max_length={max_length}; nothing left to generate.")
             ends = [max_length] * len(token_ids)
         check_sampling(temperature, top_k, top_p)
-        if stop_token_ids == "auto":
-            stop_token_ids = [tokenizer.eos_id] if as_text else None
-        if isinstance(stop_token_ids, str):
-            raise ValueError(f"stop_token_ids must be a list of ids, None or 'auto', got {stop_token_ids!r}.")
+        stops = given.stop_ids(stop_token_ids)
         if self._generator is None:
             self._generator = Generator(self)
-        rng = jax.random.key(seed) if isinstance(seed, int) else seed
         outputs = self._generator(
             token_ids,
             ends,
@@ -351,13 +335,10 @@ class KerasHubModel(KerasVariables):
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            stop_token_ids=list(stop_token_ids or ()),
-            rng=rng,
+            stop_token_ids=stops,
+            rng=as_key(seed),
         )
-        if not as_text:
-            return outputs
-        decoded = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-        return decoded[0] if single else decoded
+        return given.output(outputs)
 
     @property
     def generate_compilations(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import jax
 import keras
@@ -12,6 +12,7 @@ import keras_hub
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
+from kithara.models.generation import as_key, read_prompts
 from kithara.models.keras_hub_model import host_device
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.model import ModelVariables
@@ -187,47 +188,30 @@ class KerasHubSeq2SeqModel(KerasVariables):
             variables: the variables to generate with; default ``self.variables``.
             tokenizer: a ``kithara.Tokenizer`` (default ``self.tokenizer``).
         """
-        single = isinstance(prompts, str)
-        as_text = single or (len(prompts) > 0 and isinstance(prompts[0], str))
-        tokenizer = tokenizer or self.tokenizer
-        if (as_text or decoder_start_ids is None) and tokenizer is None:
-            raise ValueError("String prompts or a default decoder start need a tokenizer: pass tokenizer=.")
-        texts = [prompts] if single else list(prompts)
-        if not texts:
-            raise ValueError("generate() got no prompts.")
-        if as_text:
-            sources = [self.encode_source(tokenizer, cast(str, t)) for t in texts]
-        else:
-            sources = [[int(t) for t in cast(Sequence[int], r)] for r in texts]
-        if any(len(r) == 0 for r in sources):
-            raise ValueError("Every source needs at least one token.")
+        given = read_prompts(
+            prompts, tokenizer or self.tokenizer, self.encode_source, need_tokenizer=decoder_start_ids is None
+        )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        start = list(decoder_start_ids) if decoder_start_ids is not None else self.decoder_start_ids(tokenizer)
+        start = list(decoder_start_ids) if decoder_start_ids is not None else self.decoder_start_ids(given.tokenizer)
         if not start:
             raise ValueError("decoder_start_ids must hold at least one id.")
         check_sampling(temperature, top_k, top_p)
-        if stop_token_ids == "auto":
-            stop_token_ids = [tokenizer.eos_id] if as_text else None
-        if isinstance(stop_token_ids, str):
-            raise ValueError(f"stop_token_ids must be a list of ids, None or 'auto', got {stop_token_ids!r}.")
+        stops = given.stop_ids(stop_token_ids)
         if self._generator is None:
             self._generator = Seq2SeqGenerator(self)
         outputs = self._generator(
-            sources,
+            given.token_ids,
             start,
             max_new_tokens,
             variables=variables if variables is not None else self.variables,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            stop_token_ids=list(stop_token_ids or ()),
-            rng=jax.random.key(seed) if isinstance(seed, int) else seed,
+            stop_token_ids=stops,
+            rng=as_key(seed),
         )
-        if not as_text:
-            return outputs
-        decoded = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-        return decoded[0] if single else decoded
+        return given.output(outputs)
 
     @property
     def generate_compilations(self) -> int:
