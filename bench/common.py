@@ -117,7 +117,8 @@ def run_configs(specs: list[dict[str, Any]], *, shared: bool = False) -> list[di
 
 
 def median_merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Repeated runs of one configuration as one: the median of every number, a boolean
+    """Repeated runs of one configuration as one: the median of every number that varies
+    (one that does not, such as a parameter count, stays as it is), a boolean
     true only if true in every run (``loss_is_finite``), text from the first run, and
     ``repeats`` set to how many were merged."""
     import statistics
@@ -129,6 +130,6 @@ def median_merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(first, bool):
             merged[key] = all(values)
         else:
-            merged[key] = statistics.median(values) if numeric else first
+            merged[key] = statistics.median(values) if numeric and len(set(values)) > 1 else first
     merged["repeats"] = len(results)
     return merged

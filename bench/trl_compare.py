@@ -3,7 +3,8 @@
 Same architecture (a ``transformers.LlamaConfig`` with the kithara model's dims, untied
 embeddings; parameter counts are checked equal), the same token rows, sequence length,
 batch, optimizer (AdamW, lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, no
-gradient clipping, constant schedule), float32, and DPO's frozen-copy reference with
+gradient clipping, constant schedule), float32, no gradient checkpointing (TRL's configs
+default to it; kithara does not rematerialise), and DPO's frozen-copy reference with
 beta 0.1 and the sigmoid loss. Every row is exactly ``seq`` tokens long, so neither
 framework pads and both do the same work per step (TRL pads to the longest row of a
 batch, kithara to the loader's length: with ragged rows they would compute different
@@ -93,6 +94,9 @@ def _common_args(spec: dict[str, Any], out: str) -> dict[str, Any]:
         disable_tqdm=True,
         seed=0,
         max_length=spec["seq"],
+        # SFTConfig and DPOConfig default to True; kithara does not rematerialise, so off
+        # for the same work per step (with it on, TRL's step recomputes the forward pass).
+        gradient_checkpointing=False,
     )
 
 

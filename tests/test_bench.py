@@ -185,3 +185,7 @@ def test_median_merge_of_repeated_runs():
     merged = median_merge(runs)
     assert merged == {"step_s": 2.0, "peak_rss_mib": 800.0, "loss_is_finite": False, "framework": "x", "steps": 4,
                       "repeats": 3}  # fmt: skip
+    # An even number of repeats: a varying count becomes its median, a constant one stays an int.
+    pair = median_merge([{"params": 5_048_576, "steps": 4}, {"params": 5_048_576, "steps": 5}])
+    assert pair == {"params": 5_048_576, "steps": 4.5, "repeats": 2}
+    assert isinstance(pair["params"], int)
