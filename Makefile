@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-BENCH_STAMP := $(VENV)/.installed-bench
+# Extras `make bench` installs: add cuda12 on an NVIDIA GPU host (`make bench BENCH_EXTRAS=bench,cuda12`).
+BENCH_EXTRAS ?= bench
+comma := ,
+BENCH_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(BENCH_EXTRAS))
 KERAS_HUB := keras-hub==0.32.0
 
 .PHONY: install demo test test-fast lint bench clean
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 
 # The bench extra (TRL, torch) on top of the dev install: only `make bench` needs it.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet -e ".[$(BENCH_EXTRAS)]"
 	touch $(BENCH_STAMP)
 
 install: $(STAMP)

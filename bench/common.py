@@ -102,10 +102,37 @@ def run_child(specs: list[dict[str, Any]], timeout: float = 1800) -> list[dict[s
     return results
 
 
+def device_peak_mib() -> float | None:
+    """Peak accelerator memory of this process in MiB: the largest ``peak_bytes_in_use``
+    over JAX's local devices, or torch's ``max_memory_allocated`` on CUDA; None on CPU
+    (host memory is the peak RSS), or when the runtime keeps no such count."""
+    peaks: list[float] = []
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.default_backend() != "cpu":
+        for device in jax.local_devices():
+            stats = device.memory_stats() or {}
+            if "peak_bytes_in_use" in stats:
+                peaks.append(stats["peak_bytes_in_use"])
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks.append(torch.cuda.max_memory_allocated())
+    return max(peaks) / 2**20 if peaks else None
+
+
+def peak_memory_mib(result: dict[str, Any]) -> float:
+    """The memory a configuration is judged by: device memory on an accelerator, else host RSS."""
+    return result.get("device_peak_mib") or result["peak_rss_mib"]
+
+
 def finish_child(results: list[dict[str, Any]], rss_after_import_mib: float) -> None:
-    """Prints a child's results with its peak memory (called last in the child)."""
+    """Prints a child's results with its peak memory (called last in the child): host
+    (``peak_rss_mib``) and, on an accelerator, device (``device_peak_mib``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    results = [{**r, "peak_rss_mib": peak, "rss_after_import_mib": rss_after_import_mib} for r in results]
+    memory = {"peak_rss_mib": peak, "rss_after_import_mib": rss_after_import_mib}
+    device = device_peak_mib()
+    if device is not None:
+        memory["device_peak_mib"] = device
+    results = [{**r, **memory} for r in results]
     print(RESULT_PREFIX + json.dumps(results), flush=True)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import LEARNING_RATE, LORA, SIZES, run_configs
+from bench.common import LEARNING_RATE, LORA, SIZES, peak_memory_mib, run_configs
 from bench.sft import summarize
 
 MODES = ("two_models", "two_adapters")
@@ -91,5 +91,5 @@ def bench_cycle(size: str, *, steps: int, seq: int, batch: int, shared: bool = F
     for r in results:
         r["weights_vs_two_models"] = r["weights_bytes"] / base["weights_bytes"]
         r["step_vs_two_models"] = r["step_s"] / base["step_s"]
-        r["memory_vs_two_models"] = r["peak_rss_mib"] / base["peak_rss_mib"]
+        r["memory_vs_two_models"] = peak_memory_mib(r) / peak_memory_mib(base)
     return results

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import LEARNING_RATE, SIZES, run_configs
+from bench.common import LEARNING_RATE, SIZES, peak_memory_mib, run_configs
 from bench.sft import build_model, summarize
 
 FULL_MODES = ("sft", "copy", "precomputed")
@@ -107,5 +107,5 @@ def bench_dpo(
     for r in results:
         base = baseline.get(r["lora"]) or next(iter(baseline.values()))
         r["step_vs_sft"] = r["step_s"] / base["step_s"]
-        r["memory_vs_sft"] = r["peak_rss_mib"] / base["peak_rss_mib"]
+        r["memory_vs_sft"] = peak_memory_mib(r) / peak_memory_mib(base)
     return results

@@ -17,6 +17,14 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def _with_device_memory(header: list[str], body: list[list[str]], rows: list[dict[str, Any]]) -> str:
+    """The table, with a device-memory column when the run was on an accelerator."""
+    if any("device_peak_mib" in r for r in rows):
+        header = [*header, "device peak (MiB)"]
+        body = [[*cells, f"{r.get('device_peak_mib', float('nan')):,.0f}"] for cells, r in zip(body, rows, strict=True)]
+    return _table(header, body)
+
+
 def sft_table(rows: list[dict[str, Any]]) -> str:
     header = ["size", "LoRA", "params", "trainable", "batch x seq", "step (s)", "compile (s)", "tokens/s", "MFU",
               "peak RSS (MiB)"]  # fmt: skip
@@ -26,7 +34,7 @@ def sft_table(rows: list[dict[str, Any]]) -> str:
          f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.3f}", f"{r['peak_rss_mib']:,.0f}"]
         for r in rows
     ]  # fmt: skip
-    return _table(header, body)
+    return _with_device_memory(header, body, rows)
 
 
 def overhead_table(rows: list[dict[str, Any]]) -> str:
@@ -45,13 +53,15 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
 
 def trl_table(rows: list[dict[str, Any]]) -> str:
     header = ["objective", "size", "params", "batch x seq", "kithara step (s)", "TRL step (s)",
-              "kithara tokens/s", "TRL tokens/s", "tokens/s ratio", "kithara peak RSS (MiB)",
-              "TRL peak RSS (MiB)", "memory ratio"]  # fmt: skip
+              "kithara tokens/s", "TRL tokens/s", "tokens/s ratio", "kithara peak (MiB)", "TRL peak (MiB)",
+              "memory ratio"]  # fmt: skip
+    names = {"peak_rss_mib": "host RSS", "device_peak_mib": "device"}
     body = [
         [r["objective"], r["size"], f"{r['params']:,}", f"{r['global_batch']}x{r['seq_len']}",
          f"{r['kithara']['step_s']:.4f}", f"{r['trl']['step_s']:.4f}", f"{r['kithara']['tokens_per_s']:,.0f}",
          f"{r['trl']['tokens_per_s']:,.0f}", f"**{r['tokens_per_s_ratio']:.2f}x**",
-         f"{r['kithara']['peak_rss_mib']:,.0f}", f"{r['trl']['peak_rss_mib']:,.0f}", f"{r['peak_rss_ratio']:.2f}"]
+         f"{r['kithara'][r['memory_measure']]:,.0f} ({names[r['memory_measure']]})",
+         f"{r['trl'][r['memory_measure']]:,.0f}", f"{r['memory_ratio']:.2f}"]
         for r in rows
     ]  # fmt: skip
     return _table(header, body)
@@ -68,7 +78,7 @@ def dpo_table(rows: list[dict[str, Any]]) -> str:
          f"{r['memory_vs_sft']:.2f}x"]
         for r in rows
     ]  # fmt: skip
-    return _table(header, body)
+    return _with_device_memory(header, body, rows)
 
 
 def cycle_table(rows: list[dict[str, Any]]) -> str:
@@ -83,7 +93,7 @@ def cycle_table(rows: list[dict[str, Any]]) -> str:
          f"{r['peak_rss_mib']:,.0f}", f"{r['memory_vs_two_models']:.2f}x"]
         for r in rows
     ]  # fmt: skip
-    return _table(header, body)
+    return _with_device_memory(header, body, rows)
 
 
 def data_section(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> str:

@@ -29,7 +29,7 @@ SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle")
 # Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
 PLANS: dict[str, dict[str, Any]] = {
     "full": {
-        "peak": dict(size=2048, repeats=7),
+        "peak": dict(size=None, repeats=7),  # 2048 on CPU, 8192 on an accelerator
         "sft": dict(plan=[(s, lo) for s in ("tiny", "small", "medium") for lo in (False, True)], steps=30, seq=128),
         "overhead": dict(sizes=["small", "medium"], steps=8, rounds=5, seq=128),
         "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
@@ -121,11 +121,18 @@ def main() -> None:
             from bench.trl_compare import bench_trl
 
             p = plan["trl"]
+            device = "cuda" if results["machine"]["platform"] == "gpu" else "cpu"  # TRL where kithara trains
             results["trl"] = [
                 row
                 for size in p["sizes"]
                 for row in bench_trl(
-                    size, steps=p["steps"], seq=p["seq"], batch=BATCH, repeats=p["repeats"], shared=shared
+                    size,
+                    steps=p["steps"],
+                    seq=p["seq"],
+                    batch=BATCH,
+                    repeats=p["repeats"],
+                    shared=shared,
+                    device=device,
                 )
             ]
         elif suite == "dpo":

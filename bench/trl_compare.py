@@ -39,6 +39,17 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
+def _torch_device(spec: dict[str, Any]) -> str:
+    """Where TRL trains: where kithara does (``spec["device"]``, ``cpu`` or ``cuda``)."""
+    import torch
+
+    device = spec.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("kithara runs on a GPU but this torch has no CUDA: install a CUDA build of "
+                         "torch==2.13.0 for a side-by-side TRL run on the same device")  # fmt: skip
+    return device
+
+
 def hf_model(size: str, seq: int) -> Any:
     import torch
     import transformers
@@ -87,7 +98,7 @@ def _common_args(spec: dict[str, Any], out: str) -> dict[str, Any]:
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         bf16=False,
         fp16=False,
         dataloader_num_workers=0,
@@ -137,6 +148,7 @@ def trl_sft(spec: dict[str, Any]) -> dict[str, Any]:
     import trl
 
     torch.set_num_threads(_threads())
+    device = _torch_device(spec)
     size, seq, batch, steps = spec["size"], spec["seq"], spec["batch"], spec["steps"]
     data = rows(batch * (steps + 2), seq, SIZES[size]["vocab_size"], full=True)
     dataset = datasets.Dataset.from_dict({"input_ids": [r["token_ids"].tolist() for r in data]})
@@ -149,6 +161,7 @@ def trl_sft(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
     return {
         "framework": f"trl {trl.__version__} / torch {torch.__version__}",
+        "device": device,
         "torch_threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
         **_timing(timer, batch * seq),
@@ -166,6 +179,7 @@ def trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.dpo import pairs
 
     torch.set_num_threads(_threads())
+    device = _torch_device(spec)
     size, seq, batch, steps = spec["size"], spec["seq"], spec["batch"], spec["steps"]
     data = pairs(batch * (steps + 2), seq, SIZES[size]["vocab_size"], full=True)
     prompt_len = seq // 4
@@ -190,6 +204,7 @@ def trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
     return {
         "framework": f"trl {trl.__version__} / torch {torch.__version__}",
+        "device": device,
         "torch_threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
         **_timing(timer, 2 * batch * seq),
@@ -197,14 +212,23 @@ def trl_dpo(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_trl(
-    size: str, *, steps: int, seq: int, batch: int, repeats: int = 1, shared: bool = False
+    size: str,
+    *,
+    steps: int,
+    seq: int,
+    batch: int,
+    repeats: int = 1,
+    shared: bool = False,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """kithara and TRL, SFT and DPO: one row per objective with both sides and the ratios.
 
     With ``repeats`` > 1 the two sides take turns (kithara, TRL, kithara, TRL, ...) per
     objective, each run a fresh child, and every figure is the median over the repeats,
-    so a change in the machine's load hits both sides alike."""
-    base = {"size": size, "steps": steps, "seq": seq, "batch": batch}
+    so a change in the machine's load hits both sides alike. ``device`` is where TRL
+    trains (``cuda`` when kithara runs on a GPU); the memory ratio compares device memory
+    when both sides report it, host peak RSS otherwise."""
+    base = {"size": size, "steps": steps, "seq": seq, "batch": batch, "device": device}
     ours_specs = [{**base, "kind": "sft", "lora": False, "full": True},
                   {**base, "kind": "dpo", "lora": False, "mode": "copy", "full": True}]  # fmt: skip
     theirs_specs = [{**base, "kind": "trl_sft"}, {**base, "kind": "trl_dpo"}]
@@ -221,22 +245,30 @@ def bench_trl(
             theirs_runs[i].append(run_child([theirs_specs[i]])[0])
     ours_rows = [median_merge(runs) for runs in ours_runs]
     theirs_rows = [median_merge(runs) for runs in theirs_runs]
-    results = []
-    for objective, ours, theirs in zip(("sft", "dpo"), ours_rows, theirs_rows, strict=True):
-        if ours.get("params", theirs["params"]) != theirs["params"]:
-            raise SystemExit(f"kithara and TRL models differ: {ours['params']} vs {theirs['params']} parameters")
-        results.append({
-            "objective": objective,
-            "size": size,
-            "params": theirs["params"],
-            "global_batch": batch,
-            "seq_len": seq,
-            "trl_framework": theirs["framework"],
-            "torch_threads": theirs["torch_threads"],
-            "kithara": ours,
-            "trl": theirs,
-            "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-            "peak_rss_ratio": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
-            "loss_is_finite": bool(ours["loss_is_finite"] and np.isfinite(ours["final_loss"])),
-        })  # fmt: skip
-    return results
+    return [compare(objective, size, batch, seq, ours, theirs)
+            for objective, ours, theirs in zip(("sft", "dpo"), ours_rows, theirs_rows, strict=True)]  # fmt: skip
+
+
+def compare(objective: str, size: str, batch: int, seq: int, ours: dict[str, Any], theirs: dict[str, Any]) -> dict:
+    """One objective's row: both sides and kithara / TRL ratios. Memory compares device
+    memory when both sides report it (an accelerator run), host peak RSS otherwise."""
+    on_device = "device_peak_mib" in ours and "device_peak_mib" in theirs
+    memory_key = "device_peak_mib" if on_device else "peak_rss_mib"
+    if ours.get("params", theirs["params"]) != theirs["params"]:
+        raise SystemExit(f"kithara and TRL models differ: {ours['params']} vs {theirs['params']} parameters")
+    return {
+        "objective": objective,
+        "size": size,
+        "params": theirs["params"],
+        "global_batch": batch,
+        "seq_len": seq,
+        "trl_framework": theirs["framework"],
+        "trl_device": theirs.get("device", "cpu"),
+        "torch_threads": theirs["torch_threads"],
+        "kithara": ours,
+        "trl": theirs,
+        "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "memory_measure": memory_key,
+        "memory_ratio": ours[memory_key] / theirs[memory_key],
+        "loss_is_finite": bool(ours["loss_is_finite"] and np.isfinite(ours["final_loss"])),
+    }

@@ -104,7 +104,8 @@ def test_report_renders_every_section():
                 "kithara": side,
                 "trl": side,
                 "tokens_per_s_ratio": 1.0,
-                "peak_rss_ratio": 1.0,
+                "memory_measure": "peak_rss_mib",
+                "memory_ratio": 1.0,
             }
         ],
         "dpo": [
@@ -165,6 +166,30 @@ def test_report_renders_every_section():
         assert f"### {title}" in text
     assert "**1.020**" in text and "5.0x the training rate" in text
     assert "| one base, two LoRA adapters | tiny | 8x16 | 1.10 | 1.00 | 2.00 | 0.55x |" in text
+
+
+def test_accelerator_runs_compare_device_memory():
+    from bench.common import peak_memory_mib
+    from bench.trl_compare import compare
+
+    host = {"params": 10, "framework": "trl", "torch_threads": 2, "step_s": 0.1, "tokens_per_s": 50.0,
+            "loss_is_finite": True, "final_loss": 1.0, "peak_rss_mib": 900.0}  # fmt: skip
+    row = compare("sft", "tiny", 4, 8, {**host, "tokens_per_s": 100.0}, {**host, "peak_rss_mib": 600.0})
+    assert row["memory_measure"] == "peak_rss_mib" and row["memory_ratio"] == 1.5
+    assert row["tokens_per_s_ratio"] == 2.0 and row["trl_device"] == "cpu"
+    gpu = compare("sft", "tiny", 4, 8, {**host, "device_peak_mib": 300.0},
+                  {**host, "device_peak_mib": 400.0, "device": "cuda"})  # fmt: skip
+    assert gpu["memory_measure"] == "device_peak_mib" and gpu["memory_ratio"] == 0.75 and gpu["trl_device"] == "cuda"
+    assert peak_memory_mib({"peak_rss_mib": 900.0, "device_peak_mib": 300.0}) == 300.0
+    assert peak_memory_mib({"peak_rss_mib": 900.0}) == 900.0
+    with pytest.raises(SystemExit, match="models differ"):
+        compare("sft", "tiny", 4, 8, {**host, "params": 11}, host)
+    table = markdown({"machine": {}, "command": "c", "trl": [gpu],
+                      "sft": [{"size": "tiny", "lora": False, "params": 10, "trainable_params": 10, "global_batch": 4,
+                               "seq_len": 8, "step_s": 0.01, "compile_s": 1.0, "tokens_per_s": 100.0, "mfu": 0.1,
+                               "peak_rss_mib": 500.0, "device_peak_mib": 123.0}]})  # fmt: skip
+    assert "| 300 (device) | 400 | 0.75 |" in table
+    assert "device peak (MiB) |" in table and "| 123 |" in table
 
 
 def test_kithara_never_imports_the_bench_frameworks():
