@@ -40,12 +40,13 @@ def sft_table(rows: list[dict[str, Any]]) -> str:
 def overhead_table(rows: list[dict[str, Any]]) -> str:
     header = ["size", "params", "raw jit step (s)", "trainer program (s)", "Trainer.train() (s)",
               "program / raw", "overhead (train / raw)", "min-max over rounds",
-              "XLA FLOPs / bytes, program / raw"]  # fmt: skip
+              "XLA FLOPs / bytes, program / raw", "bytes without clipping"]  # fmt: skip
     body = [
         [r["size"], f"{r['params']:,}", f"{r['raw_step_s']:.4f}", f"{r['program_step_s']:.4f}",
          f"{r['trainer_step_s']:.4f}", f"{r['program_overhead']:.3f}", f"**{r['overhead']:.3f}**",
          f"{r['overhead_min']:.3f}-{r['overhead_max']:.3f} ({r['rounds']} rounds)",
-         f"{r.get('program_flops_ratio', float('nan')):.3f} / {r.get('program_bytes_ratio', float('nan')):.3f}"]
+         f"{r.get('program_flops_ratio', float('nan')):.3f} / {r.get('program_bytes_ratio', float('nan')):.3f}",
+         f"{r.get('noclip_program_bytes_ratio', float('nan')):.3f}"]
         for r in rows
     ]  # fmt: skip
     return _table(header, body)

@@ -31,7 +31,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {
         "peak": dict(size=None, repeats=7),  # 2048 on CPU, 8192 on an accelerator
         "sft": dict(plan=[(s, lo) for s in ("tiny", "small", "medium") for lo in (False, True)], steps=30, seq=128),
-        "overhead": dict(sizes=["small", "medium"], steps=8, rounds=5, seq=128),
+        "overhead": dict(sizes=["small", "medium"], steps=10, rounds=7, seq=128),
         "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
         "dpo": dict(size="small", steps=20, seq=128),
         "cycle": dict(size="small", steps=12, seq=32),
