@@ -43,3 +43,25 @@ def test_bfloat16_logits_are_reduced_in_float32():
     out = next_token_cross_entropy(bf16, jnp.asarray(labels), jnp.asarray(mask))
     total, _, _ = _reference(np.asarray(bf16.astype(jnp.float32)), labels, mask)
     np.testing.assert_allclose(float(out.total), total, rtol=1e-6)
+
+
+def test_accuracy_counts_labels_holding_the_largest_logit_and_gradient_is_softmax_minus_onehot():
+    import jax
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (2, 6, 9)).astype(np.float32)
+    labels = rng.integers(0, 9, (2, 6))
+    labels[0, :4] = logits[0, :4].argmax(-1)  # some predictions right, so the count is informative
+    mask = np.ones((2, 6), bool)
+    mask[1, 5] = False
+    out = next_token_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    _, _, correct = _reference(logits, labels, mask)
+    assert correct >= 4 and float(out.sums["token_accuracy"]) == correct
+
+    def loss(x):
+        return next_token_cross_entropy(x, jnp.asarray(labels), jnp.asarray(mask)).total
+
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(logits)))
+    shifted = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    expected = (shifted / shifted.sum(-1, keepdims=True) - np.eye(9)[labels]) * mask[..., None]
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)

@@ -30,13 +30,20 @@ def next_token_cross_entropy(logits_BxLxV: jax.Array, labels_BxL: jax.Array, lab
     Computed in float32 whatever the compute dtype of the logits. Masked positions are
     excluded with ``where`` rather than multiplied by zero, so a fully padded row cannot
     turn the sum into NaN.
+
+    A prediction is correct when the label's logit is the largest. That reuses the
+    maximum the log-sum-exp needs: an ``argmax`` over the vocabulary is a second,
+    index-tracking reduction that XLA does not vectorise on CPU (3.6 ms of a 124 ms step on
+    the 5M benchmark model). The two differ only on an exact tie for the largest logit.
     """
     logits = logits_BxLxV.astype(jnp.float32)
-    log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+    max_BxL = jnp.max(logits, axis=-1)
+    shift_BxL = jax.lax.stop_gradient(jnp.where(jnp.isfinite(max_BxL), max_BxL, 0.0))
+    log_z_BxL = shift_BxL + jnp.log(jnp.sum(jnp.exp(logits - shift_BxL[..., None]), axis=-1))
     label_logit_BxL = jnp.take_along_axis(logits, labels_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = label_mask_BxL.astype(bool)
     nll = jnp.where(mask, log_z_BxL - label_logit_BxL, 0.0).sum()
-    correct = jnp.where(mask, jnp.argmax(logits, axis=-1) == labels_BxL, False).sum()
+    correct = jnp.where(mask, label_logit_BxL >= max_BxL, False).sum()
     return LossOutput(
         total=nll, weight=mask.sum().astype(jnp.float32), sums={"token_accuracy": correct.astype(jnp.float32)}
     )
