@@ -1,7 +1,15 @@
-"""Markdown tables of a benchmark run (bench/results/results.md and docs/performance.md)."""
+"""Markdown tables of a benchmark run (bench/results/results.md and docs/performance.md).
+
+    python -m bench.report bench/results/results.json --docs docs/performance.md
+
+puts a full run's tables into docs/performance.md, between its ``bench:latest`` markers.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 from bench.data import table as data_table
@@ -119,6 +127,8 @@ def data_section(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> 
 
 def markdown(results: dict[str, Any]) -> str:
     parts = [f"Machine: {results['machine']}", f"Command: `{results['command']}`"]
+    if results.get("commit"):
+        parts.append(f"Commit: {results['commit']}, {results.get('date', 'date not recorded')}.")
     peak = results.get("peak")
     if peak:
         parts.append(
@@ -141,3 +151,32 @@ def markdown(results: dict[str, Any]) -> str:
             f"### Cycle training: two models vs one base with two LoRA adapters\n\n{cycle_table(results['cycle'])}"
         )
     return "\n\n".join(parts) + "\n"
+
+
+BEGIN, END = "<!-- bench:latest:begin -->", "<!-- bench:latest:end -->"
+
+
+def update_docs(doc: Path, results: dict[str, Any]) -> None:
+    """Replaces what lies between the ``bench:latest`` markers of ``doc`` with the tables
+    of ``results`` (a full run: smoke figures mean nothing and are refused)."""
+    if results.get("smoke"):
+        raise SystemExit("refusing to put a --smoke run's figures into the docs: run the full `make bench`")
+    text = doc.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{doc} needs one {BEGIN} line followed by one {END} line")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    tables = markdown(results).replace("\n### ", "\n#### ")
+    doc.write_text(f"{head}{BEGIN}\n{tables}{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a run's results.json")
+    parser.add_argument("--docs", type=Path, required=True, help="the markdown file to update")
+    args = parser.parse_args()
+    update_docs(args.docs, json.loads(args.results.read_text()))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,17 @@ PLANS: dict[str, dict[str, Any]] = {
     },
 }
 BATCH = 4
+
+
+def _commit() -> str:
+    """The checked-out commit, marked ``+changes`` when the tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
 def _check_finite(name: str, rows: list[dict[str, Any]]) -> None:
@@ -95,6 +107,8 @@ def main() -> None:
         "machine": machine(),
         "smoke": args.smoke,
         "command": "python -m bench.run " + shlex.join(sys.argv[1:]),
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
         "batch_per_device": BATCH,
         "seconds": {},
     }

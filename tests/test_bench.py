@@ -214,3 +214,23 @@ def test_median_merge_of_repeated_runs():
     pair = median_merge([{"params": 5_048_576, "steps": 4}, {"params": 5_048_576, "steps": 5}])
     assert pair == {"params": 5_048_576, "steps": 4.5, "repeats": 2}
     assert isinstance(pair["params"], int)
+
+
+def test_update_docs_replaces_only_the_marked_tables(tmp_path):
+    from bench.report import BEGIN, END, update_docs
+
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nprose before\n\n{BEGIN}\nold table\n{END}\n\nprose after\n")
+    results = {"machine": {"cores": 2}, "command": "python -m bench.run", "commit": "abc1234", "date": "2026-11-21",
+               "peak": {"peak_flops": 2e11, "median_flops": 1.9e11, "matmul_size": 2048}}  # fmt: skip
+    update_docs(doc, results)
+    text = doc.read_text()
+    assert "old table" not in text and "prose before" in text and text.endswith(f"{END}\n\nprose after\n")
+    assert "Commit: abc1234, 2026-11-21." in text and "Peak: 200.0 GFLOP/s" in text
+    update_docs(doc, results)  # idempotent: the markers stay
+    assert text == doc.read_text()
+    with pytest.raises(SystemExit, match="smoke"):
+        update_docs(doc, {**results, "smoke": True})
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="bench:latest:begin"):
+        update_docs(doc, results)
