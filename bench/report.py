@@ -125,8 +125,17 @@ def data_section(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> 
     return text
 
 
+def _machine(m: dict[str, Any]) -> str:
+    """``cpu (x86_64), 1 device, 2 cores, load 0.56 at the start`` from ``bench.common.machine()``."""
+    words = [f"{m.get('device_kind', '?')} ({m.get('cpu', '?')})", f"{m.get('devices', '?')} JAX device(s)",
+             f"{m.get('cores', '?')} cores"]  # fmt: skip
+    if "load_avg_1m" in m:
+        words.append(f"load average {m['load_avg_1m']:.2f} at the start")
+    return ", ".join(words)
+
+
 def markdown(results: dict[str, Any]) -> str:
-    parts = [f"Machine: {results['machine']}", f"Command: `{results['command']}`"]
+    parts = [f"Machine: {_machine(results['machine'])}", f"Command: `{results['command'].strip()}`"]
     if results.get("commit"):
         parts.append(f"Commit: {results['commit']}, {results.get('date', 'date not recorded')}.")
     peak = results.get("peak")
