@@ -123,6 +123,10 @@ def _step_timer() -> Any:
             self.begin = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # CUDA runs ahead of Python: time the finished step
             self.ends.append(time.perf_counter())
 
     return StepTimer()
