@@ -69,7 +69,65 @@ class DecodePrograms(abc.ABC):
 
     @abc.abstractmethod
     def _decode(self, *args: Any, greedy: bool, filtered: bool) -> jax.Array:
-        """The pure decode of one sampling mode, jitted by ``_program``."""
+        """The pure decode of one sampling mode, jitted by ``_program``: its arguments are
+        the variables, the model's own arrays, then the stop ids, the rng and the
+        temperature, top-k and top-p values (see ``_run``)."""
+
+    def _padded_rows(self, rows: int) -> int:
+        """The batch bucket: a power of two, rounded up to a multiple of the mesh's batch shards."""
+        shards = sharding_lib.batch_shards(self.model.mesh)
+        return -(-bucket(rows, 1) // shards) * shards
+
+    def _run(
+        self,
+        variables: ModelVariables,
+        inputs: Sequence[jax.Array],
+        *,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        stop_token_ids: Sequence[int],
+        rng: jax.Array,
+    ) -> np.ndarray:
+        """Runs the program of this sampling mode on ``variables``, the model's own
+        ``inputs``, the stop ids (as a fixed-size array) and the sampling values (traced,
+        so changing them does not recompile); returns the token ids on the host."""
+        if len(stop_token_ids) > MAX_STOP_TOKENS:
+            raise ValueError(f"At most {MAX_STOP_TOKENS} stop_token_ids, got {len(stop_token_ids)}.")
+        stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
+        stops[: len(stop_token_ids)] = list(stop_token_ids)
+        greedy = not temperature
+        filtered = not greedy and (bool(top_k) or (top_p is not None and top_p < 1.0))
+        out = self._program(greedy, filtered)(
+            variables,
+            *inputs,
+            put_rows(stops, self.model.mesh, by_row=False),
+            rng,
+            jnp.float32(temperature or 1.0),
+            jnp.int32(top_k or 0),
+            jnp.float32(1.0 if top_p is None else top_p),
+        )
+        return np.asarray(jax.device_get(out))
+
+
+class GeneratesWithCache:
+    """What both model wrappers share around ``generate``: one ``DecodePrograms`` of the
+    class's ``generator_class``, built on first use and kept, so its compiled programs are
+    reused by every later call."""
+
+    generator_class: type[DecodePrograms]
+    _generator: DecodePrograms | None = None
+
+    @property
+    def generator(self) -> Any:
+        if self._generator is None:
+            self._generator = self.generator_class(self)
+        return self._generator
+
+    @property
+    def generate_compilations(self) -> int:
+        """How many decode programs ``generate`` has compiled (one per bucket and sampling mode)."""
+        return 0 if self._generator is None else self._generator.compilations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,39 +206,19 @@ class Generator(DecodePrograms):
     ) -> list[list[int]]:
         """New tokens of each prompt: row ``i`` continues up to total length ``ends[i]``,
         cut before its first stop token."""
-        if len(stop_token_ids) > MAX_STOP_TOKENS:
-            raise ValueError(f"At most {MAX_STOP_TOKENS} stop_token_ids, got {len(stop_token_ids)}.")
         mesh = self.model.mesh
         rows = len(token_ids)
-        shards = sharding_lib.batch_shards(mesh)
-        padded_rows = -(-bucket(rows, 1) // shards) * shards
+        padded_rows = self._padded_rows(rows)
         lengths = np.array([len(r) for r in token_ids] + [len(token_ids[0])] * (padded_rows - rows), np.int32)
         ends_arr = np.array(list(ends) + [ends[0]] * (padded_rows - rows), np.int32)
         total = bucket(int(lengths.max())) + bucket(int((ends_arr - lengths).max()))
         ids = np.zeros((padded_rows, total), np.int32)
         for i in range(padded_rows):
             ids[i, : lengths[i]] = token_ids[i if i < rows else 0]
-        stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
-        stops[: len(stop_token_ids)] = list(stop_token_ids)
-        greedy = not temperature
-        filtered = not greedy and (bool(top_k) or (top_p is not None and top_p < 1.0))
-        program = self._program(greedy, filtered)
-        out = program(
-            variables,
-            put_rows(ids, mesh, by_row=True),
-            put_rows(lengths, mesh, by_row=True),
-            put_rows(ends_arr, mesh, by_row=True),
-            put_rows(stops, mesh, by_row=False),
-            rng,
-            jnp.float32(temperature or 1.0),
-            jnp.int32(top_k or 0),
-            jnp.float32(1.0 if top_p is None else top_p),
-        )
-        out = np.asarray(jax.device_get(out))
-        results = []
-        for i in range(rows):
-            results.append(cut_at_stop(out[i, lengths[i] : ends_arr[i]].tolist(), stop_token_ids))
-        return results
+        inputs = [put_rows(a, mesh, by_row=True) for a in (ids, lengths, ends_arr)]
+        out = self._run(variables, inputs, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stop_token_ids=stop_token_ids, rng=rng)  # fmt: skip
+        return [cut_at_stop(out[i, lengths[i] : ends_arr[i]].tolist(), stop_token_ids) for i in range(rows)]
 
     def _decode(  # type: ignore[override]
         self,

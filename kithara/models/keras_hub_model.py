@@ -22,7 +22,7 @@ from rich.table import Table
 from kithara import sharding as sharding_lib
 from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
-from kithara.models.generation import Generator, as_key, read_prompts
+from kithara.models.generation import GeneratesWithCache, Generator, as_key, read_prompts
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 _REMOTE_SCHEMES = ("hf://", "kaggle://", "gs://", "modelscope://")
 
 
-class KerasHubModel(KerasVariables):
+class KerasHubModel(GeneratesWithCache, KerasVariables):
     """A keras-hub ``CausalLM`` whose variables live, sharded, on a device mesh.
 
     Build one with ``from_config`` (random weights) or ``from_preset`` (a keras-hub preset
@@ -56,6 +56,8 @@ class KerasHubModel(KerasVariables):
         ...     num_kv_heads=2, intermediate_dim=128, lora=LoraConfig(rank=4))
         >>> print(model.summary())
     """
+
+    generator_class = Generator
 
     def __init__(
         self,
@@ -79,7 +81,6 @@ class KerasHubModel(KerasVariables):
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
         self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
-        self._generator: Any = None  # built by the first generate()
         if lora is not None:
             names = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
             self._lora_layers = enable_lora(self.backbone, lora, layer_layout(names))
@@ -326,9 +327,7 @@ class KerasHubModel(KerasVariables):
             ends = [max_length] * len(token_ids)
         check_sampling(temperature, top_k, top_p)
         stops = given.stop_ids(stop_token_ids)
-        if self._generator is None:
-            self._generator = Generator(self)
-        outputs = self._generator(
+        outputs = self.generator(
             token_ids,
             ends,
             variables=variables if variables is not None else self.variables,
@@ -339,11 +338,6 @@ class KerasHubModel(KerasVariables):
             rng=as_key(seed),
         )
         return given.output(outputs)
-
-    @property
-    def generate_compilations(self) -> int:
-        """How many decode programs ``generate`` has compiled (one per bucket and sampling mode)."""
-        return 0 if self._generator is None else self._generator.compilations
 
     def summary(self) -> str:
         """A one-screen description: family, precision, mesh, parameter counts, groups."""

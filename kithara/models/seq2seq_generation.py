@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from kithara import sharding as sharding_lib
-from kithara.models.generation import MAX_STOP_TOKENS, DecodePrograms, bucket, cut_at_stop, put_rows
+from kithara.models.generation import DecodePrograms, bucket, cut_at_stop, put_rows
 from kithara.models.model import ModelVariables
 from kithara.models.sampling import choose_tokens
 
@@ -96,8 +95,6 @@ class Seq2SeqGenerator(DecodePrograms):
     ) -> list[list[int]]:
         """Up to ``max_new_tokens`` decoder tokens per source after ``decoder_start``, each
         row cut before its first stop token."""
-        if len(stop_token_ids) > MAX_STOP_TOKENS:
-            raise ValueError(f"At most {MAX_STOP_TOKENS} stop_token_ids, got {len(stop_token_ids)}.")
         longest = max(len(s) for s in sources)
         prefix = len(decoder_start)
         table = self.model.max_sequence_length
@@ -109,8 +106,7 @@ class Seq2SeqGenerator(DecodePrograms):
             )
         mesh = self.model.mesh
         rows = len(sources)
-        shards = sharding_lib.batch_shards(mesh)
-        padded_rows = -(-bucket(rows, 1) // shards) * shards
+        padded_rows = self._padded_rows(rows)
         # Buckets never pass the position table; padding beyond a row's length is masked anyway.
         source_len = min(bucket(longest), limit)
         total = min(bucket(prefix) + bucket(max_new_tokens), limit)
@@ -122,28 +118,11 @@ class Seq2SeqGenerator(DecodePrograms):
             encoder_mask[i, : len(source)] = 1
         decoder_ids = np.zeros((padded_rows, total), np.int32)
         decoder_ids[:, :prefix] = list(decoder_start)
-        stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
-        stops[: len(stop_token_ids)] = list(stop_token_ids)
-        greedy = not temperature
-        filtered = not greedy and (bool(top_k) or (top_p is not None and top_p < 1.0))
-        out = self._program(greedy, filtered)(
-            variables,
-            put_rows(encoder_ids, mesh, by_row=True),
-            put_rows(encoder_mask, mesh, by_row=True),
-            put_rows(decoder_ids, mesh, by_row=True),
-            jnp.int32(prefix),
-            jnp.int32(prefix + max_new_tokens),
-            put_rows(stops, mesh, by_row=False),
-            rng,
-            jnp.float32(temperature or 1.0),
-            jnp.int32(top_k or 0),
-            jnp.float32(1.0 if top_p is None else top_p),
-        )
-        out = np.asarray(jax.device_get(out))
-        results = []
-        for i in range(rows):
-            results.append(cut_at_stop(out[i, prefix : prefix + max_new_tokens].tolist(), stop_token_ids))
-        return results
+        inputs = [*(put_rows(a, mesh, by_row=True) for a in (encoder_ids, encoder_mask, decoder_ids)),
+                  jnp.int32(prefix), jnp.int32(prefix + max_new_tokens)]  # fmt: skip
+        out = self._run(variables, inputs, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stop_token_ids=stop_token_ids, rng=rng)  # fmt: skip
+        return [cut_at_stop(out[i, prefix : prefix + max_new_tokens].tolist(), stop_token_ids) for i in range(rows)]
 
     def _decode(  # type: ignore[override]
         self,

@@ -12,7 +12,7 @@ import keras_hub
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
-from kithara.models.generation import as_key, read_prompts
+from kithara.models.generation import GeneratesWithCache, as_key, read_prompts
 from kithara.models.keras_hub_model import host_device
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.model import ModelVariables
@@ -27,7 +27,7 @@ SEQ2SEQ_INPUTS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_id
 _BY_CLASS = {spec.lm_class: name for name, spec in SEQ2SEQ_FAMILIES.items()}
 
 
-class KerasHubSeq2SeqModel(KerasVariables):
+class KerasHubSeq2SeqModel(GeneratesWithCache, KerasVariables):
     """A keras-hub ``Seq2SeqLM`` (BART or T5Gemma) whose variables live, sharded, on a device mesh.
 
     Batches carry ``encoder_token_ids`` / ``encoder_padding_mask`` (the source) and
@@ -47,6 +47,8 @@ class KerasHubSeq2SeqModel(KerasVariables):
         >>> model.generate([[1, 5, 6, 2]], max_new_tokens=8, decoder_start_ids=[2, 1])
     """
 
+    generator_class = Seq2SeqGenerator
+
     def __init__(
         self, seq2seq_lm: keras_hub.models.Seq2SeqLM, *, sharding: str | sharding_lib.ShardingStrategy | None = None
     ) -> None:
@@ -62,7 +64,6 @@ class KerasHubSeq2SeqModel(KerasVariables):
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
-        self._generator: Seq2SeqGenerator | None = None
         self._index_variables(seq2seq_lm)
 
     @classmethod
@@ -198,9 +199,7 @@ class KerasHubSeq2SeqModel(KerasVariables):
             raise ValueError("decoder_start_ids must hold at least one id.")
         check_sampling(temperature, top_k, top_p)
         stops = given.stop_ids(stop_token_ids)
-        if self._generator is None:
-            self._generator = Seq2SeqGenerator(self)
-        outputs = self._generator(
+        outputs = self.generator(
             given.token_ids,
             start,
             max_new_tokens,
@@ -212,8 +211,3 @@ class KerasHubSeq2SeqModel(KerasVariables):
             rng=as_key(seed),
         )
         return given.output(outputs)
-
-    @property
-    def generate_compilations(self) -> int:
-        """How many decode programs ``generate`` has compiled (one per bucket and sampling mode)."""
-        return 0 if self._generator is None else self._generator.compilations

@@ -119,9 +119,8 @@ class DPOTrainer(Trainer):
         seed = kwargs.get("seed", 0)
 
         def loader(data: Any, name: str, **options: Any) -> Dataloader:
-            def make(source: Source) -> PreferenceDataset:
-                assert self.tokenizer is not None
-                return PreferenceDataset(source, self.tokenizer, max_seq_len=max_seq_len, truncation=truncation)
+            def make(source: Source, tokenizer: Tokenizer) -> PreferenceDataset:
+                return PreferenceDataset(source, tokenizer, max_seq_len=max_seq_len, truncation=truncation)
 
             built = as_loader(data, name, self.tokenizer, make, per_device_batch_size=per_device_batch_size, **options)
             if "chosen_" not in getattr(built.dataset, "sequences", ()):
@@ -150,8 +149,7 @@ class DPOTrainer(Trainer):
             *args,
             **kwargs,
         )
-        if self.reference == "ref_model":
-            assert ref_model is not None
+        if self.reference == "ref_model" and ref_model is not None:
             self._pass_reference_as_argument(ref_model, ref_model.variables)
         elif self.reference == "frozen_copy":
             logger.info(

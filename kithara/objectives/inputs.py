@@ -32,11 +32,12 @@ def as_loader(
     data: Any,
     name: str,
     tokenizer: Tokenizer | None,
-    make_dataset: Callable[[Source], Dataset],
+    make_dataset: Callable[[Source, Tokenizer], Dataset],
     **loader_kwargs: Any,
 ) -> Dataloader:
     """``data`` as a Dataloader: used as is, wrapped (a dataset), or read with
-    ``load_source`` and encoded by ``make_dataset`` (raw data, which needs ``tokenizer``)."""
+    ``load_source`` and encoded by ``make_dataset(source, tokenizer)`` (raw data, which
+    needs ``tokenizer``)."""
     if isinstance(data, Dataloader):
         return data
     if isinstance(data, Dataset):
@@ -46,4 +47,4 @@ def as_loader(
     source = load_source(data)
     if len(source) == 0:
         raise ValueError(f"{name} has no rows.")
-    return Dataloader(make_dataset(source), **loader_kwargs)
+    return Dataloader(make_dataset(source, tokenizer), **loader_kwargs)

@@ -4,7 +4,7 @@ score, filter, train), with the base Trainer's jitted step, checkpoints and logg
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -141,7 +141,7 @@ class IterativeSFTTrainer(Trainer):
         if (input_ids is None) == (texts is None):
             raise ValueError("Pass either input_ids (with optional attention_mask and labels) or texts, not both.")
         if texts is None:
-            assert input_ids is not None
+            input_ids = cast(Sequence[Sequence[int]], input_ids)  # given: exactly one of the two is (checked above)
             if texts_labels is not None:
                 raise ValueError("texts_labels goes with texts=; with input_ids= pass labels=.")
             _same_count(input_ids, input_ids=input_ids, attention_mask=attention_mask, labels=labels)

@@ -93,7 +93,7 @@ class SFTTrainer(Trainer):
             train_dataset,
             "train_dataset",
             self.tokenizer,
-            lambda source: self._dataset(source, "train_dataset", **options),
+            lambda source, tokenizer: self._dataset(source, tokenizer, "train_dataset", **options),
             packing=packing,
             **loader_options,
         )
@@ -104,7 +104,7 @@ class SFTTrainer(Trainer):
                 eval_dataset,
                 "eval_dataset",
                 self.tokenizer,
-                lambda source: self._dataset(source, "eval_dataset", **options),
+                lambda source, tokenizer: self._dataset(source, tokenizer, "eval_dataset", **options),
                 shuffle=False,
                 drop_remainder=False,
                 **loader_options,
@@ -122,6 +122,7 @@ class SFTTrainer(Trainer):
     def _dataset(
         self,
         source: Source,
+        tokenizer: Tokenizer,
         name: str,
         *,
         dataset_format: str | None,
@@ -130,16 +131,15 @@ class SFTTrainer(Trainer):
         completion_only_loss: bool,
         assistant_only_loss: bool,
     ) -> Dataset:
-        assert self.tokenizer is not None  # as_loader refuses raw data without one
         fmt = dataset_format or infer_format(source[0], name)
         if assistant_only_loss and fmt != "conversational":
             raise ValueError(f"assistant_only_loss=True applies to conversational data, but {name} is {fmt!r}.")
         common: dict[str, Any] = dict(max_seq_len=max_seq_len, truncation=truncation)
         if fmt == "text":
-            return TextDataset(source, self.tokenizer, **common)
+            return TextDataset(source, tokenizer, **common)
         if fmt == "prompt_completion":
-            return PromptCompletionDataset(source, self.tokenizer, completion_only_loss=completion_only_loss, **common)
-        return ConversationalDataset(source, self.tokenizer, assistant_only_loss=assistant_only_loss, **common)
+            return PromptCompletionDataset(source, tokenizer, completion_only_loss=completion_only_loss, **common)
+        return ConversationalDataset(source, tokenizer, assistant_only_loss=assistant_only_loss, **common)
 
 
 def infer_format(row: Any, name: str = "the dataset") -> str:

@@ -255,9 +255,7 @@ class Trainer:
 
         With a checkpointer (and no state yet), resumes from its latest checkpoint if any.
         """
-        if self.train_dataloader is None:
-            raise ValueError(f"{type(self).__name__} has no train_dataloader; feed batches with run_step().")
-        self._begin(self.train_dataloader.sequence_length)
+        self._begin(self._train_loader().sequence_length)
         logger.info(
             "Training %d steps (%d per epoch), %s",
             self.total_steps,
@@ -276,10 +274,21 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
         if self.preempted and (self.checkpointer is None or self.checkpointer.exit_on_preemption):
-            assert self.state is not None
-            logger.warning("Preempted: stopped and saved at step %d; exiting.", int(jax.device_get(self.state.step)))
+            step = int(jax.device_get(self._live_state().step))
+            logger.warning("Preempted: stopped and saved at step %d; exiting.", step)
             raise SystemExit(0)
         return self.history
+
+    def _train_loader(self) -> Dataloader:
+        if self.train_dataloader is None:
+            raise ValueError(f"{type(self).__name__} has no train_dataloader; feed batches with run_step().")
+        return self.train_dataloader
+
+    def _live_state(self) -> TrainState:
+        """The state being trained (``_begin`` restores or creates it)."""
+        if self.state is None:
+            raise RuntimeError("The trainer has no state yet: train() or run_step() creates it.")
+        return self.state
 
     def _begin(self, sequence_length: int) -> None:
         if self.state is None:
@@ -311,10 +320,9 @@ class Trainer:
             self._manual = True
         step = len(self.history) and int(self.history[-1]["step"])
         step = max(step, self.start_step) + 1
-        assert self.state is not None
         try:
             global_batch = sharding_lib.shard_batch(dict(batch), self.model.mesh, leading_dims=1)
-            self.state, metrics = self._train_step_fn(self.state, global_batch)
+            self.state, metrics = self._train_step_fn(self._live_state(), global_batch)
             for cb in self.callbacks:
                 cb.needs_sync(step)
             self._complete(_Pending(step, 0, metrics))
@@ -377,8 +385,7 @@ class Trainer:
         checkpoint of step N records.
         """
         k = self.gradient_accumulation_steps
-        assert self.train_dataloader is not None
-        self.data_iterator = self.train_dataloader.iterator(batches_per_epoch=self.steps_per_epoch * k)
+        self.data_iterator = self._train_loader().iterator(batches_per_epoch=self.steps_per_epoch * k)
         if self._restored_data_state is not None:
             # Refuses, with the loader's message, a state saved for other data or settings.
             self.data_iterator.set_state(self._restored_data_state)
