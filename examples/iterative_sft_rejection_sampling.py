@@ -81,7 +81,7 @@ def main() -> None:
             f"held-out accuracy {accuracy(held_out):.2f}"
         )
     trainer.finish()
-    steps = trainer._train_step_fn._cache_size()
+    steps = trainer.compilations["train_step"]
     print(f"step compilations: {steps}, generate compilations: {model.generate_compilations}")
 
 

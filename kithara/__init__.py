@@ -15,10 +15,11 @@ if keras.backend.backend() != "jax":
     )
 
 from kithara import data, distributed
-from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, TensorBoardLogger
+from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.models import Architecture, KerasHubModel, KerasHubSeq2SeqModel, LoraConfig, Model, ModelVariables
 from kithara.objectives import CycleTrainer, DPOTrainer, IterativeSFTTrainer, SFTTrainer
+from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -26,6 +27,7 @@ from kithara.trainer import (
     TrainState,
     optimizers,
 )
+from kithara.trainer.config import TrainingConfig
 
 __version__ = "0.1.0"
 
@@ -33,9 +35,12 @@ __all__ = [
     "Architecture",
     "Callback",
     "Checkpointer",
+    "CycleConfig",
     "CycleTrainer",
+    "DPOConfig",
     "DPOTrainer",
     "Dataloader",
+    "IterativeSFTConfig",
     "IterativeSFTTrainer",
     "KerasHubModel",
     "KerasHubSeq2SeqModel",
@@ -45,12 +50,15 @@ __all__ = [
     "ModelVariables",
     "Profiler",
     "ProgressBar",
+    "SFTConfig",
     "SFTTrainer",
     "ShardingStrategy",
+    "StepInfo",
     "TensorBoardLogger",
     "Tokenizer",
     "TrainState",
     "Trainer",
+    "TrainingConfig",
     "__version__",
     "data",
     "distributed",

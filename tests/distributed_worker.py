@@ -53,9 +53,9 @@ def train(save_dir, steps=STEPS_PER_RUN, save_interval=2, async_save=True, die_a
     jax.config.update("jax_num_cpu_devices", 4)
 
     class DieAfter(kithara.Callback):
-        def on_step_end(self, trainer, step, metrics):
-            if step == die_after_step and jax.process_index() == 1:
-                print(f"process 1: killing itself after step {step}", flush=True)
+        def on_step_end(self, info):
+            if info.step == die_after_step and jax.process_index() == 1:
+                print(f"process 1: killing itself after step {info.step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     checkpointer = kithara.Checkpointer(save_dir, save_interval=save_interval, async_save=async_save)

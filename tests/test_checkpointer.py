@@ -163,9 +163,9 @@ if slow_save_after:
 
 
 class Log(kithara.Callback):
-    def on_step_end(self, trainer, step, metrics):
+    def on_step_end(self, info):
         with open(log, "a") as f:
-            f.write(json.dumps({{"step": step, "loss": metrics["loss"]}}) + "\\n")
+            f.write(json.dumps({{"step": info.step, "loss": info.metrics["loss"]}}) + "\\n")
 
 
 loader = kithara.Dataloader(pattern_examples(64), 1, seed=0)

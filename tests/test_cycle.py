@@ -64,7 +64,7 @@ def test_a_side_update_changes_only_that_side(mode):
     state = trainer.init_state()
     before = host(state)
     batch = trainer._rows_to_arrays(trainer.prepare_cycle_inputs(TEXTS_A[:8], TEXTS_B[:8], "A"))
-    after = host(trainer._side_step["A"](state, {k: v[None] for k, v in batch.items()})[0])
+    after = host(trainer.jitted_train_step(state, {"A": {k: v[None] for k, v in batch.items()}})[0])
     for path, value in before.model.trainable.items():
         changed = not np.array_equal(value, after.model.trainable[path])
         if path.startswith("B/"):
@@ -91,7 +91,7 @@ def test_cycle_step_trains_each_side_on_the_other_sides_translation():
     )  # fmt: skip
     trainer.seen = []
     state = trainer.init_state()
-    expected_b = trainer.translate(state.model, "B", list(next(trainer._batches(0))[1]["B"]), seed=0)
+    expected_b = trainer.translate(state.model, "B", list(next(trainer.batches(0, None))[1]["B"]), seed=0)
     trainer.train()
     (side1, sources1, targets1), (side2, _, targets2) = trainer.seen
     assert (side1, side2) == ("A", "B")
@@ -113,7 +113,7 @@ def test_adapter_mode_end_to_end_with_tensorboard_and_one_base(tmp_path):
     assert {"loss_A", "loss_B", "learning_rate_A", "learning_rate_B"} <= set(history[-1])
     # Every translation (train and eval) shared one decode program; each side's update compiled once.
     assert model.generate_compilations == 1
-    assert [fn._cache_size() for fn in trainer._side_step.values()] == [1, 1]
+    assert trainer.compilations["train_step"] == 2  # one program per side
     assert set(trainer.eval_history[-1]) >= {"loss_A", "cycle_loss_A", "exact_A"}
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

@@ -119,7 +119,7 @@ def test_reference_modes_agree():
     b = frozen.reference_logps(model.variables, batch)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # Adapter off equals the policy itself when lora_kernel_b is zero-initialised.
-    live = off.compute_loss(model.variables, batch, jax.random.key(0))[0]
+    live = off.compute_loss(model.variables, batch, jax.random.key(0), off.frozen)[0]
     assert float(live.sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-4)
     # Precomputed == live.
     pre = dpo(model, precompute_ref_log_probs=True)
@@ -129,8 +129,8 @@ def test_reference_modes_agree():
     np.testing.assert_allclose(
         [lb["ref_chosen_logps"], lb["ref_rejected_logps"]], off.reference_logps(model.variables, lb), rtol=1e-5
     )
-    assert float(pre.compute_loss(model.variables, lb, jax.random.key(0))[0].total) == pytest.approx(
-        float(off.compute_loss(model.variables, lb, jax.random.key(0))[0].total), rel=1e-5
+    assert float(pre.compute_loss(model.variables, lb, jax.random.key(0), pre.frozen)[0].total) == pytest.approx(
+        float(off.compute_loss(model.variables, lb, jax.random.key(0), off.frozen)[0].total), rel=1e-5
     )
 
 
@@ -194,7 +194,7 @@ def test_dpo_end_to_end_raises_reward_accuracy():
             "logps/rejected", "logits/chosen", "logits/rejected"}  # fmt: skip
     assert keys <= set(history[0]) and keys <= set(trainer.eval_history[-1])
     assert history[-1]["loss"] < history[0]["loss"]
-    assert trainer._train_step_fn._cache_size() == 1 and trainer._eval_step_fn._cache_size() == 1
+    assert trainer.compilations == {"train_step": 1, "eval_step": 1}
     first = next(trainer.train_dataloader.epoch(0))
     assert history[0]["tokens"] == first["chosen_padding_mask"].sum() + first["rejected_padding_mask"].sum()
     assert trainer.eval_history[-1]["rewards/margins"] > 0
@@ -204,7 +204,7 @@ def test_dpo_end_to_end_raises_reward_accuracy():
 def peak_bytes(trainer, batch):
     state = trainer.init_state()
     stacked = {k: np.asarray(v)[None] for k, v in batch.items()}
-    stats = trainer._train_step_fn.lower(state, stacked).compile().memory_analysis()
+    stats = trainer.lower_train_step(state, stacked).compile().memory_analysis()
     return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
 
 

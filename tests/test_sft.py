@@ -31,7 +31,7 @@ def test_sft_conversational_assistant_only_trains():
     history = trainer.train()
     assert len(history) == 12
     assert trainer.evaluate()["loss"] < before
-    assert trainer._train_step_fn._cache_size() == 1
+    assert trainer.compilations["train_step"] == 1
 
 
 def test_sft_formats_and_defaults():
@@ -89,7 +89,7 @@ def test_iterative_steps_compile_once_and_train():
     for _ in range(8):
         last = trainer.step(input_ids=rows)
     assert last["loss"] < first["loss"]
-    assert trainer._train_step_fn._cache_size() == 1
+    assert trainer.compilations["train_step"] == 1
     assert [h["step"] for h in trainer.history] == list(range(1, 12))
     # Between steps the model holds the trained variables, ready to generate.
     out = trainer.model.generate([[W["<s>"], W["hi"]]], max_length=4)

@@ -29,8 +29,8 @@ def test_step_compiles_once_and_metrics_are_complete(examples):
     )
     history = trainer.train()
     trainer.evaluate()
-    assert trainer._train_step_fn._cache_size() == 1
-    assert trainer._eval_step_fn._cache_size() == 1
+    assert trainer.compilations["train_step"] == 1
+    assert trainer.compilations["eval_step"] == 1
     assert [h["step"] for h in history] == list(range(1, 13))
     for key in ("loss", "learning_rate", "grad_norm", "step_time", "tokens_per_second", "mfu", "token_accuracy"):
         assert all(np.isfinite(h[key]) for h in history), key
@@ -178,8 +178,8 @@ def test_tensorboard_events_have_the_expected_tags(examples, tmp_path):
 class PoisonedTrainer(kithara.Trainer):
     """Turns the loss into NaN for batches holding a row marked ``poison``."""
 
-    def compute_loss(self, variables, batch, rng):
-        out, non_trainable = super().compute_loss(variables, batch, rng)
+    def compute_loss(self, variables, batch, rng, frozen):
+        out, non_trainable = super().compute_loss(variables, batch, rng, frozen)
         out.total = jnp.where(batch["poison"].any(), jnp.nan, out.total)
         return out, non_trainable
 
@@ -190,11 +190,11 @@ def test_nan_loss_stops_training_with_a_clear_error(examples):
     seen = []
 
     class Record(kithara.Callback):
-        def on_step_end(self, trainer, step, metrics):
-            seen.append(step)
+        def on_step_end(self, info):
+            seen.append(info.step)
 
-        def on_train_end(self, trainer):
-            seen.append(type(trainer.error).__name__)
+        def on_train_end(self, info):
+            seen.append(type(info.error).__name__)
 
     loader = kithara.Dataloader(rows, 1, shuffle=False)
     trainer = PoisonedTrainer(
@@ -211,7 +211,7 @@ def test_keras_optimizer_works_and_reports_its_learning_rate(examples):
     history = trainer.train()
     assert [h["learning_rate"] for h in history] == pytest.approx([1e-2, 5e-3, 2.5e-3, 1.25e-3])
     assert history[-1]["loss"] < history[0]["loss"]
-    assert trainer._train_step_fn._cache_size() == 1
+    assert trainer.compilations["train_step"] == 1
     slots = trainer.state.opt_state.variables
     mu_key = next(k for k in slots if k.startswith("transformer_layer_0/self_attention/query/kernel#"))
     assert (
@@ -233,8 +233,8 @@ def test_callbacks_can_ask_for_the_exact_state(examples):
         def needs_sync(self, step):
             return step == 3
 
-        def on_step_end(self, trainer, step, metrics):
-            states[step] = int(jax.device_get(trainer.state.step))
+        def on_step_end(self, info):
+            states[info.step] = int(jax.device_get(info.state.step))
 
     make_trainer(tiny_model(), examples, steps=6, callbacks=[Snapshot()]).train()
     assert states[3] == 3

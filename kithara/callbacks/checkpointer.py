@@ -13,11 +13,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from kithara.callbacks.base import Callback
+from kithara.callbacks.base import Callback, StepInfo
 
 if TYPE_CHECKING:
     from kithara.trainer.state import TrainState
-    from kithara.trainer.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +108,21 @@ class Checkpointer(Callback):
             return None
         return self.manager.latest_step()
 
-    def save(self, trainer: Trainer, step: int) -> None:
-        """Saves ``trainer.state`` (which must be the state after ``step``) and the data position."""
-        data_state = trainer.data_iterator.get_state() if trainer.data_iterator is not None else {}
-        meta = {"iterator": data_state, "checksums": checksums(trainer.state)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), data=ocp.args.JsonSave(meta))
+    def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
+        """Saves ``state`` (which must be the state after ``step``) and the data position."""
+        meta = {"iterator": data_state, "checksums": checksums(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         self._last_saved = step
         logger.info(
             "Checkpoint of step %d %s to %s", step, "dispatched" if self.async_save else "written", self.save_dir
         )
 
-    def restore(self, trainer: Trainer, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """Reads a checkpoint (the latest by default) laid out for ``trainer``'s model and mesh,
-        which may differ from the ones that saved it. Returns ``(state, data_iterator_state)``.
+    def restore(self, target: Any, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """Reads a checkpoint (the latest by default) laid out as ``target``: an abstract
+        ``TrainState`` (shapes, dtypes, shardings), or a trainer, whose ``abstract_state()``
+        gives it. The model and mesh may differ from the ones that saved it. Returns
+        ``(state, data_state)``.
 
         Raises:
             FileNotFoundError: ``save_dir`` is missing or holds no such checkpoint.
@@ -138,7 +138,8 @@ class Checkpointer(Callback):
                 f"No complete checkpoint{'' if step is None else f' of step {step}'} in {self.save_dir!r} "
                 f"(complete steps: {sorted(available)})."
             )
-        target = _abstract_state(trainer)
+        if hasattr(target, "abstract_state"):
+            target = target.abstract_state()
         try:
             metadata = self.manager.item_metadata(step)["state"]
         except Exception as error:
@@ -169,14 +170,14 @@ class Checkpointer(Callback):
 
     # Callback hooks ---------------------------------------------------------------------
 
-    def on_train_begin(self, trainer: Trainer) -> None:
-        if not self.resume and trainer.restored_step is None and (latest := self.latest_step()) is not None:
+    def on_train_begin(self, info: StepInfo) -> None:
+        if not self.resume and info.restored_step is None and (latest := self.latest_step()) is not None:
             raise ValueError(
                 f"save_dir {self.save_dir!r} already holds checkpoints (latest step {latest}) and resume=False: "
                 "this run's saves would mix with them. Use a new save_dir, delete the old one, or resume=True."
             )
-        self._total_steps = trainer.total_steps
-        self._last_saved = trainer.start_step if trainer.restored_step is not None else None
+        self._total_steps = info.total_steps
+        self._last_saved = info.start_step if info.restored_step is not None else None
         self.preempted = False
         self._sigterm.clear()
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -214,21 +215,18 @@ class Checkpointer(Callback):
             self._due.add(step)
         return due
 
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if step not in self._due:
+    def on_step_end(self, info: StepInfo) -> None:
+        if info.step not in self._due:
             return
-        self._due.discard(step)
-        self.save(trainer, step)
+        self._due.discard(info.step)
+        self._save_info(info)
         if self.preempted:
-            trainer.stop_training = True
-            trainer.preempted = True
+            info.request_stop("preempted")
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, info: StepInfo) -> None:
         try:
-            if trainer.error is None and trainer.state is not None:
-                step = int(jax.device_get(trainer.state.step))
-                if step and step != self._last_saved:
-                    self.save(trainer, step)
+            if info.error is None and info.state is not None and info.step and info.step != self._last_saved:
+                self._save_info(info)
             if self._manager is not None:
                 self._manager.wait_until_finished()
         finally:
@@ -237,22 +235,18 @@ class Checkpointer(Callback):
                 signal.signal(signal.SIGTERM, self._previous_handler)
                 self._previous_handler = None
 
+    def _save_info(self, info: StepInfo) -> None:
+        state = info.state
+        if state is None:
+            raise RuntimeError(f"No training state to save at step {info.step}.")
+        self.save(info.step, state, info.data_state())
+
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
         if self._manager is not None:
             self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None
-
-
-def _abstract_state(trainer: Trainer) -> TrainState:
-    """Shapes, dtypes and shardings of ``trainer``'s state, without allocating it."""
-    shapes = jax.eval_shape(trainer.init_state)
-    return jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        shapes,
-        trainer.state_shardings,
-    )
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:

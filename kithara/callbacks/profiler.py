@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import jax
 
-from kithara.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from kithara.trainer.trainer import Trainer
+from kithara.callbacks.base import Callback, StepInfo
 
 logger = logging.getLogger(__name__)
 
@@ -42,26 +38,27 @@ class Profiler(Callback):
     def last_step(self) -> int:
         return self.start_step + self.num_steps - 1
 
-    def on_train_begin(self, trainer: Trainer) -> None:
-        self.trace_dir = self.log_dir or trainer.tensorboard_dir
+    def on_train_begin(self, info: StepInfo) -> None:
+        self.trace_dir = self.log_dir or info.log_dir
         if self.trace_dir is None:
-            raise ValueError("Profiler needs a log_dir, or a tensorboard_dir on the Trainer.")
-        if self.start_step <= trainer.start_step + 1:
+            raise ValueError("Profiler needs a log_dir, or a TensorBoard directory on the Trainer.")
+        if self.start_step <= info.start_step + 1:
             self._start()
 
     def needs_sync(self, step: int) -> bool:
         return step in (self.start_step - 1, self.last_step)
 
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, info: StepInfo) -> None:
+        step = info.step
         if step == self.start_step - 1:
             self._start()
         elif step == self.last_step and self.active:
-            jax.block_until_ready(trainer.state)
+            jax.block_until_ready(info.state)
             jax.profiler.stop_trace()
             self.active = False
             logger.info("Profiler trace of steps %d-%d written to %s", self.start_step, step, self.trace_dir)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, info: StepInfo) -> None:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False

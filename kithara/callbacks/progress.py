@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 from rich.progress import (
     BarColumn,
@@ -15,10 +13,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from kithara.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from kithara.trainer.trainer import Trainer
+from kithara.callbacks.base import Callback, StepInfo
 
 
 class ProgressBar(Callback):
@@ -28,7 +23,7 @@ class ProgressBar(Callback):
         self._progress: Progress | None = None
         self._task: TaskID | None = None
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, info: StepInfo) -> None:
         if jax.process_index() != 0:
             return
         self._progress = Progress(
@@ -40,19 +35,20 @@ class ProgressBar(Callback):
             TimeRemainingColumn(),
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=trainer.total_steps, completed=trainer.start_step, info="")
+        self._task = self._progress.add_task("train", total=info.total_steps, completed=info.start_step, info="")
 
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, info: StepInfo) -> None:
         if self._progress is not None and self._task is not None:
-            info = f"loss {metrics['loss']:.4f}  {metrics.get('tokens_per_second', 0.0):,.0f} tok/s"
-            self._progress.update(self._task, completed=step, info=info)
+            m = info.metrics
+            text = f"loss {m['loss']:.4f}  {m.get('tokens_per_second', 0.0):,.0f} tok/s"
+            self._progress.update(self._task, completed=info.step, info=text)
 
-    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, info: StepInfo) -> None:
         if self._progress is not None:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            self._progress.console.print(f"eval @ step {step}: {shown}")
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in info.metrics.items())
+            self._progress.console.print(f"eval @ step {info.step}: {shown}")
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, info: StepInfo) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

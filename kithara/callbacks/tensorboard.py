@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
-from kithara.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from kithara.trainer.trainer import Trainer
+from kithara.callbacks.base import Callback, StepInfo
 
 
 class TensorBoardLogger(Callback):
@@ -28,17 +26,17 @@ class TensorBoardLogger(Callback):
         self.every = every
         self._writer: Any = None  # a tensorboardX SummaryWriter, opened on the first write
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, info: StepInfo) -> None:
         self._open()
 
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every == 0 or step == trainer.total_steps:
-            self._write("train", step, metrics)
+    def on_step_end(self, info: StepInfo) -> None:
+        if info.step % self.every == 0 or info.step == info.total_steps:
+            self._write("train", info.step, info.metrics)
 
-    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        self._write("eval", step, metrics)
+    def on_eval_end(self, info: StepInfo) -> None:
+        self._write("eval", info.step, info.metrics)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, info: StepInfo) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -50,7 +48,7 @@ class TensorBoardLogger(Callback):
 
             self._writer = SummaryWriter(self.log_dir)
 
-    def _write(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+    def _write(self, prefix: str, step: int, metrics: Mapping[str, float]) -> None:
         self._open()
         if self._writer is None:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -28,10 +29,20 @@ from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
 from kithara.models.sampling import check_sampling
+from kithara.naming import check_names
 
 logger = logging.getLogger(__name__)
 
 _REMOTE_SCHEMES = ("hf://", "kaggle://", "gs://", "modelscope://")
+# keras-hub's from_preset options kithara passes on (kithara sets dtype and preprocessor).
+PRESET_OPTIONS = ("load_weights",)
+# Loading options of transformers' from_pretrained that kithara has no counterpart for.
+UNSUPPORTED_LOAD_OPTIONS = {
+    "load_in_4bit": "4-bit/8-bit quantized loading is not supported yet.",
+    "load_in_8bit": "4-bit/8-bit quantized loading is not supported yet.",
+    "quantization_config": "4-bit/8-bit quantized loading is not supported yet.",
+    "device_map": "kithara places the weights on its device mesh; pick sharding= instead.",
+}
 
 
 class KerasHubModel(GeneratesWithCache, KerasVariables):
@@ -108,10 +119,18 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         ``gemma3``, ``qwen2``, ``qwen3``, ``mistral``).
 
         ``backbone_kwargs`` go to the keras-hub backbone unchanged (e.g.
-        ``rope_max_wavelength``, ``tie_word_embeddings``, ``layer_norm_epsilon``). ``seed``
-        seeds keras' random generator so every process builds identical weights.
+        ``rope_max_wavelength``, ``tie_word_embeddings``, ``layer_norm_epsilon``); names the
+        backbone's constructor does not take raise ``TypeError`` with the closest one (keras-hub
+        would ignore them). ``seed`` seeds keras' random generator so every process builds
+        identical weights.
         """
         spec = get_family(family)
+        check_model_kwargs(
+            backbone_kwargs,
+            cls.from_config,
+            getattr(keras_hub.models, spec.backbone_class),
+            f"{cls.__name__}.from_config({family!r})",
+        )
         arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
         kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
         keras.utils.set_random_seed(seed)
@@ -138,8 +157,16 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         (text) load exactly (kithara's own weight mapping, see docs/huggingface.md); settings
         keras-hub cannot express raise ``UnsupportedConfig`` naming the ``config.json`` field.
         ``hf://``, ``kaggle://`` and built-in preset names are passed to keras-hub as they
-        are (they need network access). ``kwargs`` go to keras-hub's ``from_preset``.
+        are (they need network access). ``kwargs`` go to keras-hub's ``from_preset``:
+        ``load_weights=False`` builds the architecture with random weights; other names raise
+        ``TypeError`` with the closest known one (keras-hub would ignore them).
         """
+        check_names(
+            kwargs,
+            [*_keyword_only(cls.from_preset), *PRESET_OPTIONS],
+            f"{cls.__name__}.from_preset",
+            unsupported=UNSUPPORTED_LOAD_OPTIONS,
+        )
         _check_local_preset(handle)
         if hf.is_hf_checkpoint(handle):
             if kwargs:
@@ -397,6 +424,22 @@ def host_device() -> contextlib.AbstractContextManager[Any]:
     if jax.default_backend() == "cpu":
         return contextlib.nullcontext()
     return jax.default_device(jax.devices("cpu")[0])
+
+
+def check_model_kwargs(backbone_kwargs: Mapping[str, Any], builder: Any, backbone_class: type, where: str) -> None:
+    """Refuses ``backbone_kwargs`` that ``backbone_class``'s constructor does not name (keras-hub
+    backbones take ``**kwargs`` and drop unknown ones) with the closest of those names and the
+    ``builder``'s own arguments. ``dtype`` is refused: ``precision=`` sets it."""
+    known = _keyword_only(builder) | {
+        name
+        for name, p in inspect.signature(backbone_class).parameters.items()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name != "dtype"
+    }
+    check_names(backbone_kwargs, known, where, unsupported=UNSUPPORTED_LOAD_OPTIONS)
+
+
+def _keyword_only(function: Any) -> set[str]:
+    return {n for n, p in inspect.signature(function).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _check_local_preset(handle: str) -> None:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
 from kithara.models.generation import GeneratesWithCache, as_key, read_prompts
-from kithara.models.keras_hub_model import host_device
+from kithara.models.keras_hub_model import check_model_kwargs, host_device
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
@@ -88,12 +88,19 @@ class KerasHubSeq2SeqModel(GeneratesWithCache, KerasVariables):
         ``max_sequence_length`` bounds encoder and decoder lengths where positions are a
         learned table (BART); T5Gemma's are rotary and ignore it. ``backbone_kwargs`` go to
         the keras-hub backbone unchanged and override the shared sizes (e.g. BART's
-        ``dropout``, keras-hub's default 0.1, or T5Gemma's ``decoder_num_key_value_heads``).
+        ``dropout``, keras-hub's default 0.1, or T5Gemma's ``decoder_num_key_value_heads``);
+        names the backbone's constructor does not take raise ``TypeError`` with the closest one.
         ``seed`` seeds keras' random generator so every process builds identical weights.
         """
         if family not in SEQ2SEQ_FAMILIES:
             raise ValueError(f"Unknown seq2seq family {family!r}; choose one of {sorted(SEQ2SEQ_FAMILIES)}.")
         spec = SEQ2SEQ_FAMILIES[family]
+        check_model_kwargs(
+            backbone_kwargs,
+            cls.from_config,
+            getattr(keras_hub.models, spec.backbone_class),
+            f"{cls.__name__}.from_config({family!r})",
+        )
         keras.utils.set_random_seed(seed)
         with host_device():
             arch = Seq2SeqArchitecture(

@@ -31,24 +31,11 @@ from kithara.objectives.cycle_seq2seq import Seq2SeqRow, seq2seq_arrays, seq2seq
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
 from kithara.trainer.state import TrainState
-from kithara.trainer.trainer import Trainer
+from kithara.trainer.trainer import DataPlan, Trainer
 
 Row = tuple[list[int], list[bool]]  # token ids and which of them are supervised
 Metrics = Callable[[str, list[str], list[str], list[str]], Mapping[str, float]]
 OTHER = {"A": "B", "B": "A"}
-
-
-class _Texts:
-    """What the base loop reads from a train or eval "loader": sizes, never batches."""
-
-    packing = False
-
-    def __init__(self, batches_per_epoch: int, sequence_length: int, global_batch_size: int) -> None:
-        self.batches_per_epoch, self.sequence_length = batches_per_epoch, sequence_length
-        self.global_batch_size = global_batch_size  # texts per side per step (compared across processes)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
 
 
 class CycleTrainer(Trainer):
@@ -88,6 +75,8 @@ class CycleTrainer(Trainer):
         ...     steps=200, batch_size=16, max_length=48, max_new_tokens=16)
         >>> trainer.train(); trainer.evaluate()
     """
+
+    step_constants = (*Trainer.step_constants, "pair", "side_tx")
 
     def __init__(
         self,
@@ -146,32 +135,10 @@ class CycleTrainer(Trainer):
             isinstance(t, optax.GradientTransformation) for t in self.side_tx.values()
         ):
             raise ValueError("optimizer must be an optax GradientTransformation or {'A': ..., 'B': ...} of them.")
-        has_eval = any(self.eval_data.values())
-        super().__init__(
-            pair,
-            per_side(self.side_tx),
-            _Texts(per_epoch, max_length, batch_size),  # type: ignore[arg-type]
-            _Texts(1, max_length, batch_size) if has_eval else None,  # type: ignore[arg-type]
-            steps,
-            epochs,
-            **trainer_kwargs,
-        )
+        self.batches_per_epoch = per_epoch
+        super().__init__(pair, per_side(self.side_tx), None, None, steps, epochs, **trainer_kwargs)
         mesh = pair.mesh
         self.rows_per_step = -(-batch_size // sharding_lib.batch_shards(mesh)) * sharding_lib.batch_shards(mesh)
-        self._side_step = {
-            s: jax.jit(
-                functools.partial(self.side_update, side=s),
-                in_shardings=(self.state_shardings, sharding_lib.batch_sharding(mesh, leading_dims=1)),
-                out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)),
-                donate_argnames=("state",),
-            )
-            for s in SIDES
-        }
-        self._side_eval = {
-            s: jax.jit(functools.partial(step_lib.eval_step, loss_fn=functools.partial(self.side_loss, side=s)))
-            for s in SIDES
-        }
-        self._train_step_fn = self.cycle_step  # type: ignore[assignment]
 
     # Hooks ------------------------------------------------------------------------------
 
@@ -199,6 +166,79 @@ class CycleTrainer(Trainer):
             answer = joined[len(prompt) :] if joined[: len(prompt)] == prompt else tok.encode(target)
             rows.append(([*prompt, *answer, tok.eos_id], [False] * len(prompt) + [True] * (len(answer) + 1)))
         return rows
+
+    # The objective contract -------------------------------------------------------------
+
+    def data_plan(self) -> DataPlan:
+        """An epoch: the smaller train dataset once, ``batch_size`` texts per side per step."""
+        return DataPlan(self.batches_per_epoch, self.batch_size, self.max_length, has_eval=any(self.eval_data.values()))
+
+    def compute_loss(  # type: ignore[override]
+        self, variables: ModelVariables, batch: Mapping[str, step_lib.Batch], rng: jax.Array, frozen: Any
+    ) -> tuple[LossOutput, dict[str, jax.Array]]:
+        """The loss of the side ``batch`` is keyed by (``{"A": arrays}``), on the pair's variables."""
+        side = _side_of_batch(batch)
+        out, _ = self.side_loss(self.pair.side_variables(variables, side), batch[side], rng, side=side)
+        return out, variables.non_trainable
+
+    def train_step(  # type: ignore[override]
+        self, state: TrainState, batch: Mapping[str, step_lib.Batch], frozen: Any
+    ) -> tuple[TrainState, dict]:
+        """One update of the side ``batch`` is keyed by (``{"A": [1, rows, length] arrays}``):
+        one program per side from the base class's single jit site."""
+        side = _side_of_batch(batch)
+        return self.side_update(state, batch[side], side=side)
+
+    def host_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        """B translates B's texts, A learns to map them back; then the mirror image."""
+        metrics: dict[str, jax.Array] = {}
+        step = int(jax.device_get(state.step))
+        for side in SIDES:
+            other = OTHER[side]
+            synthetic = self.translate(state.model, other, batch[other], seed=2 * step + (side == "B"))
+            rows = self.prepare_cycle_inputs(synthetic, batch[other], side)
+            arrays = self._rows_to_arrays(rows)
+            state, side_metrics = self.jitted_train_step(state, {side: {k: v[None] for k, v in arrays.items()}})
+            metrics.update({f"{k}_{side}": v for k, v in side_metrics.items()})
+        metrics["loss"] = (metrics["loss_A"] + metrics["loss_B"]) / 2
+        metrics["tokens"] = metrics.pop("tokens_A") + metrics.pop("tokens_B")
+        return state, metrics
+
+    def batches(self, start_step: int, data_state: dict[str, Any] | None) -> Iterator[tuple[int, dict[str, list[str]]]]:
+        """Texts of each side for every step from ``start_step``: a fresh seeded order per
+        epoch and side, so the position is a function of the step (``data_state`` is not
+        needed) and resumes exactly."""
+        del data_state
+        size = self.batch_size
+        for step in range(start_step, 2**62):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            batch = {}
+            for k, side in enumerate(SIDES):
+                order = np.random.default_rng([self.seed, epoch, k]).permutation(len(self.train_texts[side]))
+                batch[side] = [self.train_texts[side][i] for i in order[index * size : (index + 1) * size]]
+            yield epoch, batch
+
+    def eval_metrics(self, variables: ModelVariables) -> dict[str, float]:
+        """Per direction: ``loss_<side>`` (teacher-forced, on eval pairs), ``cycle_loss_<side>``
+        (the cycle objective on the other side's eval texts) and ``compute_metrics`` on
+        greedy translations of the eval pairs' sources (suffixed ``_<side>``)."""
+        if not any(self.eval_data.values()):
+            raise ValueError("evaluate() needs eval_dataset_A or eval_dataset_B.")
+        metrics: dict[str, float] = {}
+        for side in SIDES:
+            pairs = [x for x in self.eval_data[side] if not isinstance(x, str)]
+            texts = [x for x in self.eval_data[OTHER[side]] if isinstance(x, str)]
+            if pairs:
+                sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
+                metrics[f"loss_{side}"] = self._eval_loss(variables, side, sources, references)
+                if self.compute_metrics is not None:
+                    generated = self._translate_all(variables, side, sources)
+                    for name, value in self.compute_metrics(side, sources, generated, references).items():
+                        metrics[f"{name}_{side}"] = float(value)
+            if texts:
+                synthetic = self._translate_all(variables, OTHER[side], texts)
+                metrics[f"cycle_loss_{side}"] = self._eval_loss(variables, side, synthetic, texts)
+        return metrics
 
     # Pure pieces ------------------------------------------------------------------------
 
@@ -244,21 +284,6 @@ class CycleTrainer(Trainer):
         )
         return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
-    def cycle_step(self, state: TrainState, batch: Mapping[str, list[str]]) -> tuple[TrainState, dict[str, jax.Array]]:
-        """B translates B's texts, A learns to map them back; then the mirror image."""
-        metrics: dict[str, jax.Array] = {}
-        step = int(jax.device_get(state.step))
-        for side in SIDES:
-            other = OTHER[side]
-            synthetic = self.translate(state.model, other, batch[other], seed=2 * step + (side == "B"))
-            rows = self.prepare_cycle_inputs(synthetic, batch[other], side)
-            arrays = self._rows_to_arrays(rows)
-            state, side_metrics = self._side_step[side](state, {k: v[None] for k, v in arrays.items()})
-            metrics.update({f"{k}_{side}": v for k, v in side_metrics.items()})
-        metrics["loss"] = (metrics["loss_A"] + metrics["loss_B"]) / 2
-        metrics["tokens"] = metrics.pop("tokens_A") + metrics.pop("tokens_B")
-        return state, metrics
-
     def _rows_to_arrays(self, rows: Sequence[Row] | Sequence[Seq2SeqRow]) -> dict[str, jax.Array]:
         """``[rows_per_step, max_length]`` inputs, labels and masks (rows cut at the end;
         padding rows fully masked), sharded over the batch axes."""
@@ -280,62 +305,16 @@ class CycleTrainer(Trainer):
             out["label_mask"][i, :k] = supervised[1:]
         return _global(out, self.pair)
 
-    def _batches(self, start_step: int) -> Iterator[tuple[int, dict[str, list[str]]]]:  # type: ignore[override]
-        """Texts of each side for every step from ``start_step``: a fresh seeded order per
-        epoch and side, so the position is a function of the step and resumes exactly."""
-        self._restored_data_state = None
-        size = self.batch_size
-        for step in range(start_step, 2**62):
-            epoch, index = divmod(step, self.steps_per_epoch)
-            batch = {}
-            for k, side in enumerate(SIDES):
-                order = np.random.default_rng([self.seed, epoch, k]).permutation(len(self.train_texts[side]))
-                batch[side] = [self.train_texts[side][i] for i in order[index * size : (index + 1) * size]]
-            yield epoch, batch
-
-    # Evaluation -------------------------------------------------------------------------
-
-    def evaluate(self, *, _step: int | None = None) -> dict[str, float]:
-        """Per direction: ``loss_<side>`` (teacher-forced, on eval pairs), ``cycle_loss_<side>``
-        (the cycle objective on the other side's eval texts) and ``compute_metrics`` on
-        greedy translations of the eval pairs' sources (suffixed ``_<side>``)."""
-        if not any(self.eval_data.values()):
-            raise ValueError("evaluate() needs eval_dataset_A or eval_dataset_B.")
-        variables = self._live_model_variables()
-        metrics: dict[str, float] = {}
-        for side in SIDES:
-            pairs = [x for x in self.eval_data[side] if not isinstance(x, str)]
-            texts = [x for x in self.eval_data[OTHER[side]] if isinstance(x, str)]
-            if pairs:
-                sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
-                metrics[f"loss_{side}"] = self._eval_loss(variables, side, sources, references)
-                if self.compute_metrics is not None:
-                    generated = self._translate_all(variables, side, sources)
-                    for name, value in self.compute_metrics(side, sources, generated, references).items():
-                        metrics[f"{name}_{side}"] = float(value)
-            if texts:
-                synthetic = self._translate_all(variables, OTHER[side], texts)
-                metrics[f"cycle_loss_{side}"] = self._eval_loss(variables, side, synthetic, texts)
-        step = _step if _step is not None else (int(jax.device_get(self.state.step)) if self.state else 0)
-        self.eval_history.append({"step": step, **metrics})
-        for cb in self.callbacks:
-            cb.on_eval_end(self, step, metrics)
-        if _step is None:
-            self.model.variables = variables
-        return metrics
-
     def _translate_all(self, variables: ModelVariables, side: str, texts: Sequence[str]) -> list[str]:
         size = self.rows_per_step  # one batch bucket for every call
         return [t for i in range(0, len(texts), size) for t in self.translate(variables, side, texts[i : i + size])]
 
     def _eval_loss(self, variables: ModelVariables, side: str, sources: list[str], targets: list[str]) -> float:
         rows = self.prepare_cycle_inputs(sources, targets, side)
-        side_vars = self.pair.side_variables(variables, side)
         total = weight = 0.0
         for i in range(0, len(rows), self.rows_per_step):
-            out = jax.device_get(
-                self._side_eval[side](side_vars, self._rows_to_arrays(rows[i : i + self.rows_per_step]))
-            )
+            arrays = self._rows_to_arrays(rows[i : i + self.rows_per_step])
+            out = jax.device_get(self.jitted_eval_step(variables, {side: arrays}))
             total, weight = total + float(out.total), weight + float(out.weight)
         return total / max(weight, 1.0) if weight else math.nan
 
@@ -344,3 +323,10 @@ def _global(local: Mapping[str, np.ndarray], pair: CyclePair) -> dict[str, jax.A
     """The full batch (every process builds the same one) as global arrays over the batch axes."""
     sharding = sharding_lib.batch_sharding(pair.mesh)
     return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__) for k, v in local.items()}
+
+
+def _side_of_batch(batch: Mapping[str, Any]) -> str:
+    """The side a step batch belongs to: its one key, ``"A"`` or ``"B"``."""
+    if len(batch) != 1 or next(iter(batch)) not in SIDES:
+        raise ValueError(f"A cycle step batch is {{'A': arrays}} or {{'B': arrays}}, got keys {sorted(batch)}.")
+    return next(iter(batch))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +12,6 @@ import keras
 import numpy as np
 import optax
 
-from kithara import sharding as sharding_lib
 from kithara.data.dataloader import Dataloader
 from kithara.data.formats import PreferenceDataset
 from kithara.data.sources import Source
@@ -86,6 +84,14 @@ class DPOTrainer(Trainer):
     """
 
     reports_perplexity = False  # the eval loss is the pairwise loss, not a token NLL
+    step_constants = (
+        *Trainer.step_constants,
+        "beta",
+        "label_smoothing",
+        "loss_weights",
+        "reference",
+        "ref_apply_model",
+    )
 
     def __init__(
         self,
@@ -135,12 +141,27 @@ class DPOTrainer(Trainer):
             if eval_dataloader is None
             else loader(eval_dataloader, "eval_dataloader", shuffle=False, drop_remainder=False)
         )
+        if ref_model is not None and ref_model.mesh != model.mesh:
+            raise ValueError("ref_model must be placed on the same device mesh as the model being trained.")
         self.ref_model = ref_model
-        self._ref_apply_model: Model = ref_model if ref_model is not None else model
+        self.ref_apply_model: Model = ref_model if ref_model is not None else model
         if ref_model is not None or precompute_ref_log_probs:
             self.reference = "precomputed" if precompute_ref_log_probs else "ref_model"
         else:
             self.reference = "adapters_off" if has_lora(model) else "frozen_copy"
+        self._reference_variables: ModelVariables | None = None
+        if self.reference == "ref_model" and ref_model is not None:
+            self._reference_variables = ref_model.variables
+        elif self.reference == "frozen_copy":
+            logger.info(
+                "DPO reference: a frozen copy of the model's starting weights (%d parameters more in memory); "
+                "give the model LoRA adapters or set precompute_ref_log_probs=True to avoid it.",
+                model.num_params,
+            )
+            copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=model.variable_shardings)
+            self._reference_variables = copy(model.variables)
+        else:
+            logger.info("DPO reference: %s.", self.reference.replace("_", " "))
         super().__init__(
             model,
             optimizer if optimizer is not None else optimizers.adamw(learning_rate),
@@ -149,55 +170,18 @@ class DPOTrainer(Trainer):
             *args,
             **kwargs,
         )
-        if self.reference == "ref_model" and ref_model is not None:
-            self._pass_reference_as_argument(ref_model, ref_model.variables)
-        elif self.reference == "frozen_copy":
-            logger.info(
-                "DPO reference: a frozen copy of the model's starting weights (%d parameters more in memory); "
-                "give the model LoRA adapters or set precompute_ref_log_probs=True to avoid it.",
-                model.num_params,
-            )
-            copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=model.variable_shardings)
-            self._pass_reference_as_argument(model, copy(model.variables))
-        else:
-            logger.info("DPO reference: %s.", self.reference.replace("_", " "))
         if precompute_ref_log_probs:
             for data in (self.train_dataloader, self.eval_dataloader):
                 if data is not None:
                     self.precompute_reference(data)
 
+    def frozen_variables(self) -> ModelVariables | None:
+        """The reference weights passed to the steps: ``ref_model``'s, or a frozen copy of the
+        policy's starting weights; None when the reference is the model with its adapters
+        off or precomputed log-probs."""
+        return self._reference_variables
+
     # Log-probs --------------------------------------------------------------------------
-
-    def _pass_reference_as_argument(self, ref_model: Model, ref_variables: ModelVariables) -> None:
-        """Re-jits the steps with the frozen reference variables (of ``ref_model``, which may
-        be the policy's own architecture) as an argument, sharded like ``ref_model``, so they
-        are not baked into the programs as constants."""
-        if ref_model.mesh != self.model.mesh:
-            raise ValueError("ref_model must be placed on the same device mesh as the model being trained.")
-        mesh, ref_shardings = self.model.mesh, ref_model.variable_shardings
-        self._ref_apply_model = ref_model
-
-        def train(state: Any, batch: Any, ref: ModelVariables) -> Any:
-            loss_fn = functools.partial(self.dpo_loss, ref_variables=ref)
-            return self.train_step(state, batch, loss_fn=loss_fn, tx=self.tx)
-
-        def evaluate(variables: ModelVariables, batch: Any, ref: ModelVariables) -> LossOutput:
-            return self.dpo_loss(variables, batch, jax.random.key(0), ref_variables=ref)[0]
-
-        batch_sharding = sharding_lib.batch_sharding
-        train_fn = jax.jit(
-            train,
-            in_shardings=(self.state_shardings, batch_sharding(mesh, leading_dims=1), ref_shardings),
-            out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)),
-            donate_argnames=("state",),
-        )
-        eval_fn = jax.jit(
-            evaluate,
-            in_shardings=(self.state_shardings.model, batch_sharding(mesh), ref_shardings),
-            out_shardings=sharding_lib.replicated(mesh),
-        )
-        self._train_step_fn = lambda state, batch: train_fn(state, batch, ref_variables)  # type: ignore[assignment]
-        self._eval_step_fn = lambda variables, batch: eval_fn(variables, batch, ref_variables)  # type: ignore[assignment]
 
     def reference_logps(
         self, variables: ModelVariables, batch: Mapping[str, jax.Array], ref_variables: ModelVariables | None = None
@@ -207,7 +191,7 @@ class DPOTrainer(Trainer):
         from ``variables`` with the adapters off (the model as it is, without adapters)."""
         inputs = pair_inputs(batch)
         if ref_variables is not None:
-            model, ref_vars = self._ref_apply_model, ref_variables
+            model, ref_vars = self.ref_apply_model, ref_variables
         else:
             model, ref_vars = self.model, adapter_off(variables)
         logits, _ = model.apply(jax.lax.stop_gradient(ref_vars), inputs, training=False)
@@ -228,9 +212,7 @@ class DPOTrainer(Trainer):
             )
         variables = self.model.variables
         fn = jax.jit(self.reference_logps)
-        ref_variables = None
-        if self.ref_model is not None:
-            self._ref_apply_model, ref_variables = self.ref_model, self.ref_model.variables
+        ref_variables = self.ref_model.variables if self.ref_model is not None else None
         examples = loader.examples
         length = loader.max_seq_len
         keys = [
@@ -256,9 +238,9 @@ class DPOTrainer(Trainer):
     # The loss ---------------------------------------------------------------------------
 
     def compute_loss(
-        self, variables: ModelVariables, batch: Mapping[str, jax.Array], rng: jax.Array
+        self, variables: ModelVariables, batch: Mapping[str, jax.Array], rng: jax.Array, frozen: Any
     ) -> tuple[LossOutput, dict[str, jax.Array]]:
-        return self.dpo_loss(variables, batch, rng)
+        return self.dpo_loss(variables, batch, rng, ref_variables=frozen)
 
     def dpo_loss(
         self,

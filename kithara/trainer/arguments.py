@@ -1,0 +1,100 @@
+"""One configuration from the ways a trainer can be called: ``args=<config>``, config fields
+as keywords, and the Kithara trainer's own argument names (``steps``, ``epochs``,
+``log_steps_interval``, ...), which map onto the TRL-named fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kithara.naming import check_names
+from kithara.trainer.config import TrainingConfig
+
+
+def _eval_every_steps(n: int | None) -> dict[str, Any]:
+    return {} if n is None else {"eval_strategy": "steps", "eval_steps": n}
+
+
+def _eval_every_epochs(n: int | None) -> dict[str, Any]:
+    return {} if n is None else {"eval_strategy": "epoch", "eval_epochs": n}
+
+
+def _tensorboard(path: str | None) -> dict[str, Any]:
+    return {} if path is None else {"logging_dir": str(path), "report_to": "tensorboard"}
+
+
+def _progress(on: bool | None) -> dict[str, Any]:
+    return {} if on is None else {"disable_tqdm": not on}
+
+
+# The Kithara trainer's argument names (seed 002) and the config fields they set.
+KITHARA_ARGUMENTS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "steps": lambda v: {} if v is None else {"max_steps": v},
+    "epochs": lambda v: {} if v is None else {"num_train_epochs": v},
+    "log_steps_interval": lambda v: {} if v is None else {"logging_steps": v},
+    "eval_steps_interval": _eval_every_steps,
+    "eval_epochs_interval": _eval_every_epochs,
+    "tensorboard_dir": _tensorboard,
+    "progress_bar": _progress,
+}
+
+
+def resolve_config(
+    config_class: type[TrainingConfig],
+    args: TrainingConfig | None,
+    kithara_arguments: Mapping[str, Any],
+    fields: Mapping[str, Any],
+    *,
+    where: str,
+    other_names: tuple[str, ...] = (),
+) -> TrainingConfig:
+    """The trainer's config: ``args`` (or the config class's defaults), changed by the
+    Kithara-named arguments and the config fields given as keywords.
+
+    A keyword that is neither a field nor in ``other_names`` is refused with the closest
+    spelling; a keyword that contradicts a value set in ``args`` is refused naming both.
+    """
+    check_names(
+        fields,
+        (*config_class.field_names(), *KITHARA_ARGUMENTS, *other_names),
+        where,
+        unsupported=config_class.unsupported_arguments,
+        docs=f"help(kithara.{config_class.__name__})",
+    )
+    if args is None:
+        base = None
+    elif isinstance(args, config_class):
+        base = args
+    elif isinstance(args, TrainingConfig) and issubclass(config_class, type(args)):
+        # A base TrainingConfig for an objective: its fields carry over, the objective's own
+        # settings take their defaults.
+        base = config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)})
+    else:
+        raise TypeError(
+            f"{where}: args must be a kithara.{config_class.__name__} (or a kithara.TrainingConfig), "
+            f"got {type(args).__name__}."
+        )
+    changes: dict[str, tuple[str, Any]] = {}  # field -> (the keyword that set it, value)
+    for name, value in kithara_arguments.items():
+        for field, field_value in KITHARA_ARGUMENTS[name](value).items():
+            changes[field] = (name, field_value)
+    for name, value in fields.items():
+        if name in config_class.field_names():
+            if name in changes and changes[name][1] != value:
+                raise ValueError(
+                    f"{where}: {changes[name][0]}= and {name}= disagree ({changes[name][1]!r} vs {value!r}); "
+                    "pass one of them."
+                )
+            changes[name] = (name, value)
+    if base is None:
+        return config_class(**{field: value for field, (_, value) in changes.items()})
+    defaults = config_class()
+    for field, (name, value) in changes.items():
+        current = getattr(base, field)
+        if current != getattr(defaults, field) and current != value:
+            raise ValueError(
+                f"{where}: {name}={value!r} contradicts args.{field}={current!r}; set it in one place "
+                f"(args=config.replace({field}=...) changes a config)."
+            )
+    return base.replace(**{field: value for field, (_, value) in changes.items()}) if changes else base
