@@ -67,7 +67,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = kithara.CycleTrainer(
         models=models, tokenizers=word_tokenizer(arch["vocab_size"]), train_dataset_A=data["A"],
         train_dataset_B=data["B"], optimizer=optax.adamw(LEARNING_RATE, weight_decay=0.0), steps=steps,
-        batch_size=batch, max_length=seq, max_new_tokens=half, progress_bar=False,
+        batch_size_per_side=batch, max_length=seq, max_new_tokens=half, progress_bar=False,
     )  # fmt: skip
     state = trainer.init_state()
     memory = {
@@ -75,7 +75,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
         "trainable_bytes": state_bytes(state.model.trainable),
         "optimizer_bytes": state_bytes(state.opt_state),
     }
-    trainer.state = state
+    trainer.train_state = state
     start = time.perf_counter()
     history = trainer.train()
     wall = time.perf_counter() - start

@@ -66,11 +66,11 @@ def bench_data(*, smoke: bool) -> list[dict]:
         chars = kithara.Tokenizer.from_pretrained(assets / "demo" / "tokenizer")
         cases = [
             ("demo prompt-completion", PromptCompletionDataset(str(assets / "demo" / "train.jsonl"), chars,
-                                                               max_seq_len=24)),
-            ("chat, assistant-only", ConversationalDataset(str(chats), bpe, max_seq_len=512, assistant_only_loss=True)),
+                                                               max_length=24)),
+            ("chat, assistant-only", ConversationalDataset(str(chats), bpe, max_length=512, assistant_only_loss=True)),
         ]  # fmt: skip
         for name, dataset in cases:
-            row: dict = {"data": name, "rows": len(dataset), "max_seq_len": dataset.max_seq_len}
+            row: dict = {"data": name, "rows": len(dataset), "max_length": dataset.max_length}
             for packing in (False, True):
                 t0 = time.perf_counter()
                 loader = kithara.Dataloader(
@@ -110,7 +110,7 @@ def table(rows: list[dict]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['data']} | {r['rows']:,} | {r['max_seq_len']} | {r['encode_rows_per_s']:,.0f} | "
+            f"| {r['data']} | {r['rows']:,} | {r['max_length']} | {r['encode_rows_per_s']:,.0f} | "
             f"{r['padded_batches']} -> {r['packed_batches']} ({r['packing_speedup']:.2f}x fewer) | "
             f"{r['padded_fill']:.1%} -> {r['packed_fill']:.1%} | "
             f"{r['padded_batch_tokens_per_s']:,.0f} / {r['packed_batch_tokens_per_s']:,.0f} |"

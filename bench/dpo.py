@@ -49,7 +49,7 @@ def pairs(n: int, length: int, vocab: int, *, full: bool = False, seed: int = 0)
     return out
 
 
-def pair_dataset(rows: list[dict[str, np.ndarray]], max_seq_len: int) -> Any:
+def pair_dataset(rows: list[dict[str, np.ndarray]], max_length: int) -> Any:
     """A kithara dataset yielding the pre-tokenized pairs as they are."""
     from kithara.data.formats import Dataset
 
@@ -61,7 +61,7 @@ def pair_dataset(rows: list[dict[str, np.ndarray]], max_seq_len: int) -> Any:
         def encode(self, row: Mapping[str, Any]) -> dict[str, np.ndarray]:
             return {k: np.asarray(v) for k, v in row.items()}
 
-    return TokenPairs(rows, None, max_seq_len=max_seq_len)
+    return TokenPairs(rows, None, max_length=max_length)
 
 
 def train_once(spec: dict[str, Any]) -> dict[str, Any]:

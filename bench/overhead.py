@@ -80,7 +80,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     def costs(tx: optax.GradientTransformation, trainer: Any) -> tuple[dict[str, float], dict[str, float]]:
         """XLA's own count of the raw and the Trainer's compiled programs: noise-free."""
         raw_step, opt_state = raw_step_for(tx)
-        return _cost(raw_step.lower(params, opt_state, batch)), _cost(trainer.lower_train_step(trainer.state, stacked))
+        return _cost(raw_step.lower(params, opt_state, batch)), _cost(trainer.lower_train_step(trainer.train_state, stacked))
 
     # Without clipping (cost analysis only): a Trainer on a copy of the model's weights.
     noclip = optax.adamw(LEARNING_RATE, weight_decay=0.0)
@@ -112,13 +112,13 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            trainer.state, metrics = trainer.jitted_train_step(trainer.state, stacked)
+            trainer.train_state, metrics = trainer.jitted_train_step(trainer.train_state, stacked)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
     def run_trainer() -> float:
-        trainer.total_steps = int(jax.device_get(trainer.state.step)) + steps
+        trainer.total_steps = int(jax.device_get(trainer.train_state.step)) + steps
         first = len(trainer.history)
         trainer.train()
         return statistics.median(h["step_time"] for h in trainer.history[first + 1 :])

@@ -54,9 +54,9 @@ def main() -> None:
         (tmp / f"chats-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     tokenizer = kithara.Tokenizer.from_pretrained(ASSETS / "tokenizer")
-    train = ConversationalDataset(str(tmp / "chats-*.jsonl"), tokenizer, max_seq_len=1024, assistant_only_loss=True)
+    train = ConversationalDataset(str(tmp / "chats-*.jsonl"), tokenizer, max_length=1024, assistant_only_loss=True)
     loader = kithara.Dataloader(train, per_device_batch_size=1, packing=True, seed=0)
-    print(f"{loader.stats}; {len(loader.rows)} packed rows of {loader.max_seq_len} tokens")
+    print(f"{loader.stats}; {len(loader.rows)} packed rows of {loader.max_length} tokens")
 
     model = kithara.KerasHubModel.from_config(
         "qwen3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=128, num_heads=4, num_kv_heads=2,

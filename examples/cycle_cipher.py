@@ -64,7 +64,7 @@ def sft(model: kithara.KerasHubModel, tokenizer, rows, steps: int, lr: float, ba
     """Plain SFT of ``model`` on ``(source, target)`` rows, or on plain texts; the model keeps the result."""
     rng = random.Random(seed)
     trainer = kithara.IterativeSFTTrainer(
-        model, tokenizer, learning_rate=lr, max_length=16, per_device_batch_size=batch, seed=seed
+        model, tokenizer, learning_rate=lr, max_length=16, per_device_train_batch_size=batch, seed=seed
     )
     for _ in range(steps):
         chosen = rng.sample(rows, min(batch, len(rows)))
@@ -158,7 +158,7 @@ def main() -> None:
     def cycle(models, steps: int) -> kithara.CycleTrainer:
         return kithara.CycleTrainer(
             models=models, tokenizers=tokenizer, train_dataset_A=mono_a, train_dataset_B=mono_b,
-            optimizer=kithara.optimizers.adamw(args.cycle_lr), steps=max(steps, 1), batch_size=batch, max_length=16,
+            optimizer=kithara.optimizers.adamw(args.cycle_lr), steps=max(steps, 1), batch_size_per_side=batch, max_length=16,
             max_new_tokens=8, progress_bar=False, seed=args.seed, eval_dataset_A=eval_a, eval_dataset_B=eval_b,
             eval_steps_interval=max(steps // 6, 1), compute_metrics=scores,
         )  # fmt: skip

@@ -52,12 +52,12 @@ def main() -> None:
 
     # 1. A short SFT on the chosen answers.
     sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train]
-    sft = kithara.Dataloader(PromptCompletionDataset(sft_rows, tokenizer, max_seq_len=16), 4, seed=0)
+    sft = kithara.Dataloader(PromptCompletionDataset(sft_rows, tokenizer, max_length=16), 4, seed=0)
     kithara.Trainer(model, kithara.optimizers.adamw(3e-3), sft, steps=10, progress_bar=False).train()
 
     # 2. DPO from the SFT model, which is also the (precomputed) reference.
     def loader(rows: list[dict[str, str]]) -> kithara.Dataloader:
-        return kithara.Dataloader(PreferenceDataset(rows, tokenizer, max_seq_len=16), 4, seed=0)
+        return kithara.Dataloader(PreferenceDataset(rows, tokenizer, max_length=16), 4, seed=0)
 
     trainer = kithara.DPOTrainer(
         model, kithara.optimizers.adamw(1e-3), loader(train), loader(held_out), steps=24,

@@ -44,9 +44,9 @@ def main() -> None:
         [chat(rng) for _ in range(256)],  # or a path: "chats.jsonl", a Hugging Face dataset, ...
         tokenizer=tokenizer,
         eval_dataset=[chat(rng) for _ in range(32)],
-        max_seq_len=64,
+        max_length=64,
         assistant_only_loss=True,
-        per_device_batch_size=1,
+        per_device_train_batch_size=1,
         learning_rate=3e-3,
         epochs=2,
         progress_bar=False,

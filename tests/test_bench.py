@@ -127,7 +127,7 @@ def test_report_renders_every_section():
             {
                 "data": "chat",
                 "rows": 3,
-                "max_seq_len": 8,
+                "max_length": 8,
                 "encode_rows_per_s": 10.0,
                 "padded_batches": 2,
                 "packed_batches": 1,

@@ -72,7 +72,7 @@ def test_restore_onto_another_mesh(examples, tmp_path):
     mu = state.opt_state.inner_state[1][0].mu
     np.testing.assert_array_equal(
         np.asarray(mu["token_embedding/embeddings"]),
-        np.asarray(trained.state.opt_state.inner_state[1][0].mu["token_embedding/embeddings"]),
+        np.asarray(trained.train_state.opt_state.inner_state[1][0].mu["token_embedding/embeddings"]),
     )
     # Same global batch on one device: training goes on from step 4.
     ckpt = kithara.Checkpointer(str(tmp_path), save_interval=3)

@@ -23,7 +23,7 @@ def make_trainer(models, steps=2, **kwargs):
     options = dict(
         optimizer=kithara.optimizers.adamw(1e-2),
         steps=steps,
-        batch_size=8,
+        batch_size_per_side=8,
         max_length=16,
         max_new_tokens=4,
         progress_bar=False,
@@ -86,7 +86,7 @@ def test_cycle_step_trains_each_side_on_the_other_sides_translation():
     model = lora_model()
     trainer = Recording(
         models=model, tokenizers=word_tokenizer(), train_dataset_A=TEXTS_A, train_dataset_B=TEXTS_B,
-        optimizer=kithara.optimizers.adamw(1e-2), steps=1, batch_size=8, max_length=16, max_new_tokens=4,
+        optimizer=kithara.optimizers.adamw(1e-2), steps=1, batch_size_per_side=8, max_length=16, max_new_tokens=4,
         progress_bar=False,
     )  # fmt: skip
     trainer.seen = []
@@ -139,7 +139,7 @@ def test_two_models_of_different_families_and_tokenizers_end_to_end():
         models=models, tokenizers={"A": word_tokenizer(), "B": word_tokenizer(bos=False)},
         train_dataset_A=TEXTS_A, train_dataset_B=TEXTS_B, eval_dataset_B=PAIRS_B,
         optimizer={"A": kithara.optimizers.adamw(1e-2), "B": kithara.optimizers.adamw(3e-3)},
-        steps=2, batch_size=8, max_length=16, max_new_tokens=4, progress_bar=False,
+        steps=2, batch_size_per_side=8, max_length=16, max_new_tokens=4, progress_bar=False,
     )  # fmt: skip
     before = host(models["A"].variables.trainable)
     history = trainer.train()

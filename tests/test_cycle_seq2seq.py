@@ -20,7 +20,7 @@ def bart(seed):
 
 def make_trainer(models, steps=2, **kwargs):
     options = dict(
-        optimizer=kithara.optimizers.adamw(1e-2), steps=steps, batch_size=8, max_length=16, max_new_tokens=4,
+        optimizer=kithara.optimizers.adamw(1e-2), steps=steps, batch_size_per_side=8, max_length=16, max_new_tokens=4,
         progress_bar=False,
     )  # fmt: skip
     return kithara.CycleTrainer(

@@ -26,7 +26,7 @@ def test_packing_reference_vector():
     # Best-fit decreasing with truncation at 4: [1..5] -> [1,2,3,4]; then [8,9,10], [6,7], and
     # [11] joins [8,9,10], the fullest row it fits.
     rows = sequence_rows([1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11])
-    ds = TokenizedDataset(rows, max_seq_len=4)
+    ds = TokenizedDataset(rows, max_length=4)
     loader = kithara.Dataloader(ds, 1, shuffle=False, packing=True, num_devices=3)
     (batch,) = list(loader.epoch(0))
     np.testing.assert_array_equal(batch["token_ids"], [[1, 2, 3, 4], [8, 9, 10, 11], [6, 7, 0, 0]])
@@ -69,7 +69,7 @@ def test_best_fit_decreasing_invariants(case):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=12), min_size=1, max_size=30))
 def test_packed_rows_hold_every_token_once_with_restarting_positions(sequences):
-    ds = TokenizedDataset(sequence_rows(*sequences), max_seq_len=12)
+    ds = TokenizedDataset(sequence_rows(*sequences), max_length=12)
     loader = kithara.Dataloader(ds, 1, shuffle=False, packing=True, num_devices=1, drop_remainder=False)
     found = []
     for batch in loader.epoch(0):
@@ -92,7 +92,7 @@ def test_packed_loss_equals_unpacked_loss():
         row["label_mask"][0] = True
 
     def loss(packing):
-        ds = TokenizedDataset(rows, max_seq_len=16)
+        ds = TokenizedDataset(rows, max_length=16)
         loader = kithara.Dataloader(ds, 1, shuffle=False, packing=packing, drop_remainder=False)
         total = weight = 0.0
         apply = jax.jit(lambda v, b: model.apply(v, b, training=False)[0])
@@ -108,7 +108,7 @@ def test_packed_loss_equals_unpacked_loss():
 
 def test_padding_and_buckets():
     rows = sequence_rows(*[list(range(1, n + 1)) for n in (3, 5, 9, 14, 2, 4, 6, 16)])
-    ds = TokenizedDataset(rows, max_seq_len=16)
+    ds = TokenizedDataset(rows, max_length=16)
     loader = kithara.Dataloader(ds, 1, shuffle=False, num_devices=2, length_buckets=[4, 8])
     shapes = [b["token_ids"].shape for b in loader.epoch(0)]
     assert shapes == [(2, 8), (2, 16), (2, 4), (2, 16)]
@@ -154,7 +154,7 @@ def test_each_process_reads_only_its_own_disjoint_shard():
     seen, batches = [], []
     for process in (0, 1):
         source = RecordingSource(37)
-        ds = PromptCompletionDataset(source, tok, max_seq_len=16)
+        ds = PromptCompletionDataset(source, tok, max_length=16)
         loader = kithara.Dataloader(ds, 2, num_devices=8, process_index=process, process_count=2, drop_remainder=False)
         assert sorted(source.read) == sorted(loader.row_indices.tolist())
         seen.append(set(source.read))
@@ -189,7 +189,7 @@ def test_bad_rows_raise_or_are_skipped_and_counted(tmp_path, caplog):
     path = tmp_path / "data.jsonl"
     good = json.dumps({"prompt": "hi", "completion": "ok"})
     path.write_text("\n".join([good] * 10 + ['{"prompt": "hi"', good, json.dumps({"prompt": "hi", "completion": 7})]))
-    ds = PromptCompletionDataset(str(path), tok, max_seq_len=8)
+    ds = PromptCompletionDataset(str(path), tok, max_length=8)
     with pytest.raises(RowError, match=r"data\.jsonl:11: not valid JSON"):
         kithara.Dataloader(ds, 1, shuffle=False, num_devices=1)
     loader = kithara.Dataloader(ds, 1, shuffle=False, num_devices=1, skip_bad_rows=True)
@@ -200,10 +200,10 @@ def test_bad_rows_raise_or_are_skipped_and_counted(tmp_path, caplog):
 def test_dropped_rows_are_counted_and_an_all_dropped_dataset_is_refused():
     tok = word_tokenizer()
     rows = [{"prompt": "how are you " * 3, "completion": "fine"}] * 3 + [{"prompt": "hi", "completion": "ok"}] * 8
-    loader = kithara.Dataloader(PromptCompletionDataset(rows, tok, max_seq_len=6), 1, num_devices=8)
+    loader = kithara.Dataloader(PromptCompletionDataset(rows, tok, max_length=6), 1, num_devices=8)
     assert loader.stats["dropped_no_loss_tokens"] == 3 and loader.stats["examples"] == 8
     with pytest.raises(ValueError, match="No examples left"):
-        kithara.Dataloader(PromptCompletionDataset(rows[:3], tok, max_seq_len=6), 1, num_devices=1)
+        kithara.Dataloader(PromptCompletionDataset(rows[:3], tok, max_length=6), 1, num_devices=1)
 
 
 def test_dataloader_argument_errors(examples):
@@ -215,9 +215,7 @@ def test_dataloader_argument_errors(examples):
         kithara.Dataloader([{"prompt": "hi", "completion": "ok"}] * 8, 1)
     with pytest.raises(ValueError, match="positive int"):
         kithara.Dataloader(examples, 0)
-    pairs = PreferenceDataset(
-        [{"prompt": "hi", "chosen": "ok", "rejected": "bye"}] * 8, word_tokenizer(), max_seq_len=8
-    )
+    pairs = PreferenceDataset([{"prompt": "hi", "chosen": "ok", "rejected": "bye"}] * 8, word_tokenizer(), max_length=8)
     with pytest.raises(ValueError, match="cannot be packed"):
         kithara.Dataloader(pairs, 1, packing=True)
     batch = next(kithara.Dataloader(pairs, 1).epoch(0))
@@ -226,7 +224,7 @@ def test_dataloader_argument_errors(examples):
 
 def test_demo_data_and_tokenizer():
     tok = kithara.Tokenizer.from_pretrained(ASSETS / "demo" / "tokenizer")
-    ds = PromptCompletionDataset(str(ASSETS / "demo" / "eval.jsonl"), tok, max_seq_len=24)
+    ds = PromptCompletionDataset(str(ASSETS / "demo" / "eval.jsonl"), tok, max_length=24)
     loader = kithara.Dataloader(ds, 1, shuffle=False, drop_remainder=False)
     assert loader.stats == {"rows": 200, "examples": 200, "dropped_no_loss_tokens": 0}
     example = ds[0]
@@ -243,7 +241,7 @@ def test_trainer_trains_on_packed_batches_and_refuses_models_without_segments(mo
     rows = sequence_rows(*[rng.integers(3, 64, size=int(n)) for n in rng.integers(2, 9, size=64)])
     for row in rows:
         row["labels"] = np.roll(row["token_ids"], -1)  # within the vocabulary
-    loader = kithara.Dataloader(TokenizedDataset(rows, max_seq_len=16), 1, packing=True)
+    loader = kithara.Dataloader(TokenizedDataset(rows, max_length=16), 1, packing=True)
     trainer = kithara.Trainer(model, optax.adam(1e-2), loader, steps=4, progress_bar=False)
     history = trainer.train()
     assert np.isfinite([h["loss"] for h in history]).all()
@@ -257,7 +255,7 @@ def test_trainer_trains_on_packed_batches_and_refuses_models_without_segments(mo
 def test_pretokenized_lists_keep_their_longest_example_and_resume_checks_the_epoch_length():
     rows = sequence_rows([1, 2], [3, 4, 5, 6, 7, 8])
     loader = kithara.Dataloader(rows, 1, shuffle=False, num_devices=1)
-    assert loader.max_seq_len == 6
+    assert loader.max_length == 6
     np.testing.assert_array_equal(list(loader.epoch(0))[1]["token_ids"], [[3, 4, 5, 6, 7, 8]])
     state = loader.iterator(batches_per_epoch=2).get_state()
     with pytest.raises(ValueError, match="batches per epoch"):

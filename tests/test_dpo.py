@@ -96,7 +96,7 @@ ROWS = [
 
 
 def loader(rows=ROWS, per_device=1):
-    ds = PreferenceDataset(rows, word_tokenizer(), max_seq_len=12)
+    ds = PreferenceDataset(rows, word_tokenizer(), max_length=12)
     return kithara.Dataloader(ds, per_device, seed=0, num_devices=8)
 
 
@@ -150,11 +150,11 @@ def test_refuses_bad_reference_setups_and_data():
     with pytest.raises(ValueError, match="needs train_dataloader"):
         kithara.DPOTrainer(model)
     rows = [{"prompt": "hi", "completion": "hello"}] * 8
-    sft_rows = kithara.Dataloader(PromptCompletionDataset(rows, word_tokenizer(), max_seq_len=8), 1)
+    sft_rows = kithara.Dataloader(PromptCompletionDataset(rows, word_tokenizer(), max_length=8), 1)
     with pytest.raises(ValueError, match="needs preference data in train_dataloader"):
         kithara.DPOTrainer(model, train_dataloader=sft_rows)
     with pytest.raises(ValueError, match="raw data: pass tokenizer"):
-        kithara.DPOTrainer(model, train_dataloader=ROWS)
+        kithara.DPOTrainer(model, train_dataset=ROWS)
 
 
 def test_frozen_copy_reference_equals_a_separate_frozen_model():
@@ -174,12 +174,12 @@ def test_frozen_copy_reference_equals_a_separate_frozen_model():
 
 def test_raw_rows_and_default_optimizer():
     trainer = kithara.DPOTrainer(
-        tiny_model(lora=kithara.LoraConfig(rank=4)), train_dataloader=ROWS, eval_dataloader=ROWS[:4],
-        tokenizer=word_tokenizer(), max_seq_len=12, per_device_batch_size=1, steps=2, progress_bar=False,
+        tiny_model(lora=kithara.LoraConfig(rank=4)), train_dataset=ROWS, eval_dataset=ROWS[:4],
+        tokenizer=word_tokenizer(), max_length=12, per_device_train_batch_size=1, steps=2, progress_bar=False,
     )  # fmt: skip
     assert trainer.reference == "adapters_off"
     assert isinstance(trainer.train_dataloader.dataset, PreferenceDataset)
-    assert trainer.train_dataloader.dataset.truncation == "keep_end"
+    assert trainer.train_dataloader.dataset.truncation_mode == "keep_end"
     assert not trainer.eval_dataloader.shuffle
     trainer.train()
     metrics = trainer.evaluate()
@@ -294,7 +294,7 @@ def test_sharded_dpo_matches_one_device():
     def run(sharding, per_device, num_devices):
         model = tiny_model(sharding=sharding, lora=kithara.LoraConfig(rank=4, targets=("query", "value")))
         data = kithara.Dataloader(
-            PreferenceDataset(ROWS, word_tokenizer(), max_seq_len=12), per_device, seed=0, num_devices=num_devices
+            PreferenceDataset(ROWS, word_tokenizer(), max_length=12), per_device, seed=0, num_devices=num_devices
         )
         trainer = kithara.DPOTrainer(model, optax.sgd(0.5), data, steps=3, progress_bar=False)
         return [h["loss"] for h in trainer.train()]

@@ -50,38 +50,38 @@ def test_bundled_tokenizer_loads_and_round_trips():
 
 
 def test_text_format_adds_bos_and_eos_and_trains_on_every_token(tok):
-    ex = TextDataset([{"text": "hi how are you"}], tok, max_seq_len=16)[0]
+    ex = TextDataset([{"text": "hi how are you"}], tok, max_length=16)[0]
     check(ex, [BOS, *ids("hi", "how", "are", "you")], [*ids("hi", "how", "are", "you"), EOS], [True] * 5)
 
 
 def test_prompt_completion_masks_the_prompt(tok):
     rows = [{"prompt": "how are you", "completion": "fine thanks"}]
-    ex = PromptCompletionDataset(rows, tok, max_seq_len=16)[0]
+    ex = PromptCompletionDataset(rows, tok, max_length=16)[0]
     check(
         ex,
         [BOS, *ids("how", "are", "you", "fine", "thanks")],
         [*ids("how", "are", "you", "fine", "thanks"), EOS],
         [False, False, False, True, True, True],
     )
-    everything = PromptCompletionDataset(rows, tok, max_seq_len=16, completion_only_loss=False)[0]
+    everything = PromptCompletionDataset(rows, tok, max_length=16, completion_only_loss=False)[0]
     assert everything["label_mask"].all()
 
 
 def test_truncation_keeps_the_start_or_the_end(tok):
     rows = [{"prompt": "how are you", "completion": "fine thanks"}]
-    # Sequence: <s> how are you fine thanks </s>, 7 tokens; max_seq_len=4 keeps 5.
-    start = PromptCompletionDataset(rows, tok, max_seq_len=4)[0]
+    # Sequence: <s> how are you fine thanks </s>, 7 tokens; max_length=4 keeps 5.
+    start = PromptCompletionDataset(rows, tok, max_length=4)[0]
     check(start, [BOS, *ids("how", "are", "you")], ids("how", "are", "you", "fine"), [False, False, False, True])
-    end = PromptCompletionDataset(rows, tok, max_seq_len=4, truncation="keep_end")[0]
+    end = PromptCompletionDataset(rows, tok, max_length=4, truncation_mode="keep_end")[0]
     check(end, ids("are", "you", "fine", "thanks"), [*ids("you", "fine", "thanks"), EOS], [False, True, True, True])
     # A prompt that fills the window leaves no completion token: the row is dropped.
-    assert PromptCompletionDataset(rows, tok, max_seq_len=3)[0] is None
+    assert PromptCompletionDataset(rows, tok, max_length=3)[0] is None
 
 
 def test_prompt_completion_with_messages_uses_the_chat_template(tok):
     rows = [{"prompt": [{"role": "user", "content": "how are you"}], "completion": [
         {"role": "assistant", "content": "fine"}]}]  # fmt: skip
-    ex = PromptCompletionDataset(rows, tok, max_seq_len=32)[0]
+    ex = PromptCompletionDataset(rows, tok, max_length=32)[0]
     sequence = [BOS, START, *ids("user", "how", "are", "you"), END, START, W["assistant"], W["fine"], END]
     targets = [False] * 9 + [True, True]
     check(ex, sequence[:-1], sequence[1:], targets[1:])
@@ -101,26 +101,26 @@ ASSISTANT = [False] * 7 + [True, True] + [False] * 6 + [True, True, True]
 
 
 def test_conversational_assistant_only_loss(tok):
-    ex = ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=32, assistant_only_loss=True)[0]
+    ex = ConversationalDataset([{"messages": CONVERSATION}], tok, max_length=32, assistant_only_loss=True)[0]
     check(ex, CHAT_IDS[:-1], CHAT_IDS[1:], ASSISTANT[1:])
-    full = ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=32)[0]
+    full = ConversationalDataset([{"messages": CONVERSATION}], tok, max_length=32)[0]
     check(full, CHAT_IDS[:-1], CHAT_IDS[1:], [True] * (len(CHAT_IDS) - 1))
 
 
 def test_sharegpt_rows_equal_their_messages(tok):
     turns = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CONVERSATION]
-    ex = ConversationalDataset([{"conversations": turns}], tok, max_seq_len=32, assistant_only_loss=True)[0]
+    ex = ConversationalDataset([{"conversations": turns}], tok, max_length=32, assistant_only_loss=True)[0]
     check(ex, CHAT_IDS[:-1], CHAT_IDS[1:], ASSISTANT[1:])
     with pytest.raises(RowError, match=r"rows\[0\].*conversations\[0\]\.from.*unknown speaker 'robot'"):
-        ConversationalDataset([{"conversations": [{"from": "robot", "value": "hi"}]}], tok, max_seq_len=8)[0]
+        ConversationalDataset([{"conversations": [{"from": "robot", "value": "hi"}]}], tok, max_length=8)[0]
 
 
 def test_assistant_only_loss_needs_generation_markers():
     plain = "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}"
     tok = word_tokenizer(chat_template=plain)
     with pytest.raises(ValueError, match=r"\{% generation %\}"):
-        ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=32, assistant_only_loss=True)
-    assert ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=32)[0] is not None
+        ConversationalDataset([{"messages": CONVERSATION}], tok, max_length=32, assistant_only_loss=True)
+    assert ConversationalDataset([{"messages": CONVERSATION}], tok, max_length=32)[0] is not None
 
 
 def test_tools_reach_the_template():
@@ -136,7 +136,7 @@ def test_tools_reach_the_template():
     ds = ConversationalDataset(
         [{"messages": messages, "tools": [tool]}, {"messages": messages, "tools": json.dumps([tool])}],
         tok,
-        max_seq_len=256,
+        max_length=256,
         assistant_only_loss=True,
     )
     first, second = ds[0], ds[1]
@@ -150,7 +150,7 @@ def test_tools_reach_the_template():
 
 
 def test_preference_rows_give_chosen_and_rejected_with_answer_masks(tok):
-    ds = PreferenceDataset([{"prompt": "how are you", "chosen": "fine", "rejected": "bye"}], tok, max_seq_len=16)
+    ds = PreferenceDataset([{"prompt": "how are you", "chosen": "fine", "rejected": "bye"}], tok, max_length=16)
     ex = ds[0]
     prompt = [BOS, *ids("how", "are", "you")]
     mask = [False, False, False, True, True]
@@ -158,13 +158,13 @@ def test_preference_rows_give_chosen_and_rejected_with_answer_masks(tok):
     check(ex, [*prompt, W["bye"]], [*prompt[1:], W["bye"], EOS], mask, "rejected_")
     chat = PreferenceDataset(
         [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
-          "rejected": [{"role": "assistant", "content": "bye"}]}], tok, max_seq_len=16)[0]  # fmt: skip
+          "rejected": [{"role": "assistant", "content": "bye"}]}], tok, max_length=16)[0]  # fmt: skip
     head = [BOS, START, W["user"], W["hi"], END, START, W["assistant"]]
     check(chat, [*head, W["hello"]], [*head[1:], W["hello"], END], [False] * 6 + [True, True], "chosen_")
     check(chat, [*head, W["bye"]], [*head[1:], W["bye"], END], [False] * 6 + [True, True], "rejected_")
     # Either answer truncated away drops the pair.
     assert (
-        PreferenceDataset([{"prompt": "how are you", "chosen": "fine", "rejected": "bye"}], tok, max_seq_len=3)[0]
+        PreferenceDataset([{"prompt": "how are you", "chosen": "fine", "rejected": "bye"}], tok, max_length=3)[0]
         is None
     )
 
@@ -178,7 +178,7 @@ def test_bad_rows_name_the_file_row_and_field(tok, tmp_path):
         + "{not json\n"
         + json.dumps({"prompt": [{"content": "x"}], "completion": "ok"}) + "\n"
     )  # fmt: skip
-    ds = PromptCompletionDataset(str(path), tok, max_seq_len=8)
+    ds = PromptCompletionDataset(str(path), tok, max_length=8)
     assert ds[0] is not None
     with pytest.raises(RowError, match=r"train\.jsonl:2: field 'completion': missing"):
         ds[1]
@@ -190,13 +190,13 @@ def test_bad_rows_name_the_file_row_and_field(tok, tmp_path):
         ds[3]
     with pytest.raises(RowError, match=r"train\.jsonl:5: field 'prompt\[0\]': expected a message object"):
         ds[4]
-    with pytest.raises(ValueError, match="truncation must be one of"):
-        PromptCompletionDataset(str(path), tok, max_seq_len=8, truncation="middle")
+    with pytest.raises(ValueError, match="truncation_mode must be one of"):
+        PromptCompletionDataset(str(path), tok, max_length=8, truncation_mode="middle")
 
 
 def test_column_mapping(tok):
     rows = [{"question": "how are you", "answer": "fine"}]
-    ds = PromptCompletionDataset(rows, tok, max_seq_len=8, columns={"question": "prompt", "answer": "completion"})
+    ds = PromptCompletionDataset(rows, tok, max_length=8, columns={"question": "prompt", "answer": "completion"})
     assert ds[0]["label_mask"].sum() == 2  # "fine" and EOS
 
 
@@ -244,7 +244,7 @@ def test_keras_hub_tokenizer_with_a_chat_template():
     rendered = "<|im_start|>user\nhow are you<|im_end|>\n<|im_start|>assistant\nfine thanks<|im_end|>\n"
     assert ids == [2, *tok.encode(rendered)]
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip() == "fine thanks<|im_end|>"
-    ds = ConversationalDataset([{"messages": CONVERSATION}], tok, max_seq_len=64, assistant_only_loss=True)
+    ds = ConversationalDataset([{"messages": CONVERSATION}], tok, max_length=64, assistant_only_loss=True)
     trained = tok.decode(ds[0]["labels"][ds[0]["label_mask"]].tolist())
     assert trained.replace(" ", "") == "hello<|im_end|>okbye<|im_end|>"
 
@@ -256,7 +256,7 @@ def test_template_errors_become_row_errors_and_can_be_skipped(tok):
         "{% endif %}{{ m.content }}{% endfor %}"
     )
     rows = [{"messages": CONVERSATION}, {"messages": [CONVERSATION[1], CONVERSATION[0]]}] * 4
-    ds = ConversationalDataset(rows, word_tokenizer(chat_template=strict), max_seq_len=32)
+    ds = ConversationalDataset(rows, word_tokenizer(chat_template=strict), max_length=32)
     with pytest.raises(RowError, match=r"rows\[1\]: TemplateError: Conversation roles must alternate"):
         ds[1]
     loader = kithara.Dataloader(ds, 1, num_devices=1, skip_bad_rows=True)
@@ -274,7 +274,7 @@ def test_named_chat_templates_pick_tool_use_when_tools_are_given():
 
 def test_preference_keep_end_keeps_the_same_prompt_for_both_answers(tok):
     row = {"prompt": "how are you how are you", "chosen": "fine", "rejected": "ok thanks bye"}
-    ex = PreferenceDataset([row], tok, max_seq_len=6, truncation="keep_end")[0]
+    ex = PreferenceDataset([row], tok, max_length=6, truncation_mode="keep_end")[0]
     chosen_prompt = ex["chosen_token_ids"][~ex["chosen_label_mask"]]
     rejected_prompt = ex["rejected_token_ids"][~ex["rejected_label_mask"]]
     assert len(ex["rejected_token_ids"]) == 6 and len(ex["chosen_token_ids"]) == 4
@@ -284,4 +284,4 @@ def test_preference_keep_end_keeps_the_same_prompt_for_both_answers(tok):
 def test_source_options_are_refused_with_a_ready_source(tok):
     source = kithara.data.load_source([{"text": "hi"}])
     with pytest.raises(ValueError, match="pass them to load_source"):
-        TextDataset(source, tok, max_seq_len=8, columns={"body": "text"})
+        TextDataset(source, tok, max_length=8, columns={"body": "text"})

@@ -48,7 +48,7 @@ def base_private_names() -> set[str]:
 @pytest.mark.parametrize("cls", OBJECTIVES, ids=lambda c: c.__name__)
 def test_objectives_override_no_private_method_and_assign_no_private_base_attribute(cls):
     private = base_private_names()
-    assert {"_train_jit", "_frozen", "_restored_data_state", "_begin"} <= private  # the scan sees the base's own
+    assert {"_programs", "_restored_data_state", "_begin"} <= private  # the scan sees the base's own
     overridden = {n for n in vars(cls) if n in private}
     assert not overridden, f"{cls.__name__} overrides {overridden}"
     assigned = self_attributes_assigned(inspect.getsource(inspect.getmodule(cls)))
@@ -102,8 +102,8 @@ def test_step_constants_cannot_change_after_construction():
     pairs = [{"prompt": "a b", "chosen": " c", "rejected": " d"}] * 8
     from conftest import word_tokenizer
 
-    trainer = DPOTrainer(tiny_model(vocab_size=32), train_dataloader=pairs, tokenizer=word_tokenizer(),
-                         max_seq_len=8, steps=1, progress_bar=False)  # fmt: skip
+    trainer = DPOTrainer(tiny_model(vocab_size=32), train_dataset=pairs, tokenizer=word_tokenizer(),
+                         max_length=8, steps=1, progress_bar=False)  # fmt: skip
     with pytest.raises(AttributeError, match="beta is fixed at construction"):
         trainer.beta = 0.5
     with pytest.raises(AttributeError, match="model is fixed at construction"):

@@ -17,7 +17,7 @@ def test_sft_conversational_assistant_only_trains():
         CHATS,
         tokenizer=tok,
         eval_dataset=CHATS[:8],
-        max_seq_len=24,
+        max_length=24,
         assistant_only_loss=True,
         learning_rate=1e-2,
         steps=12,
@@ -37,20 +37,20 @@ def test_sft_conversational_assistant_only_trains():
 def test_sft_formats_and_defaults():
     tok = word_tokenizer()
     rows = [{"prompt": "how are you", "completion": "fine thanks"}] * 16
-    trainer = kithara.SFTTrainer(tiny_model(), rows, tokenizer=tok, max_seq_len=8, steps=1, progress_bar=False)
+    trainer = kithara.SFTTrainer(tiny_model(), rows, tokenizer=tok, max_length=8, steps=1, progress_bar=False)
     assert isinstance(trainer.train_dataloader.dataset, kithara.data.PromptCompletionDataset)
     batch = next(trainer.train_dataloader.epoch(0))
     assert batch["labels"][0][batch["label_mask"][0].astype(bool)].tolist() == [W["fine"], W["thanks"], W["</s>"]]
     assert trainer.history == [] and trainer.train()[0]["learning_rate"] == pytest.approx(2e-5)
     whole = kithara.SFTTrainer(
-        tiny_model(), rows, tokenizer=tok, max_seq_len=8, completion_only_loss=False, packing=True,
+        tiny_model(), rows, tokenizer=tok, max_length=8, completion_only_loss=False, packing=True,
         eval_dataset=rows[:3], progress_bar=False,
     )  # fmt: skip
     batch = next(whole.train_dataloader.epoch(0))
     assert W["how"] in batch["labels"][batch["label_mask"].astype(bool)].tolist()  # the prompt counts too
     assert not whole.eval_dataloader.packing and not whole.eval_dataloader.shuffle
     text = kithara.SFTTrainer(
-        tiny_model(), [{"text": "hi hello"}] * 16, tokenizer=tok, max_seq_len=8, packing=True, progress_bar=False
+        tiny_model(), [{"text": "hi hello"}] * 16, tokenizer=tok, max_length=8, packing=True, progress_bar=False
     )
     assert isinstance(text.train_dataloader.dataset, kithara.data.TextDataset) and text.train_dataloader.packing
     loader = kithara.Dataloader(text.train_dataloader.dataset, 1)
@@ -166,7 +166,7 @@ def test_sft_and_dpo_take_a_model_directory(tmp_path):
     source = tiny_model(vocab_size=tokenizer.vocab_size)
     source.save_in_hf_format(tmp_path / "model", tokenizer=tokenizer)
     path = str(tmp_path / "model")
-    sft = kithara.SFTTrainer(path, [{"text": "the cat sat"}] * 16, max_seq_len=16, steps=1, progress_bar=False)
+    sft = kithara.SFTTrainer(path, [{"text": "the cat sat"}] * 16, max_length=16, steps=1, progress_bar=False)
     assert sft.tokenizer is not None and sft.tokenizer.vocab_size == tokenizer.vocab_size
     np.testing.assert_array_equal(
         sft.model.variables.trainable["token_embedding/embeddings"],
@@ -174,6 +174,6 @@ def test_sft_and_dpo_take_a_model_directory(tmp_path):
     )
     sft.train()
     pairs = [{"prompt": "Say red:", "chosen": " red", "rejected": " blue"}] * 16
-    dpo = kithara.DPOTrainer(path, train_dataloader=pairs, max_seq_len=16, steps=1, progress_bar=False)
+    dpo = kithara.DPOTrainer(path, train_dataset=pairs, max_length=16, steps=1, progress_bar=False)
     assert dpo.reference == "frozen_copy"
     assert dpo.train()[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)

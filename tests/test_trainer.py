@@ -139,7 +139,7 @@ def test_lora_training_changes_only_adapters(examples):
     assert len(changed) == len(before.trainable)
     trainer = make_trainer(model, examples, steps=1)
     trainer.train()
-    opt_leaves = jax.tree.leaves(trainer.state.opt_state)
+    opt_leaves = jax.tree.leaves(trainer.train_state.opt_state)
     assert sum(x.size for x in opt_leaves if x.ndim) == 2 * model.num_trainable_params  # Adam: mu and nu
 
 
@@ -212,7 +212,7 @@ def test_keras_optimizer_works_and_reports_its_learning_rate(examples):
     assert [h["learning_rate"] for h in history] == pytest.approx([1e-2, 5e-3, 2.5e-3, 1.25e-3])
     assert history[-1]["loss"] < history[0]["loss"]
     assert trainer.compilations["train_step"] == 1
-    slots = trainer.state.opt_state.variables
+    slots = trainer.train_state.opt_state.variables
     mu_key = next(k for k in slots if k.startswith("transformer_layer_0/self_attention/query/kernel#"))
     assert (
         slots[mu_key].sharding

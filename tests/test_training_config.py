@@ -239,7 +239,7 @@ def test_trl_field_names_exist_in_transformers():
     logging_dir were dropped by transformers 5, which this venv has; TRL 1.x still runs on 4.x)."""
     ours = {f.name for f in dataclasses.fields(TrainingConfig)}
     kithara_own = {"eval_epochs", "max_eval_samples", "resume", "profile_start_step", "profile_num_steps"}
-    kithara_own |= {"peak_flops_per_device", "warmup_ratio", "logging_dir"}
+    kithara_own |= {"peak_flops_per_device", "warmup_ratio", "logging_dir", "skip_bad_rows"}
     theirs = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     assert ours - kithara_own <= theirs
 

@@ -108,6 +108,12 @@ class Checkpointer(Callback):
             return None
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints in ``save_dir`` (none when it is missing)."""
+        if not epath.Path(self.save_dir).exists():
+            return []
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
         """Saves ``state`` (which must be the state after ``step``) and the data position."""
         meta = {"iterator": data_state, "checksums": checksums(state)}

@@ -32,7 +32,7 @@ class Dataloader:
 
     A batch holds ``token_ids``, ``padding_mask``, ``labels`` and ``label_mask`` (prefixed
     ``chosen_`` / ``rejected_`` for preference data) and, when packing, ``segment_ids`` and
-    ``positions``. Rows are ``max_seq_len`` long, or the smallest of ``length_buckets`` that
+    ``positions``. Rows are ``max_length`` long, or the smallest of ``length_buckets`` that
     fits the longest row of the batch, so the step compiles once per bucket.
 
     Args:
@@ -44,7 +44,7 @@ class Dataloader:
         drop_remainder: drop the last incomplete batch (training); otherwise pad it with
             fully masked rows (evaluation then sees every row once).
         packing: pack several examples per row (best-fit decreasing).
-        length_buckets: row lengths to choose from per batch; ``None`` pads to ``max_seq_len``.
+        length_buckets: row lengths to choose from per batch; ``None`` pads to ``max_length``.
         skip_bad_rows: log and count malformed rows instead of raising.
         prefetch: batches prepared ahead in a background thread (0 turns it off).
         num_devices: devices the batch is spread over; ``jax.device_count()`` by default.
@@ -53,7 +53,7 @@ class Dataloader:
             simulate one process of a multi-host job).
 
     Example:
-        >>> ds = kithara.data.PromptCompletionDataset("train.jsonl", tokenizer, max_seq_len=512)
+        >>> ds = kithara.data.PromptCompletionDataset("train.jsonl", tokenizer, max_length=512)
         >>> loader = kithara.Dataloader(ds, per_device_batch_size=4, seed=0, packing=True)
         >>> for batch in loader.epoch(0): ...
     """
@@ -88,8 +88,8 @@ class Dataloader:
         if packing and not dataset.supports_packing:
             raise ValueError(f"{type(dataset).__name__} cannot be packed (its rows are pairs); set packing=False.")
         self.dataset = dataset
-        self.max_seq_len = dataset.max_seq_len
-        self.buckets = _buckets(length_buckets, self.max_seq_len)
+        self.max_length = dataset.max_length
+        self.buckets = _buckets(length_buckets, self.max_length)
         num_devices = num_devices or jax.device_count()
         self.global_batch_size = per_device_batch_size * num_devices
         if self.global_batch_size % self.process_count:
@@ -165,7 +165,7 @@ class Dataloader:
             stats["skipped_bad_rows"] = skipped
         if dropped or skipped:
             logger.warning("process %d: dropped %d rows left without loss tokens after truncation to %d, "
-                           "skipped %d bad rows", self.process_index, dropped, self.max_seq_len, skipped)  # fmt: skip
+                           "skipped %d bad rows", self.process_index, dropped, self.max_length, skipped)  # fmt: skip
         return examples, stats
 
     def _layout(self) -> list[list[int]]:
@@ -173,7 +173,7 @@ class Dataloader:
         if not self.packing:
             return [[i] for i in range(len(self.examples))]
         lengths = [len(e["token_ids"]) for e in self.examples]
-        return packing.best_fit_decreasing(lengths, self.max_seq_len)
+        return packing.best_fit_decreasing(lengths, self.max_length)
 
     def _process_max(self, value: int) -> int:
         if self._simulated or jax.process_count() == 1:
@@ -190,12 +190,12 @@ class Dataloader:
 
     @property
     def sequence_length(self) -> int:
-        return self.max_seq_len
+        return self.max_length
 
     @property
     def fingerprint(self) -> str:
         """Identifies the batch sequence; a restored iterator state must match it."""
-        parts = (type(self.dataset).__name__, len(self.dataset), self.max_seq_len, self.dataset.truncation,
+        parts = (type(self.dataset).__name__, len(self.dataset), self.max_length, self.dataset.truncation_mode,
                  self.packing, self.buckets, self.shuffle, self.seed, self.global_batch_size, self.process_count,
                  self.num_batches, len(self.rows))  # fmt: skip
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
@@ -344,17 +344,15 @@ def _pretokenized(examples: Sequence[Mapping[str, Any]]) -> TokenizedDataset:
             "A list dataset must hold pre-tokenized examples (token_ids, labels, label_mask); wrap raw rows in a "
             "kithara.data dataset class such as PromptCompletionDataset."
         )
-    return TokenizedDataset(list(examples), max_seq_len=max(len(e["token_ids"]) for e in examples))
+    return TokenizedDataset(list(examples), max_length=max(len(e["token_ids"]) for e in examples))
 
 
-def _buckets(length_buckets: Sequence[int] | None, max_seq_len: int) -> tuple[int, ...]:
+def _buckets(length_buckets: Sequence[int] | None, max_length: int) -> tuple[int, ...]:
     if length_buckets is None:
-        return (max_seq_len,)
+        return (max_length,)
     buckets = sorted({int(b) for b in length_buckets})
-    if not buckets or buckets[0] < 1 or buckets[-1] > max_seq_len:
-        raise ValueError(
-            f"length_buckets must be positive and at most max_seq_len={max_seq_len}, got {length_buckets}."
-        )
-    if buckets[-1] != max_seq_len:
-        buckets.append(max_seq_len)
+    if not buckets or buckets[0] < 1 or buckets[-1] > max_length:
+        raise ValueError(f"length_buckets must be positive and at most max_length={max_length}, got {length_buckets}.")
+    if buckets[-1] != max_length:
+        buckets.append(max_length)
     return tuple(buckets)

@@ -56,8 +56,8 @@ class Dataset(abc.ABC):
             of paths, a list of dicts, or a Hugging Face ``Dataset`` / ``DatasetDict`` (also
             as a ``save_to_disk`` directory).
         tokenizer: a ``kithara.Tokenizer``.
-        max_seq_len: model input length; longer sequences are truncated.
-        truncation: ``"keep_start"`` (drop the end) or ``"keep_end"`` (drop the start).
+        max_length: model input length; longer sequences are truncated.
+        truncation_mode: ``"keep_start"`` (drop the end) or ``"keep_end"`` (drop the start).
         columns: renames source fields to this format's fields, e.g. ``{"question": "prompt"}``.
         split: the split of a ``DatasetDict``.
         file_format: force a file format instead of inferring it from the suffix.
@@ -72,24 +72,24 @@ class Dataset(abc.ABC):
         data: Any,
         tokenizer: Tokenizer | None,
         *,
-        max_seq_len: int,
-        truncation: str = "keep_start",
+        max_length: int,
+        truncation_mode: str = "keep_start",
         columns: Mapping[str, str] | None = None,
         split: str | None = None,
         file_format: str | None = None,
     ) -> None:
-        if not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}.")
-        if truncation not in TRUNCATIONS:
-            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}.")
+        if truncation_mode not in TRUNCATIONS:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATIONS}, got {truncation_mode!r}.")
         if isinstance(data, Source) and (columns or split or file_format):
             raise ValueError("columns=, split= and file_format= apply when loading data; pass them to load_source().")
         self.source = (
             data if isinstance(data, Source) else load_source(data, format=file_format, columns=columns, split=split)
         )
         self._tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-        self.truncation = truncation
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -125,9 +125,9 @@ class Dataset(abc.ABC):
 
     def sequence(self, ids: Sequence[int], targets: Sequence[bool], prefix: str = "") -> Example | None:
         """Truncates a token sequence and shifts it into inputs and labels."""
-        limit = self.max_seq_len + 1  # n + 1 tokens give n (input, label) positions
+        limit = self.max_length + 1  # n + 1 tokens give n (input, label) positions
         if len(ids) > limit:
-            window = slice(0, limit) if self.truncation == "keep_start" else slice(len(ids) - limit, len(ids))
+            window = slice(0, limit) if self.truncation_mode == "keep_start" else slice(len(ids) - limit, len(ids))
             ids, targets = ids[window], targets[window]
         ids_arr = np.asarray(ids, np.int32)
         label_mask = np.asarray(targets[1:], bool)
@@ -215,10 +215,10 @@ class PreferenceDataset(Dataset):
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
         pairs = {answer: _prompt_and_answer(self.tokenizer, row, answer) for answer in ("chosen", "rejected")}
-        if self.truncation == "keep_end":
+        if self.truncation_mode == "keep_end":
             # Cut the same prompt tokens from both, so chosen and rejected keep the same context.
             longest = max(len(p) + len(a) for p, a in pairs.values())
-            cut = max(0, longest - (self.max_seq_len + 1))
+            cut = max(0, longest - (self.max_length + 1))
             pairs = {k: (p[cut:], a) for k, (p, a) in pairs.items()}
         example: Example = {}
         for answer, (prompt, completion) in pairs.items():
@@ -239,8 +239,8 @@ class TokenizedDataset(Dataset):
 
     fields = ("token_ids", "labels", "label_mask")
 
-    def __init__(self, data: Any, *, max_seq_len: int, **kwargs: Any) -> None:
-        super().__init__(data, None, max_seq_len=max_seq_len, **kwargs)
+    def __init__(self, data: Any, *, max_length: int, **kwargs: Any) -> None:
+        super().__init__(data, None, max_length=max_length, **kwargs)
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
         arrays = {f: np.asarray(row[f]) for f in (*self.fields, "padding_mask") if row.get(f) is not None}
@@ -253,9 +253,9 @@ class TokenizedDataset(Dataset):
             length = int(valid.sum())
             if not valid[:length].all():
                 raise FormatError("padding_mask", "true entries must come first (right padding).")
-        window = slice(0, min(length, self.max_seq_len))
-        if self.truncation == "keep_end":
-            window = slice(max(0, length - self.max_seq_len), length)
+        window = slice(0, min(length, self.max_length))
+        if self.truncation_mode == "keep_end":
+            window = slice(max(0, length - self.max_length), length)
         example = {
             "token_ids": arrays["token_ids"][window].astype(np.int32),
             "labels": arrays["labels"][window].astype(np.int32),

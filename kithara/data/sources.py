@@ -145,12 +145,12 @@ def load_source(
     if len(source) == 0:
         raise ValueError(f"{source.name} holds no rows; check the path and that the data is not empty.")
     if columns:
-        _set_columns(source, columns)
+        set_columns(source, columns)
     return source
 
 
-def _set_columns(source: Source, columns: Mapping[str, str]) -> None:
-    """Sets the column mapping after checking that every mapped column exists."""
+def set_columns(source: Source, columns: Mapping[str, str]) -> None:
+    """Renames fields of every row of ``source`` (source name to kithara name), checked."""
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
         raise ValueError(f"columns= must map source column names to kithara names (strings), got {dict(columns)}.")
     names = source._column_names()

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 
 from kithara.models.families import PROJECTIONS
+
+# Hugging Face module names (PEFT's target_modules) of kithara's projection names.
+HF_PROJECTIONS = {
+    "q_proj": "query",
+    "k_proj": "key",
+    "v_proj": "value",
+    "o_proj": "attention_output",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +54,35 @@ class LoraConfig:
         if unknown or not targets:
             raise ValueError(f"Unknown LoRA targets {unknown or targets}; choose from {PROJECTIONS} or ('all',).")
         object.__setattr__(self, "targets", targets)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any) -> LoraConfig:
+        """The same adapters as a ``peft.LoraConfig`` (``r``, ``lora_alpha``,
+        ``target_modules`` in Hugging Face names such as ``q_proj`` or ``"all-linear"``).
+        Settings kithara's adapters cannot reproduce (dropout, rsLoRA, DoRA, biases) are
+        refused rather than ignored."""
+        refused = {
+            "lora_dropout": getattr(peft_config, "lora_dropout", 0.0) or None,
+            "use_rslora": getattr(peft_config, "use_rslora", False) or None,
+            "use_dora": getattr(peft_config, "use_dora", False) or None,
+            "bias": None if getattr(peft_config, "bias", "none") == "none" else peft_config.bias,
+        }
+        refused = {k: v for k, v in refused.items() if v is not None}
+        if refused:
+            raise ValueError(f"peft_config sets {refused}, which kithara's LoRA does not support; leave them unset.")
+        modules = peft_config.target_modules
+        if modules is None or modules == "all-linear":
+            targets: tuple[str, ...] = ("all",)
+        else:
+            names = [modules] if isinstance(modules, str) else list(modules)
+            unknown = sorted(n for n in names if n not in HF_PROJECTIONS)
+            if unknown:
+                raise ValueError(
+                    f"peft_config.target_modules {unknown} are not projections kithara knows; use "
+                    f"{sorted(HF_PROJECTIONS)} or 'all-linear'."
+                )
+            targets = tuple(dict.fromkeys(HF_PROJECTIONS[n] for n in names))
+        return cls(rank=int(peft_config.r), alpha=float(peft_config.lora_alpha), targets=targets)
 
 
 def enable_lora(backbone: keras.Model, config: LoraConfig, layer_names: dict[str, str]) -> int:

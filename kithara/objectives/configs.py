@@ -145,7 +145,7 @@ class DPOConfig(TrainingConfig):
         check_names(
             self.loss_type,
             dpo_losses.LOSSES,
-            "DPOConfig.loss_type",
+            "Unknown DPO loss (DPOConfig.loss_type)",
             what="loss type",
             unsupported=_TRL_ONLY_DPO_LOSSES,
             error=ValueError,
@@ -168,6 +168,8 @@ class IterativeSFTConfig(TrainingConfig):
         truncation_mode: TRL. ``"keep_end"`` (drop the start) or ``"keep_start"`` (drop the end).
         length_buckets: kithara. Row lengths to pad each step to (each in [2, max_length]);
             ``None`` pads every row to ``max_length``.
+        disable_tqdm: TRL. ``True`` by default here: the caller's loop makes the steps, so
+            there is no total to show progress against.
 
     See ``TrainingConfig`` for the rest.
 
@@ -179,6 +181,7 @@ class IterativeSFTConfig(TrainingConfig):
     max_length: int = 512
     truncation_mode: str = "keep_end"
     length_buckets: tuple[int, ...] | None = None
+    disable_tqdm: bool = True
 
     def _normalise(self) -> None:
         super()._normalise()

@@ -15,21 +15,24 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
 import optax
 
 from kithara import sharding as sharding_lib
+from kithara.callbacks import Callback, Checkpointer, Profiler
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import ModelVariables
 from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
+from kithara.objectives.configs import CycleConfig
 from kithara.objectives.cycle_models import SIDES, CyclePair, SideModel, TwoAdapters, TwoModels, on_side, per_side
 from kithara.objectives.cycle_seq2seq import Seq2SeqRow, seq2seq_arrays, seq2seq_rows, source_ids
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
+from kithara.trainer.setup import plan_steps
 from kithara.trainer.state import TrainState
 from kithara.trainer.trainer import DataPlan, Trainer
 
@@ -58,25 +61,28 @@ class CycleTrainer(Trainer):
             pairs (source in that language). Texts give ``cycle_loss_<side>`` (the training
             objective on held-out text); pairs give the supervised ``loss_<side>`` and
             ``compute_metrics`` on greedy translations.
-        optimizer: an optax transformation (one state per side) or ``{"A": ..., "B": ...}``.
-        steps / epochs: cycle steps to run (an epoch: the smaller dataset once).
-        batch_size: texts per side per step.
-        max_length: tokens per training row (longer rows are cut at the end).
-        max_new_tokens: tokens each synthetic translation may have.
-        separator: text between source and target.
-        generation_kwargs: extra ``generate`` options for synthetic text (e.g. temperature).
+        optimizer: an optax transformation (one state per side) or ``{"A": ..., "B": ...}``;
+            default: ``args``'s AdamW and schedule for each side.
         compute_metrics: ``f(side, sources, generations, references) -> {name: value}``.
-        **trainer_kwargs: the base ``Trainer``'s options (``checkpointer``, ``tensorboard_dir``,
-            ``eval_steps_interval``, ``seed``, ...).
+        args: a ``CycleConfig``: ``batch_size_per_side`` (texts per side per step),
+            ``max_length`` (tokens per training row; longer rows are cut at the end),
+            ``max_new_tokens`` (per synthetic translation), ``separator`` (between source and
+            target), ``generation_kwargs`` (sampling of synthetic text), and the base
+            ``TrainingConfig`` (``max_steps`` / ``num_train_epochs``: cycle steps, an epoch
+            being the smaller dataset once; ``learning_rate``; ``output_dir``; ...).
+        callbacks / checkpointer / profiler: as for the base ``Trainer``.
+        **fields: ``CycleConfig`` fields, or the base ``Trainer``'s Kithara names (``steps``,
+            ``epochs``, ``eval_steps_interval``, ``tensorboard_dir``, ...).
 
     Example:
         >>> trainer = kithara.CycleTrainer(models=lora_model, tokenizers=tokenizer,
         ...     train_dataset_A=texts_a, train_dataset_B=texts_b, optimizer=kithara.optimizers.adamw(1e-3),
-        ...     steps=200, batch_size=16, max_length=48, max_new_tokens=16)
+        ...     steps=200, batch_size_per_side=16, max_length=48, max_new_tokens=16)
         >>> trainer.train(); trainer.evaluate()
     """
 
     step_constants = (*Trainer.step_constants, "pair", "side_tx")
+    config_class = CycleConfig
 
     def __init__(
         self,
@@ -87,17 +93,15 @@ class CycleTrainer(Trainer):
         eval_dataset_A: Sequence[str] | Sequence[tuple[str, str]] | None = None,
         eval_dataset_B: Sequence[str] | Sequence[tuple[str, str]] | None = None,
         *,
-        optimizer: optax.GradientTransformation | Mapping[str, optax.GradientTransformation],
-        steps: int | None = None,
-        epochs: int | None = None,
-        batch_size: int = 8,
-        max_length: int = 64,
-        max_new_tokens: int = 32,
-        separator: str = " =",
-        generation_kwargs: Mapping[str, Any] | None = None,
+        optimizer: optax.GradientTransformation | Mapping[str, optax.GradientTransformation] | None = None,
         compute_metrics: Metrics | None = None,
-        **trainer_kwargs: Any,
+        args: CycleConfig | None = None,
+        callbacks: Sequence[Callback] = (),
+        checkpointer: Checkpointer | None = None,
+        profiler: Profiler | None = None,
+        **fields: Any,
     ) -> None:
+        config = cast(CycleConfig, self.resolve_config(args, **fields))
         if isinstance(models, KerasHubSeq2SeqModel):
             raise ValueError("The adapter (one-model) mode is causal only; pass {'A': model_a, 'B': model_b}.")
         pair: CyclePair = TwoAdapters(models) if isinstance(models, KerasHubModel) else TwoModels(models)
@@ -109,14 +113,11 @@ class CycleTrainer(Trainer):
             )
         self.train_texts = {"A": list(train_dataset_A), "B": list(train_dataset_B)}
         self.eval_data = {"A": list(eval_dataset_A or ()), "B": list(eval_dataset_B or ())}
-        if batch_size < 1 or max_length < 4 or max_new_tokens < 1:
-            raise ValueError("Need batch_size >= 1, max_length >= 4 and max_new_tokens >= 1.")
+        batch_size, max_length, max_new_tokens = config.batch_size_per_side, config.max_length, config.max_new_tokens
         per_epoch = min(len(t) for t in self.train_texts.values()) // batch_size
         if per_epoch == 0:
-            raise ValueError(f"Each train dataset needs at least batch_size={batch_size} texts.")
-        if trainer_kwargs.get("gradient_accumulation_steps", 1) != 1:
-            raise ValueError("CycleTrainer makes one update per side per step; use a larger batch_size instead.")
-        self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+            raise ValueError(f"Each train dataset needs at least batch_size_per_side={batch_size} texts.")
+        self.batch_size_per_side, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
         for side in SIDES:
             model = pair.side_model(side)
             if not isinstance(model, KerasHubSeq2SeqModel) or model.max_sequence_length is None:
@@ -127,8 +128,11 @@ class CycleTrainer(Trainer):
                     f"Model {side!r} takes sequences of at most {limit} tokens; lower "
                     f"max_length ({max_length}) or max_new_tokens ({max_new_tokens})."
                 )
-        self.separator = separator
-        self.generation_kwargs = dict(generation_kwargs or {})
+        if optimizer is None:
+            _, total = plan_steps(per_epoch, steps=config.max_steps, epochs=config.num_train_epochs)
+            optimizer = config.build_optimizer(total)
+        self.separator = config.separator
+        self.generation_kwargs = dict(config.generation_kwargs or {})
         self.compute_metrics = compute_metrics
         self.side_tx = dict(optimizer) if isinstance(optimizer, Mapping) else dict.fromkeys(SIDES, optimizer)
         if set(self.side_tx) != set(SIDES) or not all(
@@ -136,7 +140,14 @@ class CycleTrainer(Trainer):
         ):
             raise ValueError("optimizer must be an optax GradientTransformation or {'A': ..., 'B': ...} of them.")
         self.batches_per_epoch = per_epoch
-        super().__init__(pair, per_side(self.side_tx), None, None, steps, epochs, **trainer_kwargs)
+        super().__init__(
+            pair,
+            per_side(self.side_tx),
+            profiler=profiler,
+            checkpointer=checkpointer,
+            callbacks=callbacks,
+            args=config,
+        )
         mesh = pair.mesh
         self.rows_per_step = -(-batch_size // sharding_lib.batch_shards(mesh)) * sharding_lib.batch_shards(mesh)
 
@@ -171,7 +182,9 @@ class CycleTrainer(Trainer):
 
     def data_plan(self) -> DataPlan:
         """An epoch: the smaller train dataset once, ``batch_size`` texts per side per step."""
-        return DataPlan(self.batches_per_epoch, self.batch_size, self.max_length, has_eval=any(self.eval_data.values()))
+        return DataPlan(
+            self.batches_per_epoch, self.batch_size_per_side, self.max_length, has_eval=any(self.eval_data.values())
+        )
 
     def compute_loss(  # type: ignore[override]
         self, variables: ModelVariables, batch: Mapping[str, step_lib.Batch], rng: jax.Array, frozen: Any
@@ -209,7 +222,7 @@ class CycleTrainer(Trainer):
         epoch and side, so the position is a function of the step (``data_state`` is not
         needed) and resumes exactly."""
         del data_state
-        size = self.batch_size
+        size = self.batch_size_per_side
         for step in range(start_step, 2**62):
             epoch, index = divmod(step, self.steps_per_epoch)
             batch = {}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import optax
 
+from kithara.callbacks import Callback, Checkpointer, Profiler
 from kithara.data.dataloader import Dataloader
 from kithara.data.formats import PreferenceDataset
 from kithara.data.sources import Source
@@ -19,8 +20,8 @@ from kithara.data.tokenizer import Tokenizer
 from kithara.models.adapters import adapter_off
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses
-from kithara.objectives.inputs import as_loader, resolve_model
-from kithara.trainer import optimizers
+from kithara.objectives.configs import DPOConfig
+from kithara.objectives.inputs import as_loader, lora_config, resolve_model
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.trainer import Trainer
 
@@ -54,32 +55,35 @@ class DPOTrainer(Trainer):
     model with LoRA adapters, the same model with its adapters switched off (no second copy
     of the weights); otherwise a frozen on-device copy of the model's starting weights.
 
-    Args (besides the ``Trainer`` ones):
+    Settings come from a ``DPOConfig`` (``args=``, TRL's names: ``beta``, ``loss_type`` and
+    ``loss_weights``, ``label_smoothing``, ``precompute_ref_log_probs``, ``max_length``,
+    ``truncation_mode``, ``per_device_train_batch_size``, ``learning_rate``, ...) or as its
+    fields given as keywords; the base ``Trainer``'s Kithara names (``steps``, ...) work too.
+    ``beta``, the loss weights and the reference are compiled into the step: fixed at
+    construction.
+
+    Args:
         model: a ``kithara.Model``, or a model directory / preset for ``KerasHubModel.from_preset``.
-        optimizer: an optax transformation or keras optimizer; default
-            ``kithara.optimizers.adamw(learning_rate)``.
-        train_dataloader: a ``kithara.Dataloader`` over a ``PreferenceDataset`` (used as is),
+        optimizer: an optax transformation or keras optimizer; default: ``args``'s AdamW and
+            schedule. (A ``kithara.Model`` here is taken as ``ref_model``: TRL's order.)
+        train_dataset: a ``kithara.Dataloader`` over a ``PreferenceDataset`` (used as is),
             a ``PreferenceDataset``, or raw preference data (``prompt`` / ``chosen`` /
             ``rejected`` rows as a path, glob, list of dicts or Hugging Face dataset) that
-            is tokenized with ``tokenizer``.
-        eval_dataloader: like ``train_dataloader``, for evaluation (never shuffled).
+            is tokenized with the tokenizer.
+        eval_dataset: like ``train_dataset``, for evaluation (never shuffled).
         ref_model: a separate, frozen reference model on the same mesh.
-        beta: the KL strength of the implicit reward ``beta * log(pi / pi_ref)``.
-        loss_type: a name in ``dpo_losses.LOSSES`` or ``{name: weight}`` to combine, e.g.
-            RPO is ``{"sigmoid": 1.0, "sft": alpha}``.
-        label_smoothing: ``e`` of the sigmoid and robust losses (robust needs e < 0.5).
-        precompute_ref_log_probs: compute the reference log-probs once before training and
-            store them with the loaders' examples (``ref_chosen_logps`` / ``ref_rejected_logps``).
-        tokenizer: a ``kithara.Tokenizer`` for raw data (loaded from ``model`` when that is a path).
-        max_seq_len: tokens per sequence for raw data (default 1024).
-        truncation: for raw data; ``"keep_end"`` (default) cuts the shared prompt's start.
-        per_device_batch_size: pairs per device per micro-batch for raw data (default 1).
-        learning_rate: for the default optimizer (default 1e-6).
+        args: a ``DPOConfig``. ``loss_type`` may also be given as ``{name: weight}``.
+        train_dataloader / eval_dataloader: a ready ``kithara.Dataloader`` (the base
+            Trainer's names), instead of ``train_dataset`` / ``eval_dataset``.
+        processing_class: a ``kithara.Tokenizer`` or ``transformers`` tokenizer for raw data
+            (``tokenizer=`` too; loaded from ``model`` when that is a path).
+        peft_config: LoRA adapters for a ``model`` given as a path.
+        **fields: ``DPOConfig`` fields, or the base ``Trainer``'s Kithara names.
 
     Example:
-        >>> trainer = kithara.DPOTrainer(lora_model, train_dataloader="pairs.jsonl", tokenizer=tokenizer,
-        ...                              max_seq_len=512, steps=100, beta=0.1,
-        ...                              loss_type={"sigmoid": 1.0, "sft": 0.5})  # RPO
+        >>> trainer = kithara.DPOTrainer(lora_model, train_dataset="pairs.jsonl", processing_class=tokenizer,
+        ...     args=kithara.DPOConfig(max_length=512, max_steps=100, beta=0.1,
+        ...                            loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))  # RPO
         >>> trainer.train()
     """
 
@@ -92,61 +96,87 @@ class DPOTrainer(Trainer):
         "reference",
         "ref_apply_model",
     )
+    config_class = DPOConfig
 
     def __init__(
         self,
         model: Model | str,
-        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer | None = None,
-        train_dataloader: Any = None,
-        eval_dataloader: Any = None,
-        *args: Any,
+        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer | Model | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        *,
         ref_model: Model | None = None,
-        beta: float = 0.1,
-        loss_type: str | Mapping[str, float] = "sigmoid",
-        label_smoothing: float = 0.0,
-        precompute_ref_log_probs: bool = False,
-        tokenizer: Tokenizer | None = None,
-        max_seq_len: int = 1024,
-        truncation: str = "keep_end",
-        per_device_batch_size: int = 1,
-        learning_rate: float = 1e-6,
-        **kwargs: Any,
+        args: DPOConfig | None = None,
+        train_dataloader: Dataloader | None = None,
+        eval_dataloader: Dataloader | None = None,
+        processing_class: Any = None,
+        tokenizer: Any = None,
+        peft_config: Any = None,
+        callbacks: Sequence[Callback] = (),
+        checkpointer: Checkpointer | None = None,
+        profiler: Profiler | None = None,
+        **fields: Any,
     ) -> None:
+        if isinstance(optimizer, Model) and ref_model is None:  # TRL's positional order: (model, ref_model, ...)
+            ref_model, optimizer = optimizer, None
         if ref_model is model:
             raise ValueError(
                 "ref_model is the model being trained; pass a separate frozen copy, or leave ref_model=None to use "
                 "the model with its LoRA adapters off, a frozen copy of its weights, or precomputed log-probs."
             )
-        if train_dataloader is None:
-            raise ValueError("DPOTrainer needs train_dataloader: preference data (prompt / chosen / rejected).")
-        model, self.tokenizer = resolve_model(model, tokenizer)
-        self.beta, self.label_smoothing = float(beta), float(label_smoothing)
-        self.loss_weights = dpo_losses.loss_weights(loss_type, beta=self.beta, label_smoothing=self.label_smoothing)
-        seed = kwargs.get("seed", 0)
+        train_name, train_data = _data_argument("train", train_dataset, train_dataloader)
+        eval_name, eval_data = _data_argument("eval", eval_dataset, eval_dataloader)
+        if train_data is None:
+            raise ValueError(
+                "DPOTrainer needs train_dataloader or train_dataset: preference data (prompt / chosen / rejected)."
+            )
+        if processing_class is not None and tokenizer is not None:
+            raise ValueError("Pass processing_class or tokenizer (the same thing), not both.")
+        if isinstance(fields.get("loss_type"), Mapping):  # {name: weight}
+            weights = dict(fields.pop("loss_type"))
+            fields["loss_type"], fields["loss_weights"] = list(weights), list(weights.values())
+        config = cast(DPOConfig, self.resolve_config(args, **fields))
+        model, self.tokenizer = resolve_model(
+            model, processing_class or tokenizer, lora=lora_config(peft_config), precision=config.precision
+        )
+        self.beta, self.label_smoothing = config.beta, config.label_smoothing
+        self.loss_weights = dpo_losses.loss_weights(
+            config.loss_weight_map(), beta=self.beta, label_smoothing=self.label_smoothing
+        )
 
-        def loader(data: Any, name: str, **options: Any) -> Dataloader:
+        def loader(data: Any, name: str, per_device: int, **options: Any) -> Dataloader:
             def make(source: Source, tokenizer: Tokenizer) -> PreferenceDataset:
-                return PreferenceDataset(source, tokenizer, max_seq_len=max_seq_len, truncation=truncation)
+                return PreferenceDataset(
+                    source, tokenizer, max_length=config.max_length, truncation_mode=config.truncation_mode
+                )
 
-            built = as_loader(data, name, self.tokenizer, make, per_device_batch_size=per_device_batch_size, **options)
+            built = as_loader(
+                data,
+                name,
+                self.tokenizer,
+                make,
+                per_device_batch_size=per_device,
+                skip_bad_rows=config.skip_bad_rows,
+                **options,
+            )
             if "chosen_" not in getattr(built.dataset, "sequences", ()):
                 raise ValueError(
                     f"DPOTrainer needs preference data in {name} (a PreferenceDataset with chosen/rejected)."
                 )
             return built
 
-        train = loader(train_dataloader, "train_dataloader", seed=seed)
+        train = loader(train_data, train_name, config.per_device_train_batch_size, seed=config.seed)
         evaluation = (
             None
-            if eval_dataloader is None
-            else loader(eval_dataloader, "eval_dataloader", shuffle=False, drop_remainder=False)
+            if eval_data is None
+            else loader(eval_data, eval_name, config.eval_batch_size, shuffle=False, drop_remainder=False)
         )
         if ref_model is not None and ref_model.mesh != model.mesh:
             raise ValueError("ref_model must be placed on the same device mesh as the model being trained.")
         self.ref_model = ref_model
         self.ref_apply_model: Model = ref_model if ref_model is not None else model
-        if ref_model is not None or precompute_ref_log_probs:
-            self.reference = "precomputed" if precompute_ref_log_probs else "ref_model"
+        if ref_model is not None or config.precompute_ref_log_probs:
+            self.reference = "precomputed" if config.precompute_ref_log_probs else "ref_model"
         else:
             self.reference = "adapters_off" if has_lora(model) else "frozen_copy"
         self._reference_variables: ModelVariables | None = None
@@ -164,13 +194,15 @@ class DPOTrainer(Trainer):
             logger.info("DPO reference: %s.", self.reference.replace("_", " "))
         super().__init__(
             model,
-            optimizer if optimizer is not None else optimizers.adamw(learning_rate),
+            cast(optax.GradientTransformation | keras.optimizers.Optimizer | None, optimizer),
             train,
             evaluation,
-            *args,
-            **kwargs,
+            profiler=profiler,
+            checkpointer=checkpointer,
+            callbacks=callbacks,
+            args=config,
         )
-        if precompute_ref_log_probs:
+        if config.precompute_ref_log_probs:
             for data in (self.train_dataloader, self.eval_dataloader):
                 if data is not None:
                     self.precompute_reference(data)
@@ -214,7 +246,7 @@ class DPOTrainer(Trainer):
         fn = jax.jit(self.reference_logps)
         ref_variables = self.ref_model.variables if self.ref_model is not None else None
         examples = loader.examples
-        length = loader.max_seq_len
+        length = loader.max_length
         keys = [
             f"{s}_{n}" for s in ("chosen", "rejected") for n in ("token_ids", "padding_mask", "labels", "label_mask")
         ]
@@ -279,3 +311,17 @@ class DPOTrainer(Trainer):
         }
         out = LossOutput(total=total(per_pair), weight=valid.sum().astype(jnp.float32), sums=sums)
         return out, non_trainable
+
+
+def _data_argument(kind: str, dataset: Any, dataloader: Any) -> tuple[str, Any]:
+    """(argument name, data) of ``{kind}_dataset`` or ``{kind}_dataloader`` (at most one)."""
+    if dataset is not None and dataloader is not None:
+        raise ValueError(f"Pass {kind}_dataset or {kind}_dataloader, not both.")
+    if dataloader is not None:
+        if not isinstance(dataloader, Dataloader):
+            raise TypeError(
+                f"{kind}_dataloader takes a kithara.Dataloader, got {type(dataloader).__name__}; pass raw rows, "
+                f"files or datasets as {kind}_dataset=."
+            )
+        return f"{kind}_dataloader", dataloader
+    return f"{kind}_dataset", dataset

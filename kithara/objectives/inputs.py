@@ -15,17 +15,52 @@ from kithara.data.formats import Dataset
 from kithara.data.sources import Source, load_source
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
+from kithara.models.lora import LoraConfig
 from kithara.models.model import Model
 
 
-def resolve_model(model: Model | str, tokenizer: Tokenizer | None) -> tuple[Model, Tokenizer | None]:
-    """``(model, tokenizer)``: a path or preset is loaded with ``KerasHubModel.from_preset``,
-    and the tokenizer, when not given, from the same directory."""
+def resolve_model(
+    model: Model | str, tokenizer: Any, *, lora: LoraConfig | None = None, precision: str | None = None
+) -> tuple[Model, Tokenizer | None]:
+    """``(model, tokenizer)``: a path or preset is loaded with ``KerasHubModel.from_preset``
+    (with ``lora`` and ``precision``), and the tokenizer, when not given, from the same
+    directory. ``tokenizer`` may be a ``kithara.Tokenizer`` or a ``transformers`` one."""
+    tokenizer = as_tokenizer(tokenizer)
     if isinstance(model, str):
-        return KerasHubModel.from_preset(model), tokenizer or Tokenizer.from_pretrained(model)
+        loaded = KerasHubModel.from_preset(model, lora=lora, precision=precision or "float32")
+        return loaded, tokenizer or Tokenizer.from_pretrained(model)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a kithara.Model or a model directory / preset, got {type(model).__name__}.")
+    built_with = getattr(model, "lora", None)
+    if lora is not None and built_with != lora:
+        raise ValueError(
+            f"peft_config={lora} asks for LoRA adapters, but the model was built "
+            f"{'with ' + str(built_with) if built_with else 'without them'}; adapters are added "
+            "when a model is built: KerasHubModel.from_preset(path, lora=...) or from_config(..., lora=...), "
+            "or pass the model as a path."
+        )
     return model, tokenizer
+
+
+def as_tokenizer(tokenizer: Any) -> Tokenizer | None:
+    """A ``kithara.Tokenizer`` from one, a ``transformers`` tokenizer, or None."""
+    if tokenizer is None or isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "eos_token_id"):
+        return Tokenizer(tokenizer)
+    raise TypeError(
+        f"processing_class must be a kithara.Tokenizer or a transformers tokenizer, got {type(tokenizer).__name__}."
+    )
+
+
+def lora_config(peft_config: Any) -> LoraConfig | None:
+    """kithara's ``LoraConfig`` from one, or from a ``peft.LoraConfig`` (``r``,
+    ``lora_alpha``, ``target_modules`` in Hugging Face projection names)."""
+    if peft_config is None or isinstance(peft_config, LoraConfig):
+        return peft_config
+    if hasattr(peft_config, "r") and hasattr(peft_config, "target_modules"):
+        return LoraConfig.from_peft(peft_config)
+    raise TypeError(f"peft_config must be a kithara.LoraConfig or a peft.LoraConfig, got {type(peft_config).__name__}.")
 
 
 def as_loader(

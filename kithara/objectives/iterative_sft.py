@@ -10,12 +10,11 @@ import jax
 import numpy as np
 import optax
 
-from kithara.data.formats import TRUNCATIONS
+from kithara.callbacks import Callback, Checkpointer, Profiler
 from kithara.data.packing import empty_row
-from kithara.data.tokenizer import Tokenizer
 from kithara.models.model import Model
-from kithara.objectives.inputs import resolve_model
-from kithara.trainer import optimizers
+from kithara.objectives.configs import IterativeSFTConfig
+from kithara.objectives.inputs import lora_config, resolve_model
 from kithara.trainer.trainer import Trainer
 
 IGNORE_INDEX = -100  # a label that takes no part in the loss, as in Hugging Face
@@ -30,68 +29,62 @@ class IterativeSFTTrainer(Trainer):
     optimizer step's worth become further steps; a short last step is filled with fully
     masked rows, which add nothing to the loss.
 
+    Settings come from an ``IterativeSFTConfig`` (``args=``, TRL's names: ``max_length``,
+    ``truncation_mode``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
+    ``learning_rate``, ``max_steps`` (the length of the learning-rate schedule),
+    ``output_dir`` / ``save_steps``, ...) or as its fields given as keywords.
+
     Args:
         model: a ``kithara.Model`` or a model directory / preset for ``KerasHubModel.from_preset``.
-        tokenizer: a ``kithara.Tokenizer``; needed for ``texts=`` (loaded from ``model`` when
-            that is a path and no tokenizer is given).
-        optimizer: an optax transformation or keras optimizer; default
-            ``kithara.optimizers.adamw(learning_rate)``.
-        learning_rate: used when ``optimizer`` is None (default 1e-5).
-        max_length: tokens per row (inputs; default 512); longer rows are truncated.
-        truncation_mode: ``"keep_end"`` (default; drop the start) or ``"keep_start"``.
-        per_device_batch_size: rows per device per micro-batch (default 1).
-        gradient_accumulation_steps: micro-batches per optimizer step.
-        length_buckets: row lengths to choose from per step (each at most ``max_length``).
-        **trainer_kwargs: the base ``Trainer``'s options (``checkpointer``, ``tensorboard_dir``,
-            ``callbacks``, ``seed``, ...).
+        processing_class: a ``kithara.Tokenizer`` or ``transformers`` tokenizer (``tokenizer=``
+            too); needed for ``texts=`` (loaded from ``model`` when that is a path).
+        optimizer: an optax transformation or keras optimizer; default: ``args``'s AdamW and
+            schedule.
+        args: an ``IterativeSFTConfig``.
+        peft_config: LoRA adapters for a ``model`` given as a path.
+        callbacks / checkpointer / profiler: as for the base ``Trainer``.
+        **fields: ``IterativeSFTConfig`` fields, or the base ``Trainer``'s Kithara names.
 
     Example:
-        >>> trainer = kithara.IterativeSFTTrainer(model, tokenizer, max_length=128)
+        >>> trainer = kithara.IterativeSFTTrainer(model, args=kithara.IterativeSFTConfig(max_length=128),
+        ...                                       processing_class=tokenizer)
         >>> stats = trainer.step(texts=prompts, texts_labels=accepted_answers)
         >>> trainer.finish()
     """
 
+    config_class = IterativeSFTConfig
+
     def __init__(
         self,
         model: Model | str,
-        tokenizer: Tokenizer | None = None,
+        processing_class: Any = None,
         optimizer: optax.GradientTransformation | Any | None = None,
         *,
-        learning_rate: float = 1e-5,
-        max_length: int = 512,
-        truncation_mode: str = "keep_end",
-        per_device_batch_size: int = 1,
-        gradient_accumulation_steps: int = 1,
-        length_buckets: Sequence[int] | None = None,
-        **trainer_kwargs: Any,
+        args: IterativeSFTConfig | None = None,
+        tokenizer: Any = None,
+        peft_config: Any = None,
+        callbacks: Sequence[Callback] = (),
+        checkpointer: Checkpointer | None = None,
+        profiler: Profiler | None = None,
+        **fields: Any,
     ) -> None:
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}.")
-        if truncation_mode not in TRUNCATIONS:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATIONS}, got {truncation_mode!r}.")
-        if not isinstance(per_device_batch_size, int) or per_device_batch_size < 1:
-            raise ValueError(f"per_device_batch_size must be a positive int, got {per_device_batch_size!r}.")
-        buckets = sorted(set(length_buckets or ())) or [max_length]
-        if buckets[0] < 2 or buckets[-1] > max_length:
-            raise ValueError(
-                f"length_buckets must lie in [2, max_length={max_length}], got {list(length_buckets or ())}."
-            )
+        if processing_class is not None and tokenizer is not None:
+            raise ValueError("Pass processing_class or tokenizer (the same thing), not both.")
+        config = cast(IterativeSFTConfig, self.resolve_config(args, **fields))
+        model, tokenizer = resolve_model(
+            model, processing_class or tokenizer, lora=lora_config(peft_config), precision=config.precision
+        )
+        super().__init__(
+            model, optimizer, None, profiler=profiler, checkpointer=checkpointer, callbacks=callbacks, args=config
+        )
+        max_length, buckets = config.max_length, sorted(set(config.length_buckets or ())) or [config.max_length]
         if buckets[-1] != max_length:
             buckets.append(max_length)
-        model, tokenizer = resolve_model(model, tokenizer)
-        trainer_kwargs.setdefault("progress_bar", False)
-        super().__init__(
-            model,
-            optimizer if optimizer is not None else optimizers.adamw(learning_rate),
-            None,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            **trainer_kwargs,
-        )
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.truncation_mode = truncation_mode
+        self.truncation_mode = config.truncation_mode
         self.length_buckets = tuple(buckets)
-        self.rows_per_micro_batch = per_device_batch_size * jax.device_count() // jax.process_count()
+        self.rows_per_micro_batch = config.per_device_train_batch_size * jax.device_count() // jax.process_count()
         if self.rows_per_micro_batch < 1:
             raise ValueError("per_device_batch_size x devices is smaller than the number of processes.")
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optax
 
+from kithara.callbacks import Callback, Checkpointer, Profiler
 from kithara.data.formats import ConversationalDataset, Dataset, PromptCompletionDataset, TextDataset
-from kithara.data.sources import Source
+from kithara.data.sources import Source, set_columns
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.model import Model
-from kithara.objectives.inputs import as_loader, resolve_model
-from kithara.trainer import optimizers
+from kithara.objectives.configs import SFTConfig
+from kithara.objectives.inputs import as_loader, lora_config, resolve_model
 from kithara.trainer.trainer import Trainer
 
 FORMATS = ("text", "prompt_completion", "conversational")
@@ -23,78 +24,73 @@ class SFTTrainer(Trainer):
 
     The loss is the base ``Trainer``'s next-token cross-entropy over the label mask, which
     the data format sets: every token for text, the completion only for prompt-completion
-    (``completion_only_loss=True``, the default), the whole conversation or, with
+    (``completion_only_loss``, the default), the whole conversation or, with
     ``assistant_only_loss=True``, the assistant replies only.
 
+    Settings come from an ``SFTConfig`` (``args=``) or as its fields given as keywords, with
+    TRL's names (``max_length``, ``truncation_mode``, ``packing``,
+    ``per_device_train_batch_size``, ``num_train_epochs``, ``learning_rate``, ...); the base
+    ``Trainer``'s Kithara names (``steps``, ``epochs``, ...) work too.
+
     Args:
-        model: a ``kithara.Model``, or a model directory / preset for ``KerasHubModel.from_preset``.
+        model: a ``kithara.Model``, or a model directory / preset for ``KerasHubModel.from_preset``
+            (built with ``peft_config`` and, with ``bf16``, ``precision="mixed_bfloat16"``).
         train_dataset: a ``kithara.Dataloader`` (used as is), a ``kithara.data`` dataset, or
             raw data for ``kithara.data.load_source`` (a path, glob, list of dicts or Hugging
             Face dataset) in one of ``FORMATS``.
-        tokenizer: a ``kithara.Tokenizer``; loaded from ``model`` when that is a path.
         eval_dataset: like ``train_dataset``, for evaluation (never shuffled or packed).
-        dataset_format: ``"text"``, ``"prompt_completion"`` or ``"conversational"``; by
-            default read off the first row's fields (``text`` / ``prompt`` + ``completion`` /
-            ``messages`` or ``conversations``).
-        max_seq_len: tokens per row (default 1024); longer examples are truncated.
-        truncation: ``"keep_start"`` (default) or ``"keep_end"``.
-        packing: pack several examples per row (needs a segment-aware model).
-        completion_only_loss: prompt-completion data: loss on the completion only (default True).
-        assistant_only_loss: conversational data: loss on assistant replies only (default False).
-        per_device_batch_size: rows per device per micro-batch (default 1).
-        length_buckets: row lengths to choose from per batch; ``None`` pads to ``max_seq_len``.
-        learning_rate: for the default optimizer (default 2e-5).
-        optimizer: an optax transformation or keras optimizer; default
-            ``kithara.optimizers.adamw(learning_rate)``.
-        seed: shuffle and step seed.
-        **trainer_kwargs: the base ``Trainer``'s options (``steps``, ``epochs``,
-            ``checkpointer``, ``tensorboard_dir``, ``gradient_accumulation_steps``, ...).
+        args: an ``SFTConfig``.
+        processing_class: a ``kithara.Tokenizer`` or a ``transformers`` tokenizer (TRL's
+            name; ``tokenizer=`` is accepted too); loaded from ``model`` when that is a path.
+        peft_config: a ``kithara.LoraConfig`` or ``peft.LoraConfig`` for a ``model`` given as a
+            path (a built model must already carry the same adapters).
+        optimizer: an optax transformation or keras optimizer; default: ``args``'s AdamW and
+            schedule.
+        callbacks / checkpointer / profiler: as for the base ``Trainer``.
+        **fields: ``SFTConfig`` fields, or the base ``Trainer``'s Kithara names.
 
     Example:
-        >>> trainer = kithara.SFTTrainer("path/to/model", "chats.jsonl", max_seq_len=512,
-        ...                              assistant_only_loss=True, epochs=2)
+        >>> trainer = kithara.SFTTrainer("path/to/model", "chats.jsonl",
+        ...     args=kithara.SFTConfig(max_length=512, assistant_only_loss=True, num_train_epochs=2))
         >>> trainer.train()
     """
+
+    config_class = SFTConfig
 
     def __init__(
         self,
         model: Model | str,
-        train_dataset: Any,
-        *,
-        tokenizer: Tokenizer | None = None,
+        train_dataset: Any = None,
         eval_dataset: Any = None,
-        dataset_format: str | None = None,
-        max_seq_len: int = 1024,
-        truncation: str = "keep_start",
-        packing: bool = False,
-        completion_only_loss: bool = True,
-        assistant_only_loss: bool = False,
-        per_device_batch_size: int = 1,
-        length_buckets: Sequence[int] | None = None,
-        learning_rate: float = 2e-5,
+        *,
+        args: SFTConfig | None = None,
+        processing_class: Any = None,
+        tokenizer: Any = None,
+        peft_config: Any = None,
         optimizer: optax.GradientTransformation | Any | None = None,
-        seed: int = 0,
-        **trainer_kwargs: Any,
+        callbacks: Sequence[Callback] = (),
+        checkpointer: Checkpointer | None = None,
+        profiler: Profiler | None = None,
+        **fields: Any,
     ) -> None:
-        if dataset_format is not None and dataset_format not in FORMATS:
-            raise ValueError(f"dataset_format must be one of {FORMATS}, got {dataset_format!r}.")
-        model, self.tokenizer = resolve_model(model, tokenizer)
-        options: dict[str, Any] = dict(
-            dataset_format=dataset_format,
-            max_seq_len=max_seq_len,
-            truncation=truncation,
-            completion_only_loss=completion_only_loss,
-            assistant_only_loss=assistant_only_loss,
+        if train_dataset is None:
+            raise ValueError("SFTTrainer needs train_dataset: text, prompt-completion or conversational data.")
+        if processing_class is not None and tokenizer is not None:
+            raise ValueError("Pass processing_class or tokenizer (the same thing), not both.")
+        config = cast(SFTConfig, self.resolve_config(args, **fields))
+        model, self.tokenizer = resolve_model(
+            model, processing_class or tokenizer, lora=lora_config(peft_config), precision=config.precision
         )
         loader_options: dict[str, Any] = dict(
-            per_device_batch_size=per_device_batch_size, length_buckets=length_buckets, seed=seed
+            length_buckets=config.length_buckets, seed=config.seed, skip_bad_rows=config.skip_bad_rows
         )
         train_loader = as_loader(
             train_dataset,
             "train_dataset",
             self.tokenizer,
-            lambda source, tokenizer: self._dataset(source, tokenizer, "train_dataset", **options),
-            packing=packing,
+            lambda source, tok: self._dataset(source, tok, "train_dataset", config),
+            per_device_batch_size=config.per_device_train_batch_size,
+            packing=config.packing,
             **loader_options,
         )
         eval_loader = (
@@ -104,7 +100,8 @@ class SFTTrainer(Trainer):
                 eval_dataset,
                 "eval_dataset",
                 self.tokenizer,
-                lambda source, tokenizer: self._dataset(source, tokenizer, "eval_dataset", **options),
+                lambda source, tok: self._dataset(source, tok, "eval_dataset", config),
+                per_device_batch_size=config.eval_batch_size,
                 shuffle=False,
                 drop_remainder=False,
                 **loader_options,
@@ -112,47 +109,41 @@ class SFTTrainer(Trainer):
         )
         super().__init__(
             model,
-            optimizer if optimizer is not None else optimizers.adamw(learning_rate),
+            optimizer,
             train_loader,
             eval_loader,
-            seed=seed,
-            **trainer_kwargs,
+            profiler=profiler,
+            checkpointer=checkpointer,
+            callbacks=callbacks,
+            args=config,
         )
 
-    def _dataset(
-        self,
-        source: Source,
-        tokenizer: Tokenizer,
-        name: str,
-        *,
-        dataset_format: str | None,
-        max_seq_len: int,
-        truncation: str,
-        completion_only_loss: bool,
-        assistant_only_loss: bool,
-    ) -> Dataset:
-        fmt = dataset_format or infer_format(source[0], name)
-        if assistant_only_loss and fmt != "conversational":
+    def _dataset(self, source: Source, tokenizer: Tokenizer, name: str, config: SFTConfig) -> Dataset:
+        fmt = config.dataset_format or infer_format(source[0], name, text_field=config.dataset_text_field)
+        if config.assistant_only_loss and fmt != "conversational":
             raise ValueError(f"assistant_only_loss=True applies to conversational data, but {name} is {fmt!r}.")
-        common: dict[str, Any] = dict(max_seq_len=max_seq_len, truncation=truncation)
+        common: dict[str, Any] = dict(max_length=config.max_length, truncation_mode=config.truncation_mode)
         if fmt == "text":
+            if config.dataset_text_field != "text":
+                set_columns(source, {config.dataset_text_field: "text"})
             return TextDataset(source, tokenizer, **common)
         if fmt == "prompt_completion":
-            return PromptCompletionDataset(source, tokenizer, completion_only_loss=completion_only_loss, **common)
-        return ConversationalDataset(source, tokenizer, assistant_only_loss=assistant_only_loss, **common)
+            completion_only = config.completion_only_loss is not False
+            return PromptCompletionDataset(source, tokenizer, completion_only_loss=completion_only, **common)
+        return ConversationalDataset(source, tokenizer, assistant_only_loss=config.assistant_only_loss, **common)
 
 
-def infer_format(row: Any, name: str = "the dataset") -> str:
+def infer_format(row: Any, name: str = "the dataset", *, text_field: str = "text") -> str:
     """The SFT format whose fields ``row`` has."""
     keys = set(row) if isinstance(row, Mapping) else set()
     if "messages" in keys or "conversations" in keys:
         return "conversational"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
-    if "text" in keys:
+    if text_field in keys:
         return "text"
     raise ValueError(
-        f"Cannot tell the format of {name} from its first row's fields {sorted(keys)}: expected 'text', "
-        "'prompt' + 'completion', or 'messages' / 'conversations'. Pass dataset_format= (and columns via "
-        "kithara.data.load_source) or a ready dataset."
+        f"Cannot tell the format of {name} from its first row's fields {sorted(keys)}: expected {text_field!r} "
+        "(dataset_text_field), 'prompt' + 'completion', or 'messages' / 'conversations'. Pass dataset_format= "
+        "(and columns via kithara.data.load_source) or a ready dataset."
     )

@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kithara.data.dataloader import Dataloader
+from kithara.models.model import Model
 from kithara.naming import check_names
 from kithara.trainer.config import TrainingConfig
 
@@ -75,6 +77,9 @@ def resolve_config(
             f"{where}: args must be a kithara.{config_class.__name__} (or a kithara.TrainingConfig), "
             f"got {type(args).__name__}."
         )
+    _check_positive(**{k: v for k, v in kithara_arguments.items() if k not in ("tensorboard_dir", "progress_bar")})
+    if kithara_arguments.get("eval_steps_interval") is not None and kithara_arguments.get("eval_epochs_interval"):
+        raise ValueError("Set only one of eval_steps_interval and eval_epochs_interval.")
     changes: dict[str, tuple[str, Any]] = {}  # field -> (the keyword that set it, value)
     for name, value in kithara_arguments.items():
         for field, field_value in KITHARA_ARGUMENTS[name](value).items():
@@ -98,3 +103,43 @@ def resolve_config(
                 f"(args=config.replace({field}=...) changes a config)."
             )
     return base.replace(**{field: value for field, (_, value) in changes.items()}) if changes else base
+
+
+def check_precision(model: Model, config: TrainingConfig) -> None:
+    """Refuses ``bf16=True`` for a model built to compute in float32 (its variables and
+    compute dtype are fixed when it is built)."""
+    policy = getattr(getattr(getattr(model, "backbone", None), "dtype_policy", None), "name", None)
+    if config.bf16 and policy is not None and policy not in ("mixed_bfloat16", "bfloat16"):
+        raise ValueError(
+            f"args.bf16=True asks for bfloat16 compute, but the model was built with precision {policy!r}; build "
+            "it with precision='mixed_bfloat16' (KerasHubModel.from_preset(..., precision='mixed_bfloat16')) "
+            "or drop bf16."
+        )
+
+
+def as_dataloader(kind: str, loader: Dataloader | None, dataset: Any, config: TrainingConfig) -> Dataloader | None:
+    """``{kind}_dataloader`` or ``{kind}_dataset`` (TRL's name), as a Dataloader."""
+    if loader is not None and dataset is not None:
+        raise ValueError(f"Pass {kind}_dataloader or {kind}_dataset, not both.")
+    if loader is not None and not isinstance(loader, Dataloader):
+        raise TypeError(
+            f"{kind}_dataloader must be a kithara.Dataloader, got {type(loader).__name__}; pass data to be "
+            f"batched as {kind}_dataset."
+        )
+    data = loader if loader is not None else dataset
+    if data is None or isinstance(data, Dataloader):
+        return data
+    if kind == "train":
+        return Dataloader(
+            data, config.per_device_train_batch_size, seed=config.seed, skip_bad_rows=config.skip_bad_rows
+        )
+    return Dataloader(
+        data, config.eval_batch_size, shuffle=False, drop_remainder=False, skip_bad_rows=config.skip_bad_rows
+    )
+
+
+def _check_positive(**values: Any) -> None:
+    """The Kithara-named counts, checked under the name the caller used."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")

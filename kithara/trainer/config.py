@@ -51,7 +51,8 @@ _NOT_IN_KITHARA = {
     "fsdp": "kithara shards with its own device mesh; pick sharding='fsdp' when building the model.",
     "push_to_hub": "upload output_dir yourself; model.save_in_hf_format writes a Hugging Face checkpoint.",
     "model_init_kwargs": "build the model yourself: KerasHubModel.from_preset(path, precision=, sharding=, lora=).",
-    "resume_from_checkpoint": "kithara resumes from the latest checkpoint under output_dir when resume=True.",
+    "resume_from_checkpoint": "pass it to trainer.train(resume_from_checkpoint=True | path); by default kithara "
+    "resumes from the latest checkpoint under output_dir (resume=True).",
     "use_liger_kernel": "Liger kernels are PyTorch kernels; kithara's step is compiled by XLA.",
     "torch_compile": "every kithara step is compiled with jax.jit already.",
 }
@@ -128,6 +129,8 @@ class TrainingConfig:
         profile_start_step: kithara. Trace steps ``profile_start_step ..`` with
             ``jax.profiler`` into the TensorBoard directory; ``None`` does not profile.
         profile_num_steps: kithara. How many steps to trace.
+        skip_bad_rows: kithara. Log and count malformed data rows instead of stopping on the
+            first (its message names the file, line and field either way).
         peak_flops_per_device: kithara. Peak FLOP/s per device for MFU, when the device's own
             figure is unknown or wrong.
 
@@ -175,6 +178,7 @@ class TrainingConfig:
     disable_tqdm: bool = False
     profile_start_step: int | None = None
     profile_num_steps: int = 3
+    skip_bad_rows: bool = False
     peak_flops_per_device: float | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:

@@ -7,6 +7,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -23,9 +24,14 @@ from kithara.distributed.consistency import check_same_on_all_processes
 from kithara.models.model import Model, ModelVariables
 from kithara.trainer import setup
 from kithara.trainer import step as step_lib
+from kithara.trainer.arguments import KITHARA_ARGUMENTS, as_dataloader, check_precision, resolve_config
+from kithara.trainer.config import TrainingConfig
 from kithara.trainer.evaluation import evaluate_loader
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
 from kithara.trainer.optimizers import as_gradient_transformation
+from kithara.trainer.programs import StepPrograms
+from kithara.trainer.progress import TrainerState, log_history
+from kithara.trainer.restore import checkpoint_to_restore
 from kithara.trainer.setup import plan_steps
 from kithara.trainer.state import TrainState
 from kithara.trainer.throughput import mesh_peak_flops
@@ -69,51 +75,64 @@ class Trainer:
     ``eval_metrics``); the loop, accumulation, jitting, logging, restore and callbacks
     stay here.
 
+    Settings come as one ``kithara.TrainingConfig`` (``args=``, TRL's names), as its fields
+    given as keywords (``max_steps=100``), or under the Kithara trainer's names below, which
+    set the matching fields; an unknown keyword is refused with the closest spelling.
+
     Args:
         model: the model to train; its variables are taken over while training and handed
             back (``model.variables``) when ``train()`` or ``evaluate()`` returns.
-        optimizer: an ``optax.GradientTransformation`` or a (fresh) keras optimizer.
-        train_dataloader: batches for training; ``None`` for objectives that feed their own
-            batches through ``run_step`` (``train()`` then refuses to run).
-        eval_dataloader: batches for evaluation.
-        steps: optimizer steps to run. Only one of ``steps`` and ``epochs``; neither
-            means one epoch.
-        epochs: passes over ``train_dataloader``.
-        log_steps_interval: log metrics every this many steps.
+        optimizer: an ``optax.GradientTransformation`` or a (fresh) keras optimizer; ``None``
+            builds ``args``'s (``optim``, ``learning_rate``, ``lr_scheduler_type``, warmup,
+            ``weight_decay``, ``max_grad_norm``) over the run's total steps.
+        train_dataloader: a ``kithara.Dataloader`` of training batches; ``None`` for
+            objectives that feed their own batches through ``run_step``.
+        eval_dataloader: a ``kithara.Dataloader`` for evaluation.
+        steps: ``args.max_steps``: optimizer steps to run. Only one of ``steps`` and
+            ``epochs``; neither means one epoch.
+        epochs: ``args.num_train_epochs``: passes over the training data.
+        log_steps_interval: ``args.logging_steps``.
         eval_steps_interval / eval_epochs_interval: evaluate every this many steps or
-            epochs (at most one of them). With an eval loader and neither set, evaluates
-            every epoch.
+            epochs (``args.eval_strategy`` with ``eval_steps`` / ``eval_epochs``). With
+            evaluation data and neither set, evaluates every epoch.
         max_eval_samples: evaluate on at most this many rows (packed rows when packing).
-        tensorboard_dir: local or ``gs://`` directory for TensorBoard scalars.
-        profiler: a ``kithara.Profiler`` that traces a window of steps.
-        checkpointer: a ``kithara.Checkpointer``: saves the state periodically, and
-            ``train()`` resumes from its latest checkpoint (unless ``resume=False``).
+        tensorboard_dir: ``args.logging_dir``: TensorBoard scalars, local or ``gs://``.
+        profiler: a ``kithara.Profiler`` (or ``args.profile_start_step``).
+        checkpointer: a ``kithara.Checkpointer`` (or ``args.output_dir``: checkpoints every
+            ``save_steps`` in ``{output_dir}/checkpoints``); ``train()`` resumes from its
+            latest checkpoint.
         callbacks: more ``Callback`` objects.
-        gradient_accumulation_steps: micro-batches (loader batches) per optimizer step.
-        progress_bar: show a rich progress bar on process 0.
-        seed: seed of the step RNG (dropout and any sampling a subclass does).
-        peak_flops_per_device: override the peak FLOP/s used for MFU.
+        args: a ``kithara.TrainingConfig`` (an objective takes its own config class).
+        train_dataset / eval_dataset: TRL's names: a ``Dataloader``, a ``kithara.data``
+            dataset or example rows, batched with ``args.per_device_train_batch_size`` /
+            ``per_device_eval_batch_size``.
+        progress_bar: ``not args.disable_tqdm``.
+        **fields: any ``TrainingConfig`` field (``gradient_accumulation_steps``, ``seed``,
+            ``learning_rate``, ``peak_flops_per_device``, ...).
 
     Example:
         >>> trainer = Trainer(model, kithara.optimizers.adamw(3e-4), train_loader,
         ...                   eval_dataloader=eval_loader, steps=200, eval_steps_interval=50)
+        >>> trainer = Trainer(model, train_dataset=loader,
+        ...                   args=kithara.TrainingConfig(max_steps=200, learning_rate=3e-4))
         >>> trainer.train()
     """
 
     reports_perplexity = True  # evaluate() adds exp(loss); objectives whose loss is no token NLL turn it off
     # Attributes read while tracing the jitted steps: fixed once the base __init__ returns
     # (assigning one later raises, instead of being silently ignored by a compiled step).
-    step_constants: tuple[str, ...] = ("model", "tx")
+    step_constants: tuple[str, ...] = ("model", "tx", "args")
+    config_class: type[TrainingConfig] = TrainingConfig
 
     def __init__(
         self,
         model: Model,
-        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer,
-        train_dataloader: Dataloader | None,
+        optimizer: optax.GradientTransformation | keras.optimizers.Optimizer | None = None,
+        train_dataloader: Dataloader | None = None,
         eval_dataloader: Dataloader | None = None,
         steps: int | None = None,
         epochs: int | None = None,
-        log_steps_interval: int = 1,
+        log_steps_interval: int | None = None,
         eval_steps_interval: int | None = None,
         eval_epochs_interval: int | None = None,
         max_eval_samples: int | None = None,
@@ -122,24 +141,30 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         callbacks: Sequence[Callback] = (),
         *,
-        gradient_accumulation_steps: int = 1,
-        progress_bar: bool = True,
-        seed: int = 0,
-        peak_flops_per_device: float | None = None,
+        args: TrainingConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        progress_bar: bool | None = None,
+        **fields: Any,
     ) -> None:
-        _check_positive(
+        kithara_arguments = dict(
             steps=steps,
             epochs=epochs,
+            log_steps_interval=log_steps_interval,
             eval_steps_interval=eval_steps_interval,
             eval_epochs_interval=eval_epochs_interval,
-            max_eval_samples=max_eval_samples,
-            log_steps_interval=log_steps_interval,
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            tensorboard_dir=tensorboard_dir,
+            progress_bar=progress_bar,
         )
-        if steps is not None and epochs is not None:
-            raise ValueError(f"Set steps ({steps}) or epochs ({epochs}), not both.")
-        if eval_steps_interval is not None and eval_epochs_interval is not None:
-            raise ValueError("Set only one of eval_steps_interval and eval_epochs_interval.")
+        if max_eval_samples is not None:
+            fields["max_eval_samples"] = max_eval_samples
+        config = self.resolve_config(args, **kithara_arguments, **fields)
+        self.args = config
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a kithara.Model, got {type(model).__name__}.")
+        check_precision(model, config)
+        train_dataloader = as_dataloader("train", train_dataloader, train_dataset, config)
+        eval_dataloader = as_dataloader("eval", eval_dataloader, eval_dataset, config)
         for name, loader in (("train_dataloader", train_dataloader), ("eval_dataloader", eval_dataloader)):
             if loader is not None and loader.packing and not model.supports_packing:
                 raise ValueError(
@@ -150,33 +175,46 @@ class Trainer:
         self.model = model
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
-        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.gradient_accumulation_steps = config.gradient_accumulation_steps
         plan = self.data_plan()
-        if not plan.has_eval and (eval_steps_interval or eval_epochs_interval or max_eval_samples):
-            raise ValueError("An evaluation interval or max_eval_samples was set but no eval_dataloader was given.")
-        if plan.has_eval and eval_steps_interval is None and eval_epochs_interval is None:
-            eval_epochs_interval = 1
+        if not plan.has_eval and (config.eval_strategy not in (None, "no") or config.max_eval_samples):
+            raise ValueError(
+                "An evaluation schedule (eval_strategy / eval_steps / eval_epochs) or max_eval_samples was set "
+                "but no eval_dataloader (or eval_dataset) was given."
+            )
+        strategy = config.eval_strategy or ("epoch" if plan.has_eval else "no")
         self.has_eval = plan.has_eval
         if plan.batches_per_epoch is None:
-            self.steps_per_epoch, self.total_steps = 1, steps or 0
+            self.steps_per_epoch, self.total_steps = 1, config.max_steps or 0
         else:
             self.steps_per_epoch, self.total_steps = plan_steps(
                 plan.batches_per_epoch,
-                steps=steps,
-                epochs=epochs,
-                gradient_accumulation_steps=gradient_accumulation_steps,
+                steps=config.max_steps,
+                epochs=config.num_train_epochs,
+                gradient_accumulation_steps=config.gradient_accumulation_steps,
             )
-        self.log_steps_interval = log_steps_interval
-        self.eval_steps_interval = eval_steps_interval
-        self.eval_epochs_interval = eval_epochs_interval
-        self.max_eval_samples = max_eval_samples
-        self.tensorboard_dir = tensorboard_dir
-        self.seed = seed
-        self.peak_flops_per_device = peak_flops_per_device
+        self.log_steps_interval = config.logging_steps
+        self.eval_steps_interval = (config.eval_steps or config.logging_steps) if strategy == "steps" else None
+        self.eval_epochs_interval = (config.eval_epochs or 1) if strategy == "epoch" else None
+        self.max_eval_samples = config.max_eval_samples
+        self.tensorboard_dir = config.tensorboard_dir
+        self.seed = config.seed
+        self.peak_flops_per_device = config.peak_flops_per_device
+        if profiler is None and config.profile_start_step is not None:
+            profiler = Profiler(config.profile_start_step, config.profile_num_steps)
+        if config.checkpoint_dir is not None:
+            if checkpointer is not None or any(isinstance(cb, Checkpointer) for cb in callbacks):
+                raise ValueError(
+                    f"args.output_dir={config.output_dir!r} saves checkpoints (save_strategy='steps') and a "
+                    "Checkpointer was passed too; use one of them (or save_strategy='no')."
+                )
+            checkpointer = Checkpointer(
+                config.checkpoint_dir, config.save_steps, config.save_total_limit, resume=config.resume
+            )
         self.callbacks: list[Callback] = [cb for cb in (checkpointer, profiler) if cb is not None]
-        if tensorboard_dir is not None:
-            self.callbacks.append(TensorBoardLogger(tensorboard_dir, every=log_steps_interval))
-        if progress_bar:
+        if self.tensorboard_dir is not None:
+            self.callbacks.append(TensorBoardLogger(self.tensorboard_dir, every=config.logging_steps))
+        if not config.disable_tqdm:
             self.callbacks.append(ProgressBar())
         self.callbacks.extend(callbacks)
         # A Checkpointer passed among the callbacks must restore too, not only save.
@@ -185,14 +223,17 @@ class Trainer:
             raise ValueError("Pass at most one Checkpointer (checkpointer= or among callbacks=).")
         self.checkpointer = found[0] if found else None
 
+        if optimizer is None:
+            optimizer = config.build_optimizer(max(self.total_steps, 1))
         self.tx = as_gradient_transformation(optimizer, setup.param_shapes(model))
         self.state_shardings = setup.state_shardings(model, self.tx)
         # Processes set up differently would compile different steps and hang in their first
         # collective; compare them now and name the difference instead.
         check_same_on_all_processes(self._setup_description(plan), "trainer set-up")
-        self._frozen = self.frozen_variables()
-        self._train_jit, self._eval_jit = self._jit_steps(self._frozen)
-        self.state: TrainState | None = None
+        self._programs = StepPrograms(
+            self.train_step, self.compute_loss, self.state_shardings, model.mesh, self.frozen_variables()
+        )
+        self.train_state: TrainState | None = None
         self.data_iterator: DataIterator | None = None
         self.start_step = 0
         self.restored_step: int | None = None
@@ -215,6 +256,14 @@ class Trainer:
                 "compile, so a new value would be ignored. Build a new trainer with the value you want."
             )
         super().__setattr__(name, value)
+
+    @classmethod
+    def resolve_config(cls, args: TrainingConfig | None = None, /, **arguments: Any) -> TrainingConfig:
+        """``cls.config_class`` from ``args`` and keywords: config fields, or the Kithara
+        trainer's names (``steps``, ``epochs``, ...). Unknown names are refused with the
+        closest spelling; a keyword that contradicts ``args`` is refused naming both."""
+        kithara = {k: arguments.pop(k) for k in list(arguments) if k in KITHARA_ARGUMENTS}
+        return resolve_config(cls.config_class, args, kithara, arguments, where=cls.__name__)
 
     # The objective contract (docs/trainer.md, "Writing an objective") ------------------
 
@@ -302,48 +351,39 @@ class Trainer:
             reports_perplexity=self.reports_perplexity,
         )
 
-    # The jitted steps: the only jax.jit sites of training and evaluation -----------------
-
-    def _jit_steps(self, frozen: Any) -> tuple[Any, Any]:
-        mesh = self.model.mesh
-        frozen_shardings = None if frozen is None else jax.tree.map(lambda x: _mesh_sharding(x, mesh), frozen)
-        replicated = sharding_lib.replicated(mesh)
-        train = jax.jit(
-            self.train_step,
-            in_shardings=(self.state_shardings, sharding_lib.batch_sharding(mesh, leading_dims=1), frozen_shardings),
-            out_shardings=(self.state_shardings, replicated),
-            donate_argnames=("state",),
-        )
-        evaluate = jax.jit(
-            functools.partial(_eval_step, self.compute_loss),
-            in_shardings=(self.state_shardings.model, sharding_lib.batch_sharding(mesh), frozen_shardings),
-            out_shardings=replicated,
-        )
-        return train, evaluate
+    # The compiled steps (kithara.trainer.programs: the only jax.jit sites) -------------
 
     def jitted_train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         """``train_step`` compiled (once per batch structure and shape), the frozen
         variables passed in; ``state`` is donated."""
-        return self._train_jit(state, batch, self._frozen)
+        return self._programs.train(state, batch)
 
     def jitted_eval_step(self, variables: ModelVariables, batch: Any) -> LossOutput:
         """``compute_loss`` of one ``[rows, ...]`` batch, compiled, without gradients."""
-        return self._eval_jit(variables, batch, self._frozen)
+        return self._programs.evaluate(variables, batch)
 
     def lower_train_step(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         """The train step lowered for ``(state, batch)`` (``.compile().memory_analysis()``
         and ``.cost_analysis()`` read its memory and FLOPs); nothing runs."""
-        return self._train_jit.lower(state, batch, self._frozen)
+        return self._programs.lower_train(state, batch)
 
     @property
     def compilations(self) -> dict[str, int]:
         """How many programs each jitted step has compiled (one per batch structure and shape)."""
-        return {"train_step": self._train_jit._cache_size(), "eval_step": self._eval_jit._cache_size()}
+        return self._programs.compilations
+
+    @property
+    def state(self) -> TrainerState:
+        """Progress as TRL reports it: ``global_step``, ``epoch``, ``max_steps`` and
+        ``log_history`` (the device state is ``train_state``)."""
+        step = self._final_step()
+        history = log_history(self.history, self.eval_history, self.steps_per_epoch)
+        return TrainerState(step, step / self.steps_per_epoch, self.total_steps, history)
 
     @property
     def frozen(self) -> Any:
         """The frozen variables passed to the steps (``frozen_variables()``'s result)."""
-        return self._frozen
+        return self._programs.frozen
 
     # State ------------------------------------------------------------------------------
 
@@ -372,23 +412,33 @@ class Trainer:
         """The state's shapes, dtypes and shardings (what a checkpoint is restored onto)."""
         return setup.abstract_state(self.model, self.tx, self.state_shardings, self.seed)
 
-    def _restore_or_init(self) -> TrainState:
-        ckpt = self.checkpointer
-        if ckpt is not None and ckpt.resume and ckpt.latest_step() is not None:
-            state, self._restored_data_state = ckpt.restore(self.abstract_state())
-            self.restored_step = int(jax.device_get(state.step))
-            logger.info("Restored step %d from %s", self.restored_step, ckpt.save_dir)
-            return state
-        return self.init_state()
+    def _restore_or_init(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainState:
+        """The state to train from: a restored checkpoint or a fresh state (see ``train``)."""
+        source, step = checkpoint_to_restore(self.checkpointer, resume_from_checkpoint)
+        if source is None:
+            return self.init_state()
+        state, self._restored_data_state = source.restore(self.abstract_state(), step)
+        restored = int(jax.device_get(state.step))
+        own = self.checkpointer
+        later = [s for s in (own.all_steps() if own is not None else []) if s > restored]
+        if own is not None and later:
+            raise ValueError(
+                f"Resuming from step {restored}, but {own.save_dir!r} already holds later checkpoints "
+                f"{later}, which this run's saves would collide with; resume into another output_dir / save_dir "
+                "(or delete those steps yourself)."
+            )
+        self.restored_step = restored
+        logger.info("Restored step %d from %s", self.restored_step, source.save_dir)
+        return state
 
     def _live_state(self) -> TrainState:
         """The state being trained (``_begin`` restores or creates it)."""
-        if self.state is None:
+        if self.train_state is None:
             raise RuntimeError("The trainer has no state yet: train() or run_step() creates it.")
-        return self.state
+        return self.train_state
 
     def _live_model_variables(self) -> ModelVariables:
-        return self.state.model if self.state is not None else self.model.variables
+        return self.train_state.model if self.train_state is not None else self.model.variables
 
     # Callbacks --------------------------------------------------------------------------
 
@@ -402,7 +452,7 @@ class Trainer:
             metrics=dict(metrics or {}),
             log_dir=self.tensorboard_dir,
             error=self.error,
-            _state=lambda: self.state,
+            _state=lambda: self.train_state,
             _data_state=self.data_state,
         )
 
@@ -414,7 +464,7 @@ class Trainer:
             self.preempted = self.preempted or info.stop_reason == "preempted"
 
     def _final_step(self) -> int:
-        return int(jax.device_get(self.state.step)) if self.state is not None else self.start_step
+        return int(jax.device_get(self.train_state.step)) if self.train_state is not None else self.start_step
 
     def _exit_if_preempted(self, step: int) -> None:
         if self.preempted and (self.checkpointer is None or self.checkpointer.exit_on_preemption):
@@ -423,15 +473,25 @@ class Trainer:
 
     # The loop ---------------------------------------------------------------------------
 
-    def train(self) -> list[dict[str, float]]:
-        """Runs training; returns the per-step metrics (also in ``self.history``).
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> list[dict[str, float]]:
+        """Runs training; returns the per-step metrics (also in ``self.history`` and, TRL's
+        way, ``self.state.log_history``).
 
-        With a checkpointer (and no state yet), resumes from its latest checkpoint if any.
+        Args:
+            resume_from_checkpoint: ``None`` (default): with a checkpointer (and no state
+                yet), resume from its latest checkpoint if there is one (``args.resume``).
+                ``True``: resume from it, and fail if there is none. ``False``: start from
+                the model's variables (refused if the checkpointer's directory already holds
+                checkpoints). A path: resume from that checkpoint, a step directory
+                (``.../checkpoints/200``) or a directory of steps (its latest); new saves still
+                go to this trainer's checkpointer.
         """
         plan_length = self._sequence_length
         if self.data_plan().batches_per_epoch is None:
             raise ValueError(f"{type(self).__name__} has no train_dataloader; feed batches with run_step().")
-        self._begin(plan_length)
+        if resume_from_checkpoint is not None:
+            self.train_state = None  # restore (or start) exactly as asked
+        self._begin(plan_length, resume_from_checkpoint)
         logger.info(
             "Training %d steps (%d per epoch), %s",
             self.total_steps,
@@ -455,10 +515,12 @@ class Trainer:
             raise ValueError(f"{type(self).__name__} has no train_dataloader; feed batches with run_step().")
         return self.train_dataloader
 
-    def _begin(self, sequence_length: int | None) -> None:
-        if self.state is None:
-            self.state = self._restore_or_init()
-        self.start_step = int(jax.device_get(self.state.step))
+    def _begin(
+        self, sequence_length: int | None, resume_from_checkpoint: bool | str | os.PathLike | None = None
+    ) -> None:
+        if self.train_state is None:
+            self.train_state = self._restore_or_init(resume_from_checkpoint)
+        self.start_step = int(jax.device_get(self.train_state.step))
         self._epoch = self.start_step // self.steps_per_epoch
         self._peak_flops = mesh_peak_flops(self.model.mesh, self.peak_flops_per_device)
         self._flops_per_token = self.model.flops_per_token(sequence_length) if sequence_length else 0.0
@@ -473,7 +535,7 @@ class Trainer:
         self._last_ready = time.perf_counter()
         for step in range(self.start_step + 1, self.total_steps + 1):
             epoch, batch = next(batches)
-            self.state, metrics = self.host_step(self._live_state(), batch)
+            self.train_state, metrics = self.host_step(self._live_state(), batch)
             if pending is not None:
                 self._complete(pending)
             pending = _Pending(step, epoch, metrics)
@@ -542,7 +604,7 @@ class Trainer:
         step = max(step, self.start_step) + 1
         try:
             global_batch = sharding_lib.shard_batch(dict(batch), self.model.mesh, leading_dims=1)
-            self.state, metrics = self.host_step(self._live_state(), global_batch)
+            self.train_state, metrics = self.host_step(self._live_state(), global_batch)
             for cb in self.callbacks:
                 cb.needs_sync(step)
             self._complete(_Pending(step, 0, metrics))
@@ -580,29 +642,6 @@ class Trainer:
         logger.info("eval at step %d: %s", step, _fmt(metrics))
         self._notify("on_eval_end", self._info(step, metrics))
         return metrics
-
-
-def _eval_step(compute_loss: Any, variables: ModelVariables, batch: step_lib.Batch, frozen: Any) -> LossOutput:
-    """Loss sums of one ``[rows, ...]`` evaluation batch (no gradient, no state change)."""
-    out, _ = compute_loss(variables, batch, jax.random.key(0), frozen)
-    return out
-
-
-def _mesh_sharding(x: Any, mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
-    sharding = getattr(x, "sharding", None)
-    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh != mesh:
-        raise ValueError(
-            "frozen_variables() must return arrays placed on the model's mesh (NamedSharding over "
-            f"model.mesh); got one with sharding {sharding}. Place it with jax.device_put or the "
-            "frozen model's own variable_shardings on the same mesh."
-        )
-    return sharding
-
-
-def _check_positive(**values: Any) -> None:
-    for name, value in values.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
 
 
 def _fmt(values: Mapping[str, float]) -> str:

@@ -1,0 +1,81 @@
+"""The compiled steps: the one ``jax.jit`` site of training and the one of evaluation, with
+explicit shardings, the state donated and the frozen variables passed as an argument."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from kithara import sharding as sharding_lib
+from kithara.models.model import ModelVariables
+from kithara.trainer.losses import LossOutput
+from kithara.trainer.state import TrainState
+
+TrainStep = Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]
+ComputeLoss = Callable[[ModelVariables, Any, jax.Array, Any], tuple[LossOutput, Any]]
+
+
+class StepPrograms:
+    """``train_step(state, batch, frozen)`` and ``compute_loss`` jitted once each.
+
+    Args:
+        train_step: the pure update (an objective's ``train_step`` hook).
+        compute_loss: the pure loss (its ``compute_loss`` hook), evaluated without gradients.
+        state_shardings: where every leaf of the train state lives.
+        mesh: the model's device mesh; batches are sharded over its batch axes.
+        frozen: arrays both steps read and never train (or None), placed on ``mesh``.
+    """
+
+    def __init__(
+        self, train_step: TrainStep, compute_loss: ComputeLoss, state_shardings: TrainState, mesh: Mesh, frozen: Any
+    ) -> None:
+        self.frozen = frozen
+        frozen_shardings = None if frozen is None else jax.tree.map(lambda x: _mesh_sharding(x, mesh), frozen)
+        replicated = sharding_lib.replicated(mesh)
+        self._train: Any = jax.jit(
+            train_step,
+            in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, leading_dims=1), frozen_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self._eval: Any = jax.jit(
+            functools.partial(_eval_step, compute_loss),
+            in_shardings=(state_shardings.model, sharding_lib.batch_sharding(mesh), frozen_shardings),
+            out_shardings=replicated,
+        )
+
+    def train(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update of ``state`` (donated) on ``[micro_batches, rows, ...]`` arrays."""
+        return self._train(state, batch, self.frozen)
+
+    def evaluate(self, variables: ModelVariables, batch: Any) -> LossOutput:
+        """The loss sums of one ``[rows, ...]`` batch."""
+        return self._eval(variables, batch, self.frozen)
+
+    def lower_train(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
+        return self._train.lower(state, batch, self.frozen)
+
+    @property
+    def compilations(self) -> dict[str, int]:
+        return {"train_step": self._train._cache_size(), "eval_step": self._eval._cache_size()}
+
+
+def _eval_step(compute_loss: ComputeLoss, variables: ModelVariables, batch: Any, frozen: Any) -> LossOutput:
+    """Loss sums of one evaluation batch (no gradient, no state change)."""
+    out, _ = compute_loss(variables, batch, jax.random.key(0), frozen)
+    return out
+
+
+def _mesh_sharding(x: Any, mesh: Mesh) -> jax.sharding.Sharding:
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh != mesh:
+        raise ValueError(
+            "frozen_variables() must return arrays placed on the model's mesh (NamedSharding over "
+            f"model.mesh); got one with sharding {sharding}. Place it with jax.device_put or the "
+            "frozen model's own variable_shardings on the same mesh."
+        )
+    return sharding
