@@ -80,7 +80,8 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     def costs(tx: optax.GradientTransformation, trainer: Any) -> tuple[dict[str, float], dict[str, float]]:
         """XLA's own count of the raw and the Trainer's compiled programs: noise-free."""
         raw_step, opt_state = raw_step_for(tx)
-        return _cost(raw_step.lower(params, opt_state, batch)), _cost(trainer.lower_train_step(trainer.train_state, stacked))
+        program = trainer.lower_train_step(trainer.train_state, stacked)
+        return _cost(raw_step.lower(params, opt_state, batch)), _cost(program)
 
     # Without clipping (cost analysis only): a Trainer on a copy of the model's weights.
     noclip = optax.adamw(LEARNING_RATE, weight_decay=0.0)

@@ -158,9 +158,9 @@ def main() -> None:
     def cycle(models, steps: int) -> kithara.CycleTrainer:
         return kithara.CycleTrainer(
             models=models, tokenizers=tokenizer, train_dataset_A=mono_a, train_dataset_B=mono_b,
-            optimizer=kithara.optimizers.adamw(args.cycle_lr), steps=max(steps, 1), batch_size_per_side=batch, max_length=16,
-            max_new_tokens=8, progress_bar=False, seed=args.seed, eval_dataset_A=eval_a, eval_dataset_B=eval_b,
-            eval_steps_interval=max(steps // 6, 1), compute_metrics=scores,
+            optimizer=kithara.optimizers.adamw(args.cycle_lr), steps=max(steps, 1), batch_size_per_side=batch,
+            max_length=16, max_new_tokens=8, progress_bar=False, seed=args.seed, eval_dataset_A=eval_a,
+            eval_dataset_B=eval_b, eval_steps_interval=max(steps // 6, 1), compute_metrics=scores,
         )  # fmt: skip
 
     def row(name: str, trainer: kithara.CycleTrainer) -> None:

@@ -10,20 +10,24 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 import kithara  # noqa: E402
-from kithara.config import load_config  # noqa: E402
-from kithara.run import build_dataset, build_model, exact_match  # noqa: E402
+from kithara.config import ASSETS  # noqa: E402
+from kithara.data import PromptCompletionDataset  # noqa: E402
+from kithara.run import exact_match  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 def main() -> None:
-    config = load_config(None, ["trainer.steps=150", "trainer.tensorboard_dir=runs/lora_example"])
-    tokenizer = kithara.Tokenizer.from_pretrained(config.data.tokenizer)
-    train = kithara.Dataloader(build_dataset(config, config.data.train_file, tokenizer), 8)
-    eval_set = build_dataset(config, config.data.eval_file, tokenizer)
+    demo = ASSETS / "demo"
+    tokenizer = kithara.Tokenizer.from_pretrained(demo / "tokenizer")
+    train = kithara.Dataloader(PromptCompletionDataset(str(demo / "train.jsonl"), tokenizer, max_length=24), 8)
+    eval_set = PromptCompletionDataset(str(demo / "eval.jsonl"), tokenizer, max_length=24)
     eval_rows = [eval_set.source[i] for i in range(100)]
 
-    base = build_model(config, vocab_size=tokenizer.vocab_size)
+    base = kithara.KerasHubModel.from_config(
+        "llama3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=128, num_heads=4, num_kv_heads=2,
+        intermediate_dim=256, sharding="fsdp",
+    )  # fmt: skip
     kithara.Trainer(base, kithara.optimizers.adamw(3e-3), train, steps=150).train()
     print(f"base model exact match: {exact_match(base, tokenizer, eval_rows, 24)[0]:.1%}")
 

@@ -18,30 +18,35 @@ import math
 import jax
 
 import kithara
-from kithara.config import load_config
-from kithara.run import build_dataset, build_model, build_optimizer
+from kithara.config import ASSETS
+from kithara.data import PromptCompletionDataset
 
 
 def train(steps: int) -> float:
     """The whole program of one process: data, model, trainer. Returns the last loss."""
     if jax.process_index() != 0:
         logging.getLogger("kithara").setLevel(logging.WARNING)  # one log per job
-    config = load_config(None, [f"trainer.steps={steps}"])
-    tokenizer = kithara.Tokenizer.from_pretrained(config.data.tokenizer)
+    demo = ASSETS / "demo"
+    tokenizer = kithara.Tokenizer.from_pretrained(demo / "tokenizer")
     # Each process reads and tokenizes only its own share of the rows.
-    loader = kithara.Dataloader(build_dataset(config, config.data.train_file, tokenizer), 8)
-    model = build_model(config, vocab_size=tokenizer.vocab_size)  # FSDP over every host's devices
+    loader = kithara.Dataloader(PromptCompletionDataset(str(demo / "train.jsonl"), tokenizer, max_length=24), 8)
+    model = kithara.KerasHubModel.from_config(  # FSDP over every host's devices
+        "llama3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=128, num_heads=4, num_kv_heads=2,
+        intermediate_dim=256, sharding="fsdp",
+    )  # fmt: skip
     # The data order depends on the process count, so each count resumes from its own directory.
     checkpointer = kithara.Checkpointer(f"runs/multihost/ckpt-{jax.process_count()}p", save_interval=50)
-    trainer = kithara.Trainer(
-        model,
-        build_optimizer(config, steps),
-        loader,
-        steps=steps,
-        log_steps_interval=10,
-        tensorboard_dir="runs/multihost",  # written by process 0 only
-        checkpointer=checkpointer,
+    args = kithara.TrainingConfig(
+        max_steps=steps,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": 3e-4},
+        warmup_steps=min(30, steps - 1),
+        weight_decay=0.01,
+        logging_steps=10,
+        logging_dir="runs/multihost",  # TensorBoard, written by process 0 only
     )
+    trainer = kithara.Trainer(model, train_dataloader=loader, checkpointer=checkpointer, args=args)
     history = trainer.train()
     return history[-1]["loss"] if history else math.nan
 

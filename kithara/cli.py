@@ -1,4 +1,5 @@
-"""Command line: ``kithara train CONFIG.yaml [--set key=value ...]`` and ``kithara demo``."""
+"""Command line: ``kithara train CONFIG.yaml [--set key=value ...]``, ``kithara demo`` and
+``kithara config [CONFIG.yaml]`` (see docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -18,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("train", "train from a YAML config"),
-        ("demo", "train the embedded default: a small Llama on the bundled string-operation task"),
-        ("config", "print the resolved configuration and exit"),
+        ("demo", "train the demo (kithara/configs/demo.yaml): a small Llama on the bundled string-operation task"),
+        ("config", "print the resolved configuration (the demo's without CONFIG) and exit"),
     ):
         p = sub.add_parser(name, help=help_text)
         if name != "demo":
@@ -30,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config value, e.g. --set trainer.steps=100 (repeatable)",
+            help="override a config value, e.g. --set args.max_steps=100 (repeatable); relative paths are "
+            "relative to the working directory",
         )
         p.add_argument("--log-level", default="INFO")
     return parser
@@ -49,17 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     console = Console()
     try:
-        from kithara.config import load_config, to_yaml
+        from kithara.config import DEMO_CONFIG, load_config, to_yaml
 
-        config = load_config(getattr(args, "config", None), args.overrides)
+        path = getattr(args, "config", None)
+        if path is None:  # kithara demo, or kithara config without a file: the demo, paths from the working dir
+            config = load_config(DEMO_CONFIG, args.overrides, relative_to=Path.cwd())
+        else:
+            config = load_config(path, args.overrides)
         if args.command == "config":
-            console.print(to_yaml(config), markup=False)
+            console.print(to_yaml(config), markup=False, highlight=False, soft_wrap=True)
             return 0
         from kithara.run import run
 
         result = run(config)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        console.print(f"[bold red]error:[/] {error}")
+    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as error:
+        logging.getLogger(__name__).debug("Stopped by a configuration or data error.", exc_info=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     import jax
 
@@ -69,24 +78,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(console: Console, result: dict[str, Any]) -> None:
-    table = Table("metric", "value", title="kithara run")
+    table = Table("metric", "value", title=f"kithara run ({result.get('objective', 'sft')})")
     table.add_row("parameters (trainable)", f"{result['num_params']:,} ({result['trainable_params']:,})")
     if "first_loss" in result:
         table.add_row("train loss first -> last", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}")
+        table.add_row("steps run", f"{result['steps_run']:,}")
         table.add_row("tokens/s (steady state)", f"{result['tokens_per_second']:,.0f}")
     if "eval" in result:
-        e = result["eval"]
+        e = dict(result["eval"])
         if "perplexity" in e:
             table.add_row(
                 "eval loss / perplexity / token acc",
                 f"{e['loss']:.4f} / {e['perplexity']:.3f} / {e['token_accuracy']:.3f}",
             )
-        else:
+        elif "rewards/accuracies" in e:
             table.add_row("eval loss", f"{e['loss']:.4f}")
-        if "rewards/accuracies" in e:
             table.add_row(
                 "eval reward accuracy / margin", f"{e['rewards/accuracies']:.3f} / {e['rewards/margins']:.4f}"
             )
+        else:  # the objective's own metrics (cycle: per direction)
+            for name, value in sorted(e.items()):
+                table.add_row(f"eval {name}", f"{value:.4f}")
     if "exact_match_after" in result:
         table.add_row(
             "held-out exact match before -> after",
@@ -95,9 +107,12 @@ def _report(console: Console, result: dict[str, Any]) -> None:
     console.print(table)
     for prompt, generated, reference in result.get("samples", []):
         mark = "[green]ok[/]" if generated == reference else "[red]x[/]"
-        console.print(f"  {mark} {prompt!r} -> {generated!r} (expected {reference!r})", markup=True, highlight=False)
+        console.print(
+            f"  {mark} {escape(repr(prompt))} -> {escape(repr(generated))} (expected {escape(repr(reference))})",
+            highlight=False,
+        )
     if result.get("tensorboard_dir"):
-        console.print(f"TensorBoard logs: tensorboard --logdir {result['tensorboard_dir']}")
+        console.print(f"TensorBoard logs: tensorboard --logdir {result['tensorboard_dir']}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ def test_synchronous_saves_restore_without_pickle(examples, tmp_path, monkeypatc
 
 
 def test_a_relative_checkpoint_directory_works(examples, tmp_path, monkeypatch):
-    """`--set trainer.checkpoint_dir=runs/x`: orbax needs an absolute path, the Checkpointer makes one."""
+    """`--set args.output_dir=runs/x`: orbax needs an absolute path, the Checkpointer makes one."""
     monkeypatch.chdir(tmp_path)
     checkpointer = kithara.Checkpointer("runs/ckpt", save_interval=1)
     assert checkpointer.save_dir == str(tmp_path / "runs" / "ckpt")

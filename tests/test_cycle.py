@@ -162,7 +162,7 @@ def test_resume_is_exact(tmp_path):
     )
     resumed.train()
     assert resumed.restored_step == 2
-    jax.tree.map(np.testing.assert_array_equal, host(straight.state), host(resumed.state))
+    jax.tree.map(np.testing.assert_array_equal, host(straight.train_state), host(resumed.train_state))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
 
 

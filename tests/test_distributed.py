@@ -194,7 +194,7 @@ def test_run_on_ray_refuses_bad_arguments():
 
 def test_cli_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
     """Two `kithara train` processes joined by the distributed section, one with another
-    trainer.steps: both refuse to start, naming the process and the setting."""
+    args.max_steps: both refuse to start, naming the process and the setting."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = worker_env()
     env.pop("XLA_FLAGS", None)  # the CLI's cpu_devices=4 sets the device count
@@ -205,8 +205,8 @@ def test_cli_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
             "distributed.num_processes=2",
             f"distributed.process_id={i}",
             "cpu_devices=4",
-            f"trainer.steps={10 + i}",
-            f"trainer.tensorboard_dir={tmp_path}/tb",
+            f"args.max_steps={10 + i}",
+            f"args.output_dir={tmp_path}/out",
         ]
         cmd = [sys.executable, "-m", "kithara", "train", str(Path(kithara.__file__).parent / "configs" / "demo.yaml")]
         cmd += [arg for s in sets for arg in ("--set", s)]
@@ -214,7 +214,7 @@ def test_cli_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
     outs = finish(procs, timeout=120)
     assert [p.returncode for p in procs] == [2, 2], outs
     for out in outs:
-        assert "process 1 has trainer.steps=11 where process 0 has 10" in " ".join(out.split()), out
+        assert "process 1 has args.max_steps=11 where process 0 has 10" in " ".join(out.split()), out
 
 
 # Single-process behaviour and argument checks ----------------------------------------------

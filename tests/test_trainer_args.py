@@ -59,6 +59,16 @@ def test_unknown_and_contradicting_arguments_are_refused_by_name():
         kithara.Trainer(tiny_model(), None, ROWS)
     with pytest.raises(ValueError, match="bf16=True asks for bfloat16 compute"):
         kithara.Trainer(tiny_model(), None, loader(), bf16=True)
+    # Settings the run would not use are refused, not ignored.
+    with pytest.raises(ValueError, match=r"learning_rate=0.001 configure the optimizer .* optimizer= was given"):
+        kithara.Trainer(tiny_model(), kithara.optimizers.adamw(1e-2), loader(), learning_rate=1e-3)
+    with pytest.raises(ValueError, match="per_device_train_batch_size=2, but the train Dataloader given has"):
+        kithara.Trainer(tiny_model(), None, loader(), per_device_train_batch_size=2)
+    with pytest.raises(ValueError, match="max_length=8, but the train Dataloader given holds rows of 16"):
+        kithara.SFTTrainer(tiny_model(), loader(), max_length=8)
+    with pytest.raises(ValueError, match="max_steps is unset"):
+        kithara.IterativeSFTTrainer(tiny_model(), word_tokenizer(), lr_scheduler_type="linear")
+    assert kithara.IterativeSFTTrainer(tiny_model(), word_tokenizer(), lr_scheduler_type="linear", max_steps=9)
     # Keywords equal to args's values, or args's defaults overridden, are fine.
     trainer = kithara.Trainer(tiny_model(), None, loader(), steps=3, args=kithara.TrainingConfig(max_steps=3))
     assert trainer.total_steps == 3

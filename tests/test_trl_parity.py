@@ -19,9 +19,10 @@ def model_dir(tmp_path_factory):
     """A tiny Llama-3-family Hugging Face checkpoint with the bundled ChatML tokenizer."""
     path = tmp_path_factory.mktemp("hf") / "tiny-llama"
     tokenizer = kithara.Tokenizer.from_pretrained(ASSETS / "tokenizer")
+    # Small: the seed's SFTConfig pads every row to TRL's default max_length of 1024 tokens.
     model = kithara.KerasHubModel.from_config(
-        "llama3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2,
-        intermediate_dim=128, seed=3,
+        "llama3", vocab_size=tokenizer.vocab_size, num_layers=1, hidden_dim=32, num_heads=2, num_kv_heads=1,
+        intermediate_dim=64, seed=3,
     )  # fmt: skip
     model.save_in_hf_format(path, tokenizer=tokenizer)
     return str(path)
@@ -31,7 +32,7 @@ def model_dir(tmp_path_factory):
 def chat_file(tmp_path_factory):
     rng = random.Random(0)
     rows = []
-    for _ in range(256):
+    for _ in range(128):
         word = rng.choice(WORDS)
         rows.append({"messages": [{"role": "user", "content": f"Say {word}"}, {"role": "assistant", "content": word}]})
     path = tmp_path_factory.mktemp("data") / "chats.jsonl"
@@ -79,15 +80,29 @@ def test_seed_004_sft_example_runs_as_written(model_dir, chat_file, tmp_path, mo
     trainer.train()
     # --- end of the seed's code ---
     history = trainer.state.log_history
-    # 256 rows / (4 rows x 8 devices x 4 micro-batches) = 2 steps per epoch, 3 epochs.
-    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
-    assert [h["epoch"] for h in history] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # TRL: fractional epochs
+    # 128 rows / (4 rows x 8 devices x 4 micro-batches) = 1 step per epoch, 3 epochs.
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0]
     assert history[0]["learning_rate"] == pytest.approx(2e-5)
     assert history[-1]["loss"] < history[0]["loss"]
     assert trainer.args.gradient_accumulation_steps == 4 and trainer.train_dataloader.global_batch_size == 32
-    # save_steps=100 > 6 steps: the final step is saved, under output_dir.
-    assert sorted(os.listdir(tmp_path / "output" / "checkpoints")) == ["6"]
+    # save_steps=100 > 3 steps: the final step is saved, under output_dir.
+    assert sorted(os.listdir(tmp_path / "output" / "checkpoints")) == ["3"]
     assert list((tmp_path / "output" / "runs").glob("events.out.tfevents.*"))
+
+    # The same run from YAML: the same rows, model and settings give the same losses.
+    from kithara.config import load_config
+    from kithara.run import run
+
+    (tmp_path / "sft.yaml").write_text(
+        f"objective: sft\nmodel:\n  preset: {model_dir}\ndata:\n  train_file: {chat_file}\n"
+        "args:\n  output_dir: yaml_output\n  num_train_epochs: 3\n  per_device_train_batch_size: 4\n"
+        "  gradient_accumulation_steps: 4\n  learning_rate: 2.0e-5\n  logging_steps: 10\n  save_steps: 100\n"
+    )
+    result = run(load_config(tmp_path / "sft.yaml"))
+    assert result["steps_run"] == 3
+    assert result["first_loss"] == history[0]["loss"] and result["final_loss"] == history[-1]["loss"]
+    assert sorted(os.listdir(tmp_path / "yaml_output" / "checkpoints")) == ["3"]
 
 
 def test_seed_001_iterative_sft_quickstart_and_usage(model_dir, tmp_path, monkeypatch):

@@ -91,6 +91,7 @@ class Dataloader:
         self.max_length = dataset.max_length
         self.buckets = _buckets(length_buckets, self.max_length)
         num_devices = num_devices or jax.device_count()
+        self.per_device_batch_size = per_device_batch_size
         self.global_batch_size = per_device_batch_size * num_devices
         if self.global_batch_size % self.process_count:
             raise ValueError(

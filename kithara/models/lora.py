@@ -81,7 +81,8 @@ class LoraConfig:
                     f"peft_config.target_modules {unknown} are not projections kithara knows; use "
                     f"{sorted(HF_PROJECTIONS)} or 'all-linear'."
                 )
-            targets = tuple(dict.fromkeys(HF_PROJECTIONS[n] for n in names))
+            wanted = {HF_PROJECTIONS[n] for n in names}
+            targets = tuple(p for p in PROJECTIONS if p in wanted)  # peft keeps a set: a fixed order
         return cls(rank=int(peft_config.r), alpha=float(peft_config.lora_alpha), targets=targets)
 
 

@@ -32,7 +32,6 @@ from kithara.objectives.cycle_models import SIDES, CyclePair, SideModel, TwoAdap
 from kithara.objectives.cycle_seq2seq import Seq2SeqRow, seq2seq_arrays, seq2seq_rows, source_ids
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
-from kithara.trainer.setup import plan_steps
 from kithara.trainer.state import TrainState
 from kithara.trainer.trainer import DataPlan, Trainer
 
@@ -128,21 +127,19 @@ class CycleTrainer(Trainer):
                     f"Model {side!r} takes sequences of at most {limit} tokens; lower "
                     f"max_length ({max_length}) or max_new_tokens ({max_new_tokens})."
                 )
-        if optimizer is None:
-            _, total = plan_steps(per_epoch, steps=config.max_steps, epochs=config.num_train_epochs)
-            optimizer = config.build_optimizer(total)
         self.separator = config.separator
         self.generation_kwargs = dict(config.generation_kwargs or {})
         self.compute_metrics = compute_metrics
-        self.side_tx = dict(optimizer) if isinstance(optimizer, Mapping) else dict.fromkeys(SIDES, optimizer)
-        if set(self.side_tx) != set(SIDES) or not all(
-            isinstance(t, optax.GradientTransformation) for t in self.side_tx.values()
-        ):
-            raise ValueError("optimizer must be an optax GradientTransformation or {'A': ..., 'B': ...} of them.")
+        if optimizer is not None:
+            self.side_tx = dict(optimizer) if isinstance(optimizer, Mapping) else dict.fromkeys(SIDES, optimizer)
+            if set(self.side_tx) != set(SIDES) or not all(
+                isinstance(t, optax.GradientTransformation) for t in self.side_tx.values()
+            ):
+                raise ValueError("optimizer must be an optax GradientTransformation or {'A': ..., 'B': ...} of them.")
         self.batches_per_epoch = per_epoch
         super().__init__(
             pair,
-            per_side(self.side_tx),
+            per_side(self.side_tx) if optimizer is not None else None,
             profiler=profiler,
             checkpointer=checkpointer,
             callbacks=callbacks,
@@ -179,6 +176,11 @@ class CycleTrainer(Trainer):
         return rows
 
     # The objective contract -------------------------------------------------------------
+
+    def default_optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """``args``'s optimizer and schedule, one state per side."""
+        self.side_tx = dict.fromkeys(SIDES, self.args.build_optimizer(total_steps))
+        return per_side(self.side_tx)
 
     def data_plan(self) -> DataPlan:
         """An epoch: the smaller train dataset once, ``batch_size`` texts per side per step."""

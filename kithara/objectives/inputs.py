@@ -79,7 +79,7 @@ def as_loader(
         return Dataloader(data, **loader_kwargs)
     if tokenizer is None:
         raise ValueError(f"{name} is raw data: pass tokenizer= (or a model path to load it from).")
-    source = load_source(data)
+    source = data if isinstance(data, Source) else load_source(data)
     if len(source) == 0:
         raise ValueError(f"{name} has no rows.")
     return Dataloader(make_dataset(source, tokenizer), **loader_kwargs)

@@ -138,6 +138,55 @@ def as_dataloader(kind: str, loader: Dataloader | None, dataset: Any, config: Tr
     )
 
 
+# Fields that only shape the optimizer the trainer builds when none is given.
+OPTIMIZER_FIELDS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+)
+
+
+def check_nothing_ignored(
+    config: TrainingConfig, *, optimizer_given: bool, loaders: Mapping[str, Dataloader | None], where: str
+) -> None:
+    """Refuses settings the run would not use: optimizer fields next to a ready optimizer,
+    and batch sizes (or, for objectives, data settings) that differ from a ready loader's."""
+    defaults = type(config)()
+
+    def changed(name: str) -> bool:
+        return getattr(config, name) != getattr(defaults, name)
+
+    if optimizer_given and (unused := [f"{f}={getattr(config, f)!r}" for f in OPTIMIZER_FIELDS if changed(f)]):
+        raise ValueError(
+            f"{where}: {', '.join(unused)} configure the optimizer the trainer builds, but optimizer= was given "
+            "and would ignore them; set them on your optimizer, or drop optimizer=."
+        )
+    for kind, loader in loaders.items():
+        if loader is None:
+            continue
+        field = "per_device_train_batch_size" if kind == "train" else "per_device_eval_batch_size"
+        wanted = getattr(config, field)
+        if changed(field) and wanted is not None and wanted != loader.per_device_batch_size:
+            raise ValueError(
+                f"{where}: {field}={wanted}, but the {kind} Dataloader given has per_device_batch_size="
+                f"{loader.per_device_batch_size}; build the loader with that batch size or pass the data unbatched."
+            )
+        length = getattr(config, "max_length", None)
+        if hasattr(defaults, "max_length") and changed("max_length") and length != loader.max_length:
+            raise ValueError(
+                f"{where}: max_length={length}, but the {kind} Dataloader given holds rows of {loader.max_length} "
+                "tokens; pass the data unbatched to have it encoded with max_length, or drop max_length."
+            )
+
+
 def _check_positive(**values: Any) -> None:
     """The Kithara-named counts, checked under the name the caller used."""
     for name, value in values.items():

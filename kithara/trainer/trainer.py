@@ -24,7 +24,13 @@ from kithara.distributed.consistency import check_same_on_all_processes
 from kithara.models.model import Model, ModelVariables
 from kithara.trainer import setup
 from kithara.trainer import step as step_lib
-from kithara.trainer.arguments import KITHARA_ARGUMENTS, as_dataloader, check_precision, resolve_config
+from kithara.trainer.arguments import (
+    KITHARA_ARGUMENTS,
+    as_dataloader,
+    check_nothing_ignored,
+    check_precision,
+    resolve_config,
+)
 from kithara.trainer.config import TrainingConfig
 from kithara.trainer.evaluation import evaluate_loader
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
@@ -37,6 +43,8 @@ from kithara.trainer.state import TrainState
 from kithara.trainer.throughput import mesh_peak_flops
 
 logger = logging.getLogger(__name__)
+
+SCHEDULES_WITHOUT_END = ("constant", "constant_with_warmup")  # need no total step count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +173,12 @@ class Trainer:
         check_precision(model, config)
         train_dataloader = as_dataloader("train", train_dataloader, train_dataset, config)
         eval_dataloader = as_dataloader("eval", eval_dataloader, eval_dataset, config)
+        check_nothing_ignored(
+            config,
+            optimizer_given=optimizer is not None,
+            loaders={"train": train_dataloader, "eval": eval_dataloader},
+            where=type(self).__name__,
+        )
         for name, loader in (("train_dataloader", train_dataloader), ("eval_dataloader", eval_dataloader)):
             if loader is not None and loader.packing and not model.supports_packing:
                 raise ValueError(
@@ -224,7 +238,14 @@ class Trainer:
         self.checkpointer = found[0] if found else None
 
         if optimizer is None:
-            optimizer = config.build_optimizer(max(self.total_steps, 1))
+            fraction = (isinstance(config.warmup_steps, float) and config.warmup_steps < 1) or config.warmup_ratio > 0
+            if self.total_steps == 0 and (config.lr_scheduler_type not in SCHEDULES_WITHOUT_END or fraction):
+                raise ValueError(
+                    f"lr_scheduler_type={config.lr_scheduler_type!r} (or a warmup fraction) spans the run's steps, "
+                    f"but {type(self).__name__} steps come through run_step and max_steps is unset: set "
+                    "args.max_steps, or use 'constant' / 'constant_with_warmup' with warmup_steps as a count."
+                )
+            optimizer = self.default_optimizer(max(self.total_steps, 1))
         self.tx = as_gradient_transformation(optimizer, setup.param_shapes(model))
         self.state_shardings = setup.state_shardings(model, self.tx)
         # Processes set up differently would compile different steps and hang in their first
@@ -277,6 +298,11 @@ class Trainer:
         del rng, frozen
         logits, non_trainable = self.model.apply(variables, batch, training=True)
         return next_token_cross_entropy(logits, batch["labels"], batch["label_mask"]), non_trainable
+
+    def default_optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """The optimizer when none is given (called once, by the base ``__init__``): by
+        default ``args.build_optimizer(total_steps)`` (AdamW or SGD with its schedule)."""
+        return self.args.build_optimizer(total_steps)
 
     def frozen_variables(self) -> Any:
         """Arrays the steps read but never train (reference, reward or value models), placed
@@ -387,8 +413,9 @@ class Trainer:
 
     # State ------------------------------------------------------------------------------
 
-    def _setup_description(self, plan: DataPlan) -> dict[str, Any]:
+    def _setup_description(self, plan: DataPlan | None = None) -> dict[str, Any]:
         """What must be identical on every process: mesh, schedule, batch and state layout."""
+        plan = plan or self.data_plan()
         shapes = setup.param_shapes(self.model)
         return {
             "mesh": {name: int(size) for name, size in self.model.mesh.shape.items()},
