@@ -228,7 +228,31 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
         raise type(error)(f"{where}: {error}") from None
     config = RunConfig(**{f.name: getattr(typed, f.name) for f in dataclasses.fields(Sections)}, args=training_args)
     _check(config)
+    _check_nothing_ignored(config)
     return config
+
+
+# The model section's keys for a model built from config, which a preset's own config replaces.
+_ARCHITECTURE_KEYS: tuple[str, ...] = ("family", "vocab_size", "num_layers", "hidden_dim", "num_heads")
+_ARCHITECTURE_KEYS += ("num_kv_heads", "intermediate_dim", "head_dim", "seed")
+
+
+def _check_nothing_ignored(config: RunConfig) -> None:
+    """Refuses values the run would not use."""
+    defaults = ModelConfig()
+    if config.model.preset is not None:
+        set_here = [k for k in _ARCHITECTURE_KEYS if getattr(config.model, k) != getattr(defaults, k)]
+        if set_here:
+            keys = ", ".join(f"model.{k}" for k in set_here)
+            raise ValueError(
+                f"model.preset={config.model.preset!r} brings its own architecture, so {keys} would be ignored; "
+                "remove them (or model.preset)."
+            )
+    if config.objective == "iterative_sft" and config.data.eval_file and not config.generation_eval.enabled:
+        raise ValueError(
+            "objective iterative_sft uses data.eval_file only for generation_eval (exact match before and after); "
+            "set generation_eval.enabled=true or remove data.eval_file."
+        )
 
 
 def _check_objective_fields(args: Mapping[str, Any], objective: str, where: str) -> None:

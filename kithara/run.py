@@ -232,7 +232,7 @@ def _train(
     if measure:
         result["exact_match_before"], _ = exact_match(model, tokenizer, eval_samples, max_length)
     result.update(_losses(trainer.train()))
-    if trainer.has_eval:
+    if trainer.has_eval and config.args.eval_strategy != "no":
         result["eval"] = final_eval(trainer)
     if measure:
         result["exact_match_after"], triples = exact_match(model, tokenizer, eval_samples, max_length)
@@ -336,7 +336,7 @@ def run_cycle(config: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     if measure:
         result["exact_match_before"] = _mean_exact(trainer.evaluate())
     result.update(_losses(trainer.train()))
-    if trainer.has_eval:
+    if trainer.has_eval and config.args.eval_strategy != "no":
         result["eval"] = final_eval(trainer)
         if measure:
             result["exact_match_after"] = _mean_exact(result["eval"])

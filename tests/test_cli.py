@@ -335,3 +335,14 @@ def test_cycle_from_yaml_two_models(capsys, tmp_path):
     args = ["train", str(tmp_path / "cycle.yaml"), "--set", f"data.train_file_b={tmp_path}/pairs_a.jsonl"]
     assert cli.main(args) == 2
     assert "data.train_file_b holds texts" in flat(capsys.readouterr().out)
+
+
+def test_values_the_run_would_ignore_are_refused(tmp_path):
+    from kithara.config import load_config
+
+    (tmp_path / "m").mkdir()
+    base = ["data.train_file=x.jsonl", "data.tokenizer=@kithara/tokenizer"]
+    with pytest.raises(ValueError, match=r"model.num_layers would be ignored"):
+        load_config(None, [*base, f"model.preset={tmp_path / 'm'}", "model.num_layers=5"], relative_to=tmp_path)
+    with pytest.raises(ValueError, match=r"uses data\.eval_file only for generation_eval"):
+        load_config(None, [*base, "objective=iterative_sft", "data.eval_file=y.jsonl"], relative_to=tmp_path)

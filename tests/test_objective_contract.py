@@ -111,7 +111,10 @@ def test_step_constants_cannot_change_after_construction():
     trainer.log_steps_interval = 5  # host-side settings stay writable
 
 
-def test_steady_state_loop_makes_no_implicit_host_transfer():
+@pytest.mark.parametrize("kind", ["base", "dpo"])
+def test_steady_state_loop_makes_no_implicit_host_transfer(kind):
+    """Steps 3-8 under jax.transfer_guard("disallow"): the base Trainer with a ready optimizer,
+    and DPO with a frozen reference passed into the step and the config's scheduled optimizer."""
     guard = {}
 
     class Guard(kithara.Callback):
@@ -126,10 +129,19 @@ def test_steady_state_loop_makes_no_implicit_host_transfer():
                 jax.config.update("jax_transfer_guard", guard.pop("previous"))
                 guard["done"] = True
 
-    loader = kithara.Dataloader(pattern_examples(64), 1, seed=0)
-    trainer = kithara.Trainer(
-        tiny_model(), kithara.optimizers.adamw(1e-3), loader, steps=10, progress_bar=False, callbacks=[Guard()]
-    )
+    if kind == "base":
+        loader = kithara.Dataloader(pattern_examples(64), 1, seed=0)
+        trainer = kithara.Trainer(
+            tiny_model(), kithara.optimizers.adamw(1e-3), loader, steps=10, progress_bar=False, callbacks=[Guard()]
+        )
+    else:
+        from conftest import word_tokenizer
+
+        pairs = [{"prompt": "hi how", "chosen": " are you", "rejected": " bye ok"}] * 16
+        trainer = DPOTrainer(tiny_model(vocab_size=32), train_dataset=pairs, processing_class=word_tokenizer(),
+                             max_length=8, max_steps=10, learning_rate=1e-3, lr_scheduler_type="linear",
+                             callbacks=[Guard()], disable_tqdm=True)  # fmt: skip
+        assert trainer.reference == "frozen_copy" and trainer.frozen is not None
     try:
         trainer.train()
     finally:

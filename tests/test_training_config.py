@@ -292,16 +292,15 @@ def test_warmup_steps_count_like_transformers():
 def test_build_optimizer_matches_torch_under_the_transformers_schedule(optim):
     """Three updates of config.build_optimizer equal torch's optimizer (AdamW or SGD with weight
     decay) under transformers' linear schedule and gradient clipping; the logged LR follows."""
+    adam = {"adam_beta1": 0.8, "adam_beta2": 0.99, "adam_epsilon": 1e-6} if optim != "sgd" else {}
     config = TrainingConfig(
         optim=optim,
         learning_rate=0.1,
         lr_scheduler_type="linear",
         warmup_steps=1,
         weight_decay=0.01,
-        adam_beta1=0.8,
-        adam_beta2=0.99,
-        adam_epsilon=1e-6,
         max_grad_norm=1.0,
+        **adam,
     )
     rng = np.random.default_rng(0)
     start = rng.standard_normal(6).astype(np.float32)

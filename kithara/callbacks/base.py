@@ -30,7 +30,8 @@ class StepInfo:
     ``state`` and ``data_state()`` read the training state and the data position without
     copying; in ``on_step_end`` they are exactly those after ``step`` only when the
     callback's ``needs_sync(step)`` returned True (otherwise the next step may already run).
-    A callback ends training after the current step with ``request_stop()``.
+    A callback ends training with ``request_stop()``: no step after the next is dispatched
+    (none at all when its ``needs_sync(step)`` was true for this step).
     """
 
     step: int
@@ -55,7 +56,8 @@ class StepInfo:
         return self._data_state()
 
     def request_stop(self, reason: str = "callback") -> None:
-        """Ends training after this step. ``"preempted"``: the run was preempted and saved."""
+        """Ends training: no further step is dispatched (one already running completes).
+        ``"preempted"``: the run was preempted and saved."""
         if reason not in STOP_REASONS:
             raise ValueError(f"reason must be one of {STOP_REASONS}, got {reason!r}.")
         if self.stop_reason != "preempted":

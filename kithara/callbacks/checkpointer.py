@@ -47,6 +47,8 @@ class Checkpointer(Callback):
             checkpoints (two runs in one directory would mix their steps).
         exit_on_preemption: after the save triggered by SIGTERM, raise ``SystemExit(0)`` from
             ``Trainer.train()``; False returns normally (``trainer.preempted`` is then True).
+        read_only: only read ``save_dir`` (another run's checkpoints): nothing is written,
+            cleaned up or deleted there; ``save`` refuses.
 
     Example:
         >>> ckpt = kithara.Checkpointer("runs/exp1/ckpt", save_interval=100, max_to_keep=3)
@@ -63,6 +65,7 @@ class Checkpointer(Callback):
         *,
         resume: bool = True,
         exit_on_preemption: bool = True,
+        read_only: bool = False,
     ) -> None:
         if not isinstance(save_interval, int) or save_interval < 1:
             raise ValueError(f"save_interval must be a positive int, got {save_interval!r}.")
@@ -76,6 +79,7 @@ class Checkpointer(Callback):
         self.async_save = async_save
         self.resume = resume
         self.exit_on_preemption = exit_on_preemption
+        self.read_only = read_only
         self.preempted = False
         self._sigterm = threading.Event()
         self._previous_handler: Any = None
@@ -92,9 +96,11 @@ class Checkpointer(Callback):
         """The orbax ``CheckpointManager`` over ``save_dir`` (created on first use)."""
         if self._manager is None:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.max_to_keep,
+                max_to_keep=None if self.read_only else self.max_to_keep,
                 enable_async_checkpointing=self.async_save,
-                cleanup_tmp_directories=True,
+                cleanup_tmp_directories=not self.read_only,
+                read_only=self.read_only,
+                create=not self.read_only,
             )
             handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
             self._manager = ocp.CheckpointManager(
@@ -116,6 +122,8 @@ class Checkpointer(Callback):
 
     def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
         """Saves ``state`` (which must be the state after ``step``) and the data position."""
+        if self.read_only:
+            raise ValueError(f"This Checkpointer only reads {self.save_dir!r} (read_only=True); it saves nothing.")
         meta = {"iterator": data_state, "checksums": checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)

@@ -28,6 +28,7 @@ class SFTConfig(TrainingConfig):
 
     Args:
         learning_rate: TRL. Peak learning rate (TRL's SFT default, 2e-5).
+        logging_steps: TRL. 10, TRL's (the base ``TrainingConfig`` logs every step).
         max_length: TRL. Tokens per row; longer examples are truncated (``None``, TRL's "no
             truncation", is refused: kithara's rows have a fixed length).
         truncation_mode: TRL. ``"keep_start"`` (drop the end) or ``"keep_end"`` (drop the
@@ -50,6 +51,7 @@ class SFTConfig(TrainingConfig):
     """
 
     learning_rate: float = 2e-5
+    logging_steps: int = 10
     max_length: int = 1024
     truncation_mode: str = "keep_start"
     packing: bool = False
@@ -80,6 +82,7 @@ class DPOConfig(TrainingConfig):
 
     Args:
         learning_rate: TRL. Peak learning rate (TRL's DPO default, 1e-6).
+        logging_steps: TRL. 10, TRL's (the base ``TrainingConfig`` logs every step).
         beta: TRL. How far the policy may move from the reference (IPO's tau).
         loss_type: TRL. A loss name of ``kithara.objectives.dpo_losses.LOSSES``, or a list of
             them to add up (TRL 1.x); stored as a tuple. RPO (TRL 0.x's ``rpo_alpha``) is
@@ -111,6 +114,7 @@ class DPOConfig(TrainingConfig):
     }
 
     learning_rate: float = 1e-6
+    logging_steps: int = 10
     beta: float = 0.1
     loss_type: str | Sequence[str] = "sigmoid"
     loss_weights: Sequence[float] | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, cast
 
 import jax
@@ -131,7 +132,8 @@ class CycleTrainer(Trainer):
         self.generation_kwargs = dict(config.generation_kwargs or {})
         self.compute_metrics = compute_metrics
         if optimizer is not None:
-            self.side_tx = dict(optimizer) if isinstance(optimizer, Mapping) else dict.fromkeys(SIDES, optimizer)
+            side_tx = dict(optimizer) if isinstance(optimizer, Mapping) else dict.fromkeys(SIDES, optimizer)
+            self.side_tx = MappingProxyType(side_tx)
             if set(self.side_tx) != set(SIDES) or not all(
                 isinstance(t, optax.GradientTransformation) for t in self.side_tx.values()
             ):
@@ -179,7 +181,7 @@ class CycleTrainer(Trainer):
 
     def default_optimizer(self, total_steps: int) -> optax.GradientTransformation:
         """``args``'s optimizer and schedule, one state per side."""
-        self.side_tx = dict.fromkeys(SIDES, self.args.build_optimizer(total_steps))
+        self.side_tx = MappingProxyType(dict.fromkeys(SIDES, self.args.build_optimizer(total_steps)))
         return per_side(self.side_tx)
 
     def data_plan(self) -> DataPlan:
@@ -240,9 +242,10 @@ class CycleTrainer(Trainer):
         if not any(self.eval_data.values()):
             raise ValueError("evaluate() needs eval_dataset_A or eval_dataset_B.")
         metrics: dict[str, float] = {}
+        limit = self.max_eval_samples  # per direction: the first N pairs and the first N texts
         for side in SIDES:
-            pairs = [x for x in self.eval_data[side] if not isinstance(x, str)]
-            texts = [x for x in self.eval_data[OTHER[side]] if isinstance(x, str)]
+            pairs = [x for x in self.eval_data[side] if not isinstance(x, str)][:limit]
+            texts = [x for x in self.eval_data[OTHER[side]] if isinstance(x, str)][:limit]
             if pairs:
                 sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
                 metrics[f"loss_{side}"] = self._eval_loss(variables, side, sources, references)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, cast
 
 import jax
@@ -21,7 +22,8 @@ from kithara.models.adapters import adapter_off
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses
 from kithara.objectives.configs import DPOConfig
-from kithara.objectives.inputs import as_loader, lora_config, resolve_model
+from kithara.objectives.inputs import as_loader, check_ready_data, lora_config, resolve_model
+from kithara.trainer.config import TrainingConfig
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.trainer import Trainer
 
@@ -133,15 +135,24 @@ class DPOTrainer(Trainer):
         if processing_class is not None and tokenizer is not None:
             raise ValueError("Pass processing_class or tokenizer (the same thing), not both.")
         if isinstance(fields.get("loss_type"), Mapping):  # {name: weight}
+            if fields.get("loss_weights") is not None:
+                raise ValueError("loss_type={name: weight} already gives the weights; drop loss_weights=.")
             weights = dict(fields.pop("loss_type"))
             fields["loss_type"], fields["loss_weights"] = list(weights), list(weights.values())
         config = cast(DPOConfig, self.resolve_config(args, **fields))
+        for name, data in ((train_name, train_data), (eval_name, eval_data)):
+            if isinstance(data, TrainingConfig):
+                raise TypeError(
+                    f"DPOTrainer got a config as {name}: its positional order is (model, optimizer or ref_model, "
+                    "train_dataset, eval_dataset); pass the config as args=."
+                )
+            check_ready_data(config, data, name, encoding=("max_length", "truncation_mode"), loading=("skip_bad_rows",))
         model, self.tokenizer = resolve_model(
             model, processing_class or tokenizer, lora=lora_config(peft_config), precision=config.precision
         )
         self.beta, self.label_smoothing = config.beta, config.label_smoothing
-        self.loss_weights = dpo_losses.loss_weights(
-            config.loss_weight_map(), beta=self.beta, label_smoothing=self.label_smoothing
+        self.loss_weights = MappingProxyType(
+            dpo_losses.loss_weights(config.loss_weight_map(), beta=self.beta, label_smoothing=self.label_smoothing)
         )
 
         def loader(data: Any, name: str, per_device: int, **options: Any) -> Dataloader:

@@ -83,3 +83,28 @@ def as_loader(
     if len(source) == 0:
         raise ValueError(f"{name} has no rows.")
     return Dataloader(make_dataset(source, tokenizer), **loader_kwargs)
+
+
+def check_ready_data(config: Any, data: Any, name: str, *, encoding: tuple[str, ...], loading: tuple[str, ...]) -> None:
+    """Refuses settings that ``data`` would ignore because it is ready: a ``Dataset`` is
+    already encoded (``encoding`` fields), a ``Dataloader`` also batched (``loading`` fields).
+    A setting equal to the ready data's own value is fine."""
+    if isinstance(data, Dataloader):
+        fields = (*encoding, *loading)
+    elif isinstance(data, Dataset):
+        fields = encoding
+    else:
+        return
+    defaults = type(config)()
+    own = data.dataset if isinstance(data, Dataloader) else data
+    ignored = [
+        f"{field}={getattr(config, field)!r}"
+        for field in fields
+        if getattr(config, field) != getattr(defaults, field)
+        and getattr(config, field) != getattr(data, field, getattr(own, field, object()))
+    ]
+    if ignored:
+        raise ValueError(
+            f"{name} is a ready {type(data).__name__}, which would ignore {', '.join(ignored)}: set "
+            f"{'them' if len(ignored) > 1 else 'it'} when building it, or pass the raw data instead."
+        )

@@ -13,10 +13,21 @@ from kithara.data.sources import Source, set_columns
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.model import Model
 from kithara.objectives.configs import SFTConfig
-from kithara.objectives.inputs import as_loader, lora_config, resolve_model
+from kithara.objectives.inputs import as_loader, check_ready_data, lora_config, resolve_model
+from kithara.trainer.config import TrainingConfig
 from kithara.trainer.trainer import Trainer
 
 FORMATS = ("text", "prompt_completion", "conversational")
+# SFTConfig fields used to encode raw data, and to batch it: a ready dataset or loader has its own.
+ENCODING_FIELDS = (
+    "max_length",
+    "truncation_mode",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "dataset_text_field",
+    "dataset_format",
+)
+LOADING_FIELDS = ("packing", "length_buckets", "skip_bad_rows")
 
 
 class SFTTrainer(Trainer):
@@ -78,6 +89,13 @@ class SFTTrainer(Trainer):
         if processing_class is not None and tokenizer is not None:
             raise ValueError("Pass processing_class or tokenizer (the same thing), not both.")
         config = cast(SFTConfig, self.resolve_config(args, **fields))
+        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if isinstance(data, TrainingConfig):
+                raise TypeError(
+                    f"SFTTrainer got a config as {name}: its positional order is (model, train_dataset, "
+                    "eval_dataset); pass the config as args=."
+                )
+            check_ready_data(config, data, name, encoding=ENCODING_FIELDS, loading=LOADING_FIELDS)
         model, self.tokenizer = resolve_model(
             model, processing_class or tokenizer, lora=lora_config(peft_config), precision=config.precision
         )

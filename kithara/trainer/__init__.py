@@ -2,6 +2,7 @@
 
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
 from kithara.trainer.state import TrainState
-from kithara.trainer.trainer import Trainer
+from kithara.trainer.progress import TrainerState
+from kithara.trainer.trainer import DataPlan, Trainer
 
-__all__ = ["LossOutput", "TrainState", "Trainer", "next_token_cross_entropy"]
+__all__ = ["DataPlan", "LossOutput", "TrainState", "Trainer", "TrainerState", "next_token_cross_entropy"]

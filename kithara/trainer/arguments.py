@@ -69,9 +69,16 @@ def resolve_config(
     elif isinstance(args, config_class):
         base = args
     elif isinstance(args, TrainingConfig) and issubclass(config_class, type(args)):
-        # A base TrainingConfig for an objective: its fields carry over, the objective's own
-        # settings take their defaults.
-        base = config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)})
+        # A base TrainingConfig for an objective: the fields it sets carry over; the others
+        # (learning_rate, logging_steps, ...) keep the objective's own defaults.
+        unset = type(args)()
+        base = config_class(
+            **{
+                f.name: getattr(args, f.name)
+                for f in dataclasses.fields(args)
+                if getattr(args, f.name) != getattr(unset, f.name)
+            }
+        )
     else:
         raise TypeError(
             f"{where}: args must be a kithara.{config_class.__name__} (or a kithara.TrainingConfig), "
@@ -155,14 +162,31 @@ OPTIMIZER_FIELDS = (
 
 
 def check_nothing_ignored(
-    config: TrainingConfig, *, optimizer_given: bool, loaders: Mapping[str, Dataloader | None], where: str
+    config: TrainingConfig,
+    *,
+    optimizer_given: bool,
+    checkpointer_given: bool,
+    profiler_given: bool,
+    loaders: Mapping[str, Dataloader | None],
+    where: str,
 ) -> None:
-    """Refuses settings the run would not use: optimizer fields next to a ready optimizer,
-    and batch sizes (or, for objectives, data settings) that differ from a ready loader's."""
+    """Refuses settings the run would not use: optimizer, checkpoint or profiling fields next
+    to a ready optimizer, checkpointer or profiler, and batch sizes that differ from a ready
+    loader's (objectives check their own data settings: ``inputs.check_ready_data``)."""
     defaults = type(config)()
 
     def changed(name: str) -> bool:
         return getattr(config, name) != getattr(defaults, name)
+
+    for given, what, fields in (
+        (checkpointer_given, "checkpointer=", ("save_strategy", "save_steps", "save_total_limit", "resume")),
+        (profiler_given, "profiler=", ("profile_start_step", "profile_num_steps")),
+    ):
+        if given and (unused := [f"{f}={getattr(config, f)!r}" for f in fields if changed(f)]):
+            raise ValueError(
+                f"{where}: {', '.join(unused)} would be ignored: {what} was given and has its own settings; "
+                f"set them there, or drop {what}"
+            )
 
     if optimizer_given and (unused := [f"{f}={getattr(config, f)!r}" for f in OPTIMIZER_FIELDS if changed(f)]):
         raise ValueError(
@@ -178,12 +202,6 @@ def check_nothing_ignored(
             raise ValueError(
                 f"{where}: {field}={wanted}, but the {kind} Dataloader given has per_device_batch_size="
                 f"{loader.per_device_batch_size}; build the loader with that batch size or pass the data unbatched."
-            )
-        length = getattr(config, "max_length", None)
-        if hasattr(defaults, "max_length") and changed("max_length") and length != loader.max_length:
-            raise ValueError(
-                f"{where}: max_length={length}, but the {kind} Dataloader given holds rows of {loader.max_length} "
-                "tokens; pass the data unbatched to have it encoded with max_length, or drop max_length."
             )
 
 

@@ -44,6 +44,7 @@ OPTIMIZERS = (*ADAMW_NAMES, "sgd")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps")
 REPORT_TO = ("none", "tensorboard", "all")
+_ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon")
 
 # TRL / transformers options kithara has no field for, and what to do instead.
 _NOT_IN_KITHARA = {
@@ -99,8 +100,9 @@ class TrainingConfig:
         max_grad_norm: TRL. Clip gradients to this global norm; ``None`` or 0 does not clip.
         optim: TRL. ``"adamw"`` (also ``"adamw_torch"``, ``"adamw_torch_fused"``,
             ``"adamw_hf"``: all AdamW; TRL: ``"adamw_torch_fused"``) or ``"sgd"``.
-        logging_steps: TRL. Log metrics every this many steps (a whole number; TRL also takes
-            a fraction of all steps).
+        logging_steps: TRL. Log metrics (and write TensorBoard) every this many steps (a whole
+            number; TRL also takes a fraction of all steps). 1 here, as the Kithara trainer's
+            ``log_steps_interval``; ``SFTConfig`` and ``DPOConfig`` take TRL's 10.
         eval_strategy: TRL. ``"no"``, ``"steps"`` (every ``eval_steps``) or ``"epoch"`` (every
             ``eval_epochs``). ``None`` (TRL: ``"no"``): ``"steps"`` when ``eval_steps`` is set,
             ``"epoch"`` when ``eval_epochs`` is, else every epoch when there is evaluation
@@ -160,7 +162,7 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0
     optim: str = "adamw"
-    logging_steps: int = 10
+    logging_steps: int = 1
     eval_strategy: str | None = None
     eval_steps: int | None = None
     eval_epochs: int | None = None
@@ -305,7 +307,9 @@ class TrainingConfig:
     def build_optimizer(self, total_steps: int) -> optax.GradientTransformation:
         """The optimizer over ``total_steps`` steps: ``optim`` with this config's schedule,
         weight decay, betas, epsilon and clipping; its learning rate is logged."""
-        schedule = self.schedule(total_steps)
+        # A constant rate goes in as a number, as kithara.optimizers.adamw(lr) takes it: the
+        # optimizer state then has no schedule counter, so checkpoints keep their layout.
+        schedule: Any = self.learning_rate if self.lr_scheduler_type == "constant" else self.schedule(total_steps)
         if self.optim != "sgd":
             return optimizers.adamw(
                 schedule,
@@ -382,6 +386,7 @@ class TrainingConfig:
             raise ValueError(
                 f"Set max_steps ({self.max_steps}) or num_train_epochs ({self.num_train_epochs}), not both."
             )
+        self._validate_unused()
         self._validate_optimizer()
         self._validate_schedule()
         self._validate_eval_and_save()
@@ -451,6 +456,18 @@ class TrainingConfig:
                 )
             if "min_lr" in options and self.learning_rate == 0:
                 raise ValueError("lr_scheduler_kwargs['min_lr'] needs learning_rate > 0 (it is divided by it).")
+
+    def _validate_unused(self) -> None:
+        """Refuses fields that would be ignored because of another field's value."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        pairs = [
+            ("save_steps", self.save_strategy == "no", "save_strategy='no' saves nothing"),
+            ("profile_num_steps", self.profile_start_step is None, "profile_start_step is unset"),
+        ]
+        pairs += [(name, self.optim == "sgd", "optim='sgd' has no such setting") for name in _ADAM_FIELDS]
+        for name, unused, why in pairs:
+            if unused and getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name}={getattr(self, name)!r} would be ignored: {why}.")
 
     def _validate_eval_and_save(self) -> None:
         if self.eval_strategy is not None and self.eval_strategy not in EVAL_STRATEGIES:

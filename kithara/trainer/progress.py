@@ -15,9 +15,11 @@ class TrainerState:
         global_step: optimizer steps done.
         epoch: epochs done, fractional (``global_step / steps_per_epoch``).
         max_steps: the steps this run trains to.
-        log_history: one dict per logged training step (``step``, ``epoch`` and the step's
-            metrics: ``loss``, ``grad_norm``, ``learning_rate``, ...) and per evaluation
-            (``step``, ``epoch`` and ``eval_``-prefixed metrics), in order.
+        log_history: as TRL's: one dict every ``logging_steps`` steps and at the last step
+            (``step``, fractional ``epoch``, ``loss`` averaged over the steps since the
+            previous one, and that step's ``grad_norm``, ``learning_rate``, ...), and one per
+            evaluation (``step``, ``epoch`` and ``eval_``-prefixed metrics), in order. Every
+            step's own metrics are in ``trainer.history``.
 
     The device-side state (variables, optimizer state) is ``trainer.train_state``.
     """
@@ -29,13 +31,26 @@ class TrainerState:
 
 
 def log_history(
-    history: Sequence[Mapping[str, float]], eval_history: Sequence[Mapping[str, float]], steps_per_epoch: int
+    history: Sequence[Mapping[str, float]],
+    eval_history: Sequence[Mapping[str, float]],
+    *,
+    steps_per_epoch: int,
+    logging_steps: int,
+    total_steps: int,
 ) -> list[dict[str, Any]]:
-    """Train and eval records merged in step order (an evaluation after its step's record)."""
+    """TRL's log: a record every ``logging_steps`` steps (and at the last step) whose ``loss``
+    is the mean over the steps since the previous record and whose other metrics are the
+    step's own; an evaluation's record after its step's."""
     records: list[tuple[int, int, dict[str, Any]]] = []
+    window: list[float] = []
     for entry in history:
         step = int(entry["step"])
+        window.append(entry["loss"])
+        if step % logging_steps and step != total_steps:
+            continue
         values = {k: v for k, v in entry.items() if k not in ("step", "epoch")}
+        values["loss"] = sum(window) / len(window)
+        window = []
         records.append((step, 0, {"step": step, "epoch": step / steps_per_epoch, **values}))
     for entry in eval_history:
         step = int(entry["step"])

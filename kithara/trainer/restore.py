@@ -39,14 +39,15 @@ def checkpoint_to_restore(
 
 
 def checkpoint_location(path: str) -> tuple[Checkpointer, int | None]:
-    """The checkpointer over ``path`` and the step to restore: ``path`` is one step's
-    directory (``.../checkpoints/200``: that step) or a directory of steps (the latest)."""
+    """A read-only checkpointer over ``path`` (nothing there is cleaned up or deleted) and the
+    step to restore: ``path`` is one step's directory (``.../checkpoints/200``: that step)
+    or a directory of steps (the latest)."""
     where = epath.Path(path)
     if not where.exists():
         raise FileNotFoundError(f"resume_from_checkpoint={path!r} does not exist.")
     if where.name.isdigit() and (where / "state").exists():
-        return Checkpointer(os.fspath(where.parent), resume=True), int(where.name)
-    checkpointer = Checkpointer(path, resume=True)
+        return Checkpointer(os.fspath(where.parent), read_only=True), int(where.name)
+    checkpointer = Checkpointer(path, read_only=True)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(
             f"resume_from_checkpoint={path!r} holds no complete checkpoint: give a checkpoint step directory "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import logging
 import math
@@ -176,6 +177,8 @@ class Trainer:
         check_nothing_ignored(
             config,
             optimizer_given=optimizer is not None,
+            checkpointer_given=checkpointer is not None or any(isinstance(cb, Checkpointer) for cb in callbacks),
+            profiler_given=profiler is not None,
             loaders={"train": train_dataloader, "eval": eval_dataloader},
             where=type(self).__name__,
         )
@@ -195,6 +198,17 @@ class Trainer:
             raise ValueError(
                 "An evaluation schedule (eval_strategy / eval_steps / eval_epochs) or max_eval_samples was set "
                 "but no eval_dataloader (or eval_dataset) was given."
+            )
+        if not plan.has_eval and config.per_device_eval_batch_size is not None:
+            raise ValueError(
+                f"per_device_eval_batch_size={config.per_device_eval_batch_size} is set but there is no "
+                "evaluation data (eval_dataloader / eval_dataset)."
+            )
+        if plan.batches_per_epoch is None and config.num_train_epochs is not None:
+            raise ValueError(
+                f"num_train_epochs={config.num_train_epochs}: {type(self).__name__} gets its batches through "
+                "run_step / step(), so it has no epochs; set max_steps (the length of the learning-rate "
+                "schedule) instead."
             )
         strategy = config.eval_strategy or ("epoch" if plan.has_eval else "no")
         self.has_eval = plan.has_eval
@@ -231,6 +245,7 @@ class Trainer:
         if not config.disable_tqdm:
             self.callbacks.append(ProgressBar())
         self.callbacks.extend(callbacks)
+        check_signatures(self)
         # A Checkpointer passed among the callbacks must restore too, not only save.
         found = [cb for cb in self.callbacks if isinstance(cb, Checkpointer)]
         if len(found) > 1:
@@ -403,7 +418,13 @@ class Trainer:
         """Progress as TRL reports it: ``global_step``, ``epoch``, ``max_steps`` and
         ``log_history`` (the device state is ``train_state``)."""
         step = self._final_step()
-        history = log_history(self.history, self.eval_history, self.steps_per_epoch)
+        history = log_history(
+            self.history,
+            self.eval_history,
+            steps_per_epoch=self.steps_per_epoch,
+            logging_steps=self.log_steps_interval,
+            total_steps=self.total_steps,
+        )
         return TrainerState(step, step / self.steps_per_epoch, self.total_steps, history)
 
     @property
@@ -444,7 +465,11 @@ class Trainer:
         source, step = checkpoint_to_restore(self.checkpointer, resume_from_checkpoint)
         if source is None:
             return self.init_state()
-        state, self._restored_data_state = source.restore(self.abstract_state(), step)
+        try:
+            state, self._restored_data_state = source.restore(self.abstract_state(), step)
+        finally:
+            if source is not self.checkpointer:
+                source.close()
         restored = int(jax.device_get(state.step))
         own = self.checkpointer
         later = [s for s in (own.all_steps() if own is not None else []) if s > restored]
@@ -629,6 +654,12 @@ class Trainer:
             self._manual = True
         step = len(self.history) and int(self.history[-1]["step"])
         step = max(step, self.start_step) + 1
+        if self.total_steps and step == self.total_steps + 1:
+            logger.warning(
+                "Step %d is past max_steps=%d: the learning-rate schedule has ended (it stays at its last value).",
+                step,
+                self.total_steps,
+            )
         try:
             global_batch = sharding_lib.shard_batch(dict(batch), self.model.mesh, leading_dims=1)
             self.train_state, metrics = self.host_step(self._live_state(), global_batch)
@@ -669,6 +700,28 @@ class Trainer:
         logger.info("eval at step %d: %s", step, _fmt(metrics))
         self._notify("on_eval_end", self._info(step, metrics))
         return metrics
+
+
+def check_signatures(trainer: Trainer) -> None:
+    """Refuses hooks written for the old contract, naming the new form (instead of a bare
+    TypeError at the first step)."""
+    wanted = {"compute_loss": 4, "train_step": 3, "host_step": 2}
+    for name, count in wanted.items():
+        parameters = inspect.signature(getattr(trainer, name)).parameters.values()
+        if not any(p.kind is p.VAR_POSITIONAL for p in parameters) and len(parameters) != count:
+            raise TypeError(
+                f"{type(trainer).__name__}.{name} takes {len(parameters)} arguments; the objective contract's "
+                f"{name} takes {count}: compute_loss(variables, batch, rng, frozen), train_step(state, batch, "
+                "frozen), host_step(state, batch). See docs/trainer.md, 'Writing an objective'."
+            )
+    for callback in trainer.callbacks:
+        for event in ("on_train_begin", "on_step_end", "on_eval_end", "on_train_end"):
+            parameters = inspect.signature(getattr(callback, event)).parameters.values()
+            if not any(p.kind is p.VAR_POSITIONAL for p in parameters) and len(parameters) != 1:
+                raise TypeError(
+                    f"{type(callback).__name__}.{event} takes {len(parameters)} arguments; callbacks now get one "
+                    f"kithara.StepInfo: def {event}(self, info). See docs/trainer.md, 'Callbacks'."
+                )
 
 
 def _fmt(values: Mapping[str, float]) -> str:
