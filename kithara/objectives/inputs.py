@@ -17,6 +17,7 @@ from kithara.data.tokenizer import Tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.lora import LoraConfig
 from kithara.models.model import Model
+from kithara.trainer.config import TrainingConfig
 
 
 def resolve_model(
@@ -85,7 +86,9 @@ def as_loader(
     return Dataloader(make_dataset(source, tokenizer), **loader_kwargs)
 
 
-def check_ready_data(config: Any, data: Any, name: str, *, encoding: tuple[str, ...], loading: tuple[str, ...]) -> None:
+def check_ready_data(
+    config: TrainingConfig, data: Any, name: str, *, encoding: tuple[str, ...], loading: tuple[str, ...]
+) -> None:
     """Refuses settings that ``data`` would ignore because it is ready: a ``Dataset`` is
     already encoded (``encoding`` fields), a ``Dataloader`` also batched (``loading`` fields).
     A setting equal to the ready data's own value is fine."""
@@ -95,13 +98,12 @@ def check_ready_data(config: Any, data: Any, name: str, *, encoding: tuple[str, 
         fields = encoding
     else:
         return
-    defaults = type(config)()
     own = data.dataset if isinstance(data, Dataloader) else data
+    changed = config.changed_fields()
     ignored = [
-        f"{field}={getattr(config, field)!r}"
+        f"{field}={changed[field]!r}"
         for field in fields
-        if getattr(config, field) != getattr(defaults, field)
-        and getattr(config, field) != getattr(data, field, getattr(own, field, object()))
+        if field in changed and changed[field] != getattr(data, field, getattr(own, field, object()))
     ]
     if ignored:
         raise ValueError(

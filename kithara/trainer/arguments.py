@@ -4,7 +4,6 @@ as keywords, and the Kithara trainer's own argument names (``steps``, ``epochs``
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,14 +70,7 @@ def resolve_config(
     elif isinstance(args, TrainingConfig) and issubclass(config_class, type(args)):
         # A base TrainingConfig for an objective: the fields it sets carry over; the others
         # (learning_rate, logging_steps, ...) keep the objective's own defaults.
-        unset = type(args)()
-        base = config_class(
-            **{
-                f.name: getattr(args, f.name)
-                for f in dataclasses.fields(args)
-                if getattr(args, f.name) != getattr(unset, f.name)
-            }
-        )
+        base = config_class(**args.changed_fields())
     else:
         raise TypeError(
             f"{where}: args must be a kithara.{config_class.__name__} (or a kithara.TrainingConfig), "
@@ -101,10 +93,10 @@ def resolve_config(
             changes[name] = (name, value)
     if base is None:
         return config_class(**{field: value for field, (_, value) in changes.items()})
-    defaults = config_class()
+    set_in_args = base.changed_fields()
     for field, (name, value) in changes.items():
         current = getattr(base, field)
-        if current != getattr(defaults, field) and current != value:
+        if field in set_in_args and current != value:
             raise ValueError(
                 f"{where}: {name}={value!r} contradicts args.{field}={current!r}; set it in one place "
                 f"(args=config.replace({field}=...) changes a config)."
@@ -159,6 +151,8 @@ OPTIMIZER_FIELDS = (
     "max_grad_norm",
     "optim",
 )
+CHECKPOINT_FIELDS = ("save_strategy", "save_steps", "save_total_limit", "resume")
+PROFILE_FIELDS = ("profile_start_step", "profile_num_steps")
 
 
 def check_nothing_ignored(
@@ -173,32 +167,24 @@ def check_nothing_ignored(
     """Refuses settings the run would not use: optimizer, checkpoint or profiling fields next
     to a ready optimizer, checkpointer or profiler, and batch sizes that differ from a ready
     loader's (objectives check their own data settings: ``inputs.check_ready_data``)."""
-    defaults = type(config)()
-
-    def changed(name: str) -> bool:
-        return getattr(config, name) != getattr(defaults, name)
-
-    for given, what, fields in (
-        (checkpointer_given, "checkpointer=", ("save_strategy", "save_steps", "save_total_limit", "resume")),
-        (profiler_given, "profiler=", ("profile_start_step", "profile_num_steps")),
-    ):
-        if given and (unused := [f"{f}={getattr(config, f)!r}" for f in fields if changed(f)]):
+    changed = config.changed_fields()
+    ready = (
+        (optimizer_given, "optimizer=", OPTIMIZER_FIELDS, "configure the optimizer the trainer builds, but"),
+        (checkpointer_given, "checkpointer=", CHECKPOINT_FIELDS, "would be ignored:"),
+        (profiler_given, "profiler=", PROFILE_FIELDS, "would be ignored:"),
+    )
+    for given, what, fields, verb in ready:
+        if given and (unused := [f"{f}={changed[f]!r}" for f in fields if f in changed]):
             raise ValueError(
-                f"{where}: {', '.join(unused)} would be ignored: {what} was given and has its own settings; "
-                f"set them there, or drop {what}"
+                f"{where}: {', '.join(unused)} {verb} {what} was given and has its own settings; set them "
+                f"there, or drop {what}"
             )
-
-    if optimizer_given and (unused := [f"{f}={getattr(config, f)!r}" for f in OPTIMIZER_FIELDS if changed(f)]):
-        raise ValueError(
-            f"{where}: {', '.join(unused)} configure the optimizer the trainer builds, but optimizer= was given "
-            "and would ignore them; set them on your optimizer, or drop optimizer=."
-        )
     for kind, loader in loaders.items():
         if loader is None:
             continue
         field = "per_device_train_batch_size" if kind == "train" else "per_device_eval_batch_size"
         wanted = getattr(config, field)
-        if changed(field) and wanted is not None and wanted != loader.per_device_batch_size:
+        if field in changed and wanted is not None and wanted != loader.per_device_batch_size:
             raise ValueError(
                 f"{where}: {field}={wanted}, but the {kind} Dataloader given has per_device_batch_size="
                 f"{loader.per_device_batch_size}; build the loader with that batch size or pass the data unbatched."

@@ -214,6 +214,28 @@ class TrainingConfig:
             names, cls.field_names(), where, unsupported=cls.unsupported_arguments, docs=f"help({cls.__name__})"
         )
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, by name (without building a config)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def changed_fields(self) -> dict[str, Any]:
+        """The fields whose values differ from those of a default config of this class (as
+        built, so normalised values such as a loss-type tuple compare equal), by name."""
+        default = _default_config(type(self))
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+    @property
+    def needs_total_steps(self) -> bool:
+        """Whether the learning-rate schedule spans the run's steps (so needs their count):
+        every schedule but a constant one, and any warmup given as a fraction."""
+        fraction = (isinstance(self.warmup_steps, float) and self.warmup_steps < 1) or self.warmup_ratio > 0
+        return self.lr_scheduler_type not in ("constant", "constant_with_warmup") or fraction
+
     @property
     def precision(self) -> str | None:
         """The kithara precision the flags ask for (``"mixed_bfloat16"`` for ``bf16``), or
@@ -459,7 +481,7 @@ class TrainingConfig:
 
     def _validate_unused(self) -> None:
         """Refuses fields that would be ignored because of another field's value."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = self.defaults()
         pairs = [
             ("save_steps", self.save_strategy == "no", "save_strategy='no' saves nothing"),
             ("profile_num_steps", self.profile_start_step is None, "profile_start_step is unset"),
@@ -517,6 +539,16 @@ class TrainingConfig:
     def _reports_tensorboard(self) -> bool:
         names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         return "tensorboard" in names or "all" in names
+
+
+_DEFAULT_CONFIGS: dict[type, TrainingConfig] = {}
+
+
+def _default_config(cls: type[TrainingConfig]) -> TrainingConfig:
+    """A default config of ``cls``, built once."""
+    if cls not in _DEFAULT_CONFIGS:
+        _DEFAULT_CONFIGS[cls] = cls()
+    return _DEFAULT_CONFIGS[cls]
 
 
 def _join(directory: str, name: str) -> str:

@@ -12,11 +12,12 @@ from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
 from kithara.models.model import ModelVariables
+from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.state import TrainState
 
 TrainStep = Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]
-ComputeLoss = Callable[[ModelVariables, Any, jax.Array, Any], tuple[LossOutput, Any]]
+ComputeLoss = Callable[..., tuple[LossOutput, Any]]  # (variables, batch, rng, frozen)
 
 
 class StepPrograms:
@@ -43,7 +44,9 @@ class StepPrograms:
             donate_argnums=0,
         )
         self._eval: Any = jax.jit(
-            functools.partial(_eval_step, compute_loss),
+            lambda variables, batch, frozen: step_lib.eval_step(
+                variables, batch, loss_fn=functools.partial(compute_loss, frozen=frozen)
+            ),
             in_shardings=(state_shardings.model, sharding_lib.batch_sharding(mesh), frozen_shardings),
             out_shardings=replicated,
         )
@@ -62,12 +65,6 @@ class StepPrograms:
     @property
     def compilations(self) -> dict[str, int]:
         return {"train_step": self._train._cache_size(), "eval_step": self._eval._cache_size()}
-
-
-def _eval_step(compute_loss: ComputeLoss, variables: ModelVariables, batch: Any, frozen: Any) -> LossOutput:
-    """Loss sums of one evaluation batch (no gradient, no state change)."""
-    out, _ = compute_loss(variables, batch, jax.random.key(0), frozen)
-    return out
 
 
 def _mesh_sharding(x: Any, mesh: Mesh) -> jax.sharding.Sharding:

@@ -45,8 +45,6 @@ from kithara.trainer.throughput import mesh_peak_flops
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES_WITHOUT_END = ("constant", "constant_with_warmup")  # need no total step count
-
 
 @dataclasses.dataclass(frozen=True)
 class DataPlan:
@@ -253,8 +251,7 @@ class Trainer:
         self.checkpointer = found[0] if found else None
 
         if optimizer is None:
-            fraction = (isinstance(config.warmup_steps, float) and config.warmup_steps < 1) or config.warmup_ratio > 0
-            if self.total_steps == 0 and (config.lr_scheduler_type not in SCHEDULES_WITHOUT_END or fraction):
+            if self.total_steps == 0 and config.needs_total_steps:
                 raise ValueError(
                     f"lr_scheduler_type={config.lr_scheduler_type!r} (or a warmup fraction) spans the run's steps, "
                     f"but {type(self).__name__} steps come through run_step and max_steps is unset: set "
@@ -265,7 +262,8 @@ class Trainer:
         self.state_shardings = setup.state_shardings(model, self.tx)
         # Processes set up differently would compile different steps and hang in their first
         # collective; compare them now and name the difference instead.
-        check_same_on_all_processes(self._setup_description(plan), "trainer set-up")
+        self._plan = plan
+        check_same_on_all_processes(self._setup_description(), "trainer set-up")
         self._programs = StepPrograms(
             self.train_step, self.compute_loss, self.state_shardings, model.mesh, self.frozen_variables()
         )
@@ -279,7 +277,6 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         self._restored_data_state: dict[str, Any] | None = None
         self._stop_reason: str | None = None
-        self._sequence_length = plan.sequence_length
         self._peak_flops: float | None = None
         self._epoch = 0
         self._manual = False  # run_step() has begun the callbacks and finish() has not ended them
@@ -434,9 +431,9 @@ class Trainer:
 
     # State ------------------------------------------------------------------------------
 
-    def _setup_description(self, plan: DataPlan | None = None) -> dict[str, Any]:
+    def _setup_description(self) -> dict[str, Any]:
         """What must be identical on every process: mesh, schedule, batch and state layout."""
-        plan = plan or self.data_plan()
+        plan = self._plan
         shapes = setup.param_shapes(self.model)
         return {
             "mesh": {name: int(size) for name, size in self.model.mesh.shape.items()},
@@ -538,12 +535,11 @@ class Trainer:
                 (``.../checkpoints/200``) or a directory of steps (its latest); new saves still
                 go to this trainer's checkpointer.
         """
-        plan_length = self._sequence_length
-        if self.data_plan().batches_per_epoch is None:
+        if self._plan.batches_per_epoch is None:
             raise ValueError(f"{type(self).__name__} has no train_dataloader; feed batches with run_step().")
         if resume_from_checkpoint is not None:
             self.train_state = None  # restore (or start) exactly as asked
-        self._begin(plan_length, resume_from_checkpoint)
+        self._begin(self._plan.sequence_length, resume_from_checkpoint)
         logger.info(
             "Training %d steps (%d per epoch), %s",
             self.total_steps,
