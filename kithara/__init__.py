@@ -17,9 +17,18 @@ if keras.backend.backend() != "jax":
 from kithara import data, distributed
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
-from kithara.models import Architecture, KerasHubModel, KerasHubSeq2SeqModel, LoraConfig, Model, ModelVariables
-from kithara.objectives import CycleTrainer, DPOTrainer, IterativeSFTTrainer, SFTTrainer
+from kithara.models import (
+    Architecture,
+    KerasHubModel,
+    KerasHubSeq2SeqModel,
+    LoraConfig,
+    Model,
+    ModelVariables,
+    ScalarHeadModel,
+)
+from kithara.objectives import CycleTrainer, DPOTrainer, GRPOTrainer, IterativeSFTTrainer, RLOOTrainer, SFTTrainer
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
+from kithara.objectives.rl_configs import GRPOConfig, RLOOConfig, RolloutConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -39,6 +48,11 @@ __all__ = [
     "CycleTrainer",
     "DPOConfig",
     "DPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
+    "RLOOConfig",
+    "RLOOTrainer",
+    "RolloutConfig",
     "Dataloader",
     "IterativeSFTConfig",
     "IterativeSFTTrainer",
@@ -52,6 +66,7 @@ __all__ = [
     "ProgressBar",
     "SFTConfig",
     "SFTTrainer",
+    "ScalarHeadModel",
     "ShardingStrategy",
     "StepInfo",
     "TensorBoardLogger",

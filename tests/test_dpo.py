@@ -194,7 +194,7 @@ def test_dpo_end_to_end_raises_reward_accuracy():
             "logps/rejected", "logits/chosen", "logits/rejected"}  # fmt: skip
     assert keys <= set(history[0]) and keys <= set(trainer.eval_history[-1])
     assert history[-1]["loss"] < history[0]["loss"]
-    assert trainer.compilations == {"train_step": 1, "eval_step": 1}
+    assert trainer.compilations == {"train_step": 1, "eval_step": 1, "score": 0}
     first = next(trainer.train_dataloader.epoch(0))
     assert history[0]["tokens"] == first["chosen_padding_mask"].sum() + first["rejected_padding_mask"].sum()
     assert trainer.eval_history[-1]["rewards/margins"] > 0

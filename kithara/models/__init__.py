@@ -5,6 +5,7 @@ from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.lora import LoraConfig
 from kithara.models.model import Model, ModelVariables
 from kithara.models.precision import PRECISIONS
+from kithara.models.scalar_head import ScalarHeadModel
 from kithara.models.seq2seq_model import SEQ2SEQ_FAMILIES, KerasHubSeq2SeqModel
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "LoraConfig",
     "Model",
     "ModelVariables",
+    "ScalarHeadModel",
 ]

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
 from kithara.models.model import ModelVariables
-from kithara.models.sampling import choose_tokens
+from kithara.models.sampling import choose_tokens, is_filtered
 
 if TYPE_CHECKING:
     from kithara.models.keras_hub_model import KerasHubModel
@@ -71,7 +71,7 @@ class DecodePrograms(abc.ABC):
     def _decode(self, *args: Any, greedy: bool, filtered: bool) -> jax.Array:
         """The pure decode of one sampling mode, jitted by ``_program``: its arguments are
         the variables, the model's own arrays, then the stop ids, the rng and the
-        temperature, top-k and top-p values (see ``_run``)."""
+        temperature, top-k, top-p and min-p values (see ``_run``)."""
 
     def _padded_rows(self, rows: int) -> int:
         """The batch bucket: a power of two, rounded up to a multiple of the mesh's batch shards."""
@@ -86,6 +86,7 @@ class DecodePrograms(abc.ABC):
         temperature: float,
         top_k: int | None,
         top_p: float | None,
+        min_p: float | None = None,
         stop_token_ids: Sequence[int],
         rng: jax.Array,
     ) -> np.ndarray:
@@ -97,7 +98,7 @@ class DecodePrograms(abc.ABC):
         stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
         stops[: len(stop_token_ids)] = list(stop_token_ids)
         greedy = not temperature
-        filtered = not greedy and (bool(top_k) or (top_p is not None and top_p < 1.0))
+        filtered = not greedy and is_filtered(top_k, top_p, min_p)
         out = self._program(greedy, filtered)(
             variables,
             *inputs,
@@ -106,6 +107,7 @@ class DecodePrograms(abc.ABC):
             jnp.float32(temperature or 1.0),
             jnp.int32(top_k or 0),
             jnp.float32(1.0 if top_p is None else top_p),
+            jnp.float32(min_p or 0.0),
         )
         return np.asarray(jax.device_get(out))
 
@@ -187,6 +189,14 @@ def cut_at_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> list[int]:
     return tokens[: next((j for j, t in enumerate(tokens) if t in stop_token_ids), len(tokens))]
 
 
+def split_at_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """``tokens`` up to and including the first stop token, and whether there was one."""
+    kept = cut_at_stop(tokens, stop_token_ids)
+    if len(kept) == len(tokens):
+        return kept, False
+    return tokens[: len(kept) + 1], True
+
+
 class Generator(DecodePrograms):
     """Decodes with one ``KerasHubModel``; holds one jitted program per sampling mode."""
 
@@ -201,11 +211,14 @@ class Generator(DecodePrograms):
         temperature: float,
         top_k: int | None,
         top_p: float | None,
+        min_p: float | None,
         stop_token_ids: Sequence[int],
         rng: jax.Array,
     ) -> list[list[int]]:
-        """New tokens of each prompt: row ``i`` continues up to total length ``ends[i]``,
-        cut before its first stop token."""
+        """New tokens of each prompt, uncut: row ``i`` continues up to total length
+        ``ends[i]``; a row that met a stop token holds it, then the (meaningless) padding up
+        to ``ends[i]``, so callers cut at the first stop token (``cut_at_stop`` or
+        ``split_at_stop``)."""
         mesh = self.model.mesh
         rows = len(token_ids)
         padded_rows = self._padded_rows(rows)
@@ -216,9 +229,9 @@ class Generator(DecodePrograms):
         for i in range(padded_rows):
             ids[i, : lengths[i]] = token_ids[i if i < rows else 0]
         inputs = [put_rows(a, mesh, by_row=True) for a in (ids, lengths, ends_arr)]
-        out = self._run(variables, inputs, temperature=temperature, top_k=top_k, top_p=top_p,
+        out = self._run(variables, inputs, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         stop_token_ids=stop_token_ids, rng=rng)  # fmt: skip
-        return [cut_at_stop(out[i, lengths[i] : ends_arr[i]].tolist(), stop_token_ids) for i in range(rows)]
+        return [out[i, lengths[i] : ends_arr[i]].tolist() for i in range(rows)]
 
     def _decode(  # type: ignore[override]
         self,
@@ -231,6 +244,7 @@ class Generator(DecodePrograms):
         temperature: jax.Array,
         top_k: jax.Array,
         top_p: jax.Array,
+        min_p: jax.Array,
         *,
         greedy: bool,
         filtered: bool,
@@ -255,7 +269,7 @@ class Generator(DecodePrograms):
                 logits_Bx1xV, _, cache = causal_lm.call_with_cache(last_Bx1, cache, index - 1)
             rng, key = jax.random.split(rng)
             chosen_B = choose_tokens(
-                logits_Bx1xV[:, 0], key, temperature, top_k, top_p, greedy=greedy, filtered=filtered
+                logits_Bx1xV[:, 0], key, temperature, top_k, top_p, min_p, greedy=greedy, filtered=filtered
             )
             generating_B = (index >= prompt_len_B) & ~done_B
             current_B = ids_BxT[:, index]

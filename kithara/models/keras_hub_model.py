@@ -23,8 +23,16 @@ from rich.table import Table
 from kithara import sharding as sharding_lib
 from kithara.models import hf, segments
 from kithara.models.families import Architecture, get_family, layer_layout
-from kithara.models.generation import GeneratesWithCache, Generator, as_key, read_prompts
+from kithara.models.generation import (
+    GeneratesWithCache,
+    Generator,
+    as_key,
+    cut_at_stop,
+    read_prompts,
+    split_at_stop,
+)
 from kithara.models.keras_variables import KerasVariables
+from kithara.models.logprobs import chunked_token_logps
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
@@ -200,23 +208,73 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         trainable = [variables.trainable[p] for p in self._trainable_paths]
         non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
-        model_inputs = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
-        packed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if "segment_ids" in inputs:
-            if not self.supports_packing:
-                raise ValueError(
-                    f"{type(self.backbone).__name__} does not support packed sequences: its attention cannot "
-                    "take segment ids, so packing would leak attention across examples. Set packing off."
-                )
-            if "positions" not in inputs:
-                raise ValueError("Packed inputs carry segment_ids but no positions.")
-            segments.install()
-            packed = segments.packed_inputs(inputs["segment_ids"], inputs["positions"])
-        with packed:
+        with self._packed(inputs):
             logits, new_non_trainable = self.causal_lm.stateless_call(
-                trainable, non_trainable, model_inputs, training=training
+                trainable, non_trainable, _model_inputs(inputs), training=training
             )
         return logits, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
+
+    def _packed(self, inputs: Mapping[str, jax.Array]) -> contextlib.AbstractContextManager[Any]:
+        """The segment-aware attention context for packed ``inputs`` (nothing otherwise);
+        refuses packed inputs the backbone cannot keep apart."""
+        if "segment_ids" not in inputs:
+            return contextlib.nullcontext()
+        if not self.supports_packing:
+            raise ValueError(
+                f"{type(self.backbone).__name__} does not support packed sequences: its attention cannot "
+                "take segment ids, so packing would leak attention across examples. Set packing off."
+            )
+        if "positions" not in inputs:
+            raise ValueError("Packed inputs carry segment_ids but no positions.")
+        segments.install()
+        return segments.packed_inputs(inputs["segment_ids"], inputs["positions"])
+
+    def _state_mapping(self, variables: ModelVariables) -> list[tuple[keras.Variable, jax.Array]]:
+        """(keras variable, value) pairs for ``keras.StatelessScope``."""
+        return [(self._by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
+
+    def hidden_states(
+        self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``,
+        the final-norm hidden states the LM head turns into ``apply``'s logits (a value head
+        for PPO goes on these). Same ``inputs`` as ``apply``, packed ones included."""
+        with self._packed(inputs), keras.StatelessScope(state_mapping=self._state_mapping(variables)) as scope:
+            hidden_BxLxH = self.backbone(_model_inputs(inputs), training=training)
+            new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
+        return hidden_BxLxH, new_non_trainable
+
+    def lm_head(self, variables: ModelVariables, hidden_BxLxH: jax.Array) -> jax.Array:
+        """The LM head on hidden states: keras-hub's ``token_embedding(x, reverse=True)``
+        (tied or untied output embeddings, and Gemma 2/3's final logit soft-capping when the
+        backbone has one), in the model's compute dtype."""
+        with keras.StatelessScope(state_mapping=self._state_mapping(variables)):
+            return self.backbone.token_embedding(hidden_BxLxH, reverse=True)
+
+    def token_logps(
+        self,
+        variables: ModelVariables,
+        inputs: Mapping[str, jax.Array],
+        labels_BxL: jax.Array,
+        *,
+        training: bool,
+        chunk_size: int | None = None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Float32 log-probability of each label and entropy of each position's distribution,
+        without float32 ``[batch, length, vocab]`` logits: the backbone runs once, then the LM
+        head and the log-softmax run ``chunk_size`` positions at a time, each chunk
+        rematerialised in the backward pass (see ``kithara.models.logprobs``). Equal, within
+        float32 rounding, to ``Model.token_logps`` over ``apply``'s logits.
+
+        Args:
+            chunk_size: positions per chunk; ``None`` picks one whose float32 logits take
+                at most ``logprobs.CHUNK_BYTES`` for the whole batch.
+        """
+        hidden_BxLxH, new_non_trainable = self.hidden_states(variables, inputs, training=training)
+        logps_BxL, entropy_BxL = chunked_token_logps(
+            hidden_BxLxH, lambda h: self.lm_head(variables, h), labels_BxL, chunk_size
+        )
+        return logps_BxL, entropy_BxL, new_non_trainable
 
     @property
     def supports_packing(self) -> bool:
@@ -309,6 +367,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         stop_token_ids: Sequence[int] | str | None = "auto",
         seed: int | jax.Array = 0,
         variables: ModelVariables | None = None,
@@ -328,6 +387,8 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             temperature: 0 (default) is greedy; otherwise sample from ``softmax(logits / t)``.
             top_k: sample among the ``k`` most likely tokens only.
             top_p: sample from the smallest set of likeliest tokens with mass ``top_p``.
+            min_p: sample among the tokens at least ``min_p`` times as likely as the likeliest
+                (after temperature, top-k and top-p, as Hugging Face orders them).
             stop_token_ids: a row ends at the first of these (not returned). ``"auto"``: the
                 tokenizer's EOS with string prompts, none with token ids.
             seed: an int or a ``jax.random`` key for sampling.
@@ -352,19 +413,73 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             if any(len(r) >= max_length for r in token_ids):
                 raise ValueError(f"A prompt is as long as max_length={max_length}; nothing left to generate.")
             ends = [max_length] * len(token_ids)
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, min_p)
         stops = given.stop_ids(stop_token_ids)
-        outputs = self.generator(
+        rows = self.generator(
             token_ids,
             ends,
             variables=variables if variables is not None else self.variables,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             stop_token_ids=stops,
             rng=as_key(seed),
         )
-        return given.output(outputs)
+        return given.output([cut_at_stop(r, stops) for r in rows])
+
+    def sample(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        variables: ModelVariables | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        stop_token_ids: Sequence[int] = (),
+        seed: int | jax.Array = 0,
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Completions of token-id prompts for RL: ``(completions, stopped)``.
+
+        ``completions[i]`` holds the new tokens of row ``i`` up to and including its first
+        stop token (nothing after it); ``stopped[i]`` is True when that row ended with a stop
+        token and False when it was cut at ``max_new_tokens``. The decode is ``generate``'s
+        (same buckets and compiled programs; ``temperature=0`` is greedy), so
+        ``generate(...)[i]`` is ``completions[i]`` without its stop token.
+
+        Args:
+            token_ids: one list of prompt token ids per row (each non-empty).
+            max_new_tokens: tokens to add to each prompt at most (the stop token counts).
+            variables: the variables to sample with; default ``self.variables``.
+            temperature, top_k, top_p, min_p: as in ``generate`` (but ``temperature``
+                defaults to 1: plain sampling from the model).
+            stop_token_ids: a row ends at the first of these (at most 8).
+            seed: an int or a ``jax.random`` key.
+        """
+        if isinstance(token_ids, str) or any(isinstance(r, str) for r in token_ids):
+            raise TypeError("sample() takes token-id lists; encode strings with a tokenizer first.")
+        if isinstance(stop_token_ids, str):
+            raise TypeError(f"stop_token_ids must be a sequence of ids, got {stop_token_ids!r}.")
+        given = read_prompts(token_ids, None, lambda tok, text: [])
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        check_sampling(temperature, top_k, top_p, min_p)
+        stops = [int(t) for t in stop_token_ids]
+        rows = self.generator(
+            given.token_ids,
+            [len(r) + max_new_tokens for r in given.token_ids],
+            variables=variables if variables is not None else self.variables,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            stop_token_ids=stops,
+            rng=as_key(seed),
+        )
+        split = [split_at_stop(r, stops) for r in rows]
+        return [tokens for tokens, _ in split], [stopped for _, stopped in split]
 
     def summary(self) -> str:
         """A one-screen description: family, precision, mesh, parameter counts, groups."""
@@ -401,6 +516,11 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         console = Console(width=110, record=True, file=io.StringIO())
         console.print(table)
         return "\n".join(lines) + "\n" + console.export_text()
+
+
+def _model_inputs(inputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """What the keras-hub backbone takes (packing goes through ``segments`` instead)."""
+    return {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
 
 
 def _group(path: str) -> str:

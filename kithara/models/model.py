@@ -11,6 +11,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from kithara.models.logprobs import logps_and_entropy
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -62,6 +64,29 @@ class Model(abc.ABC):
         batches also ``segment_ids`` and ``positions`` (see ``supports_packing``).
         Must be traceable by ``jax.jit`` and must not read or write any Python state.
         """
+
+    def token_logps(
+        self,
+        variables: ModelVariables,
+        inputs: Mapping[str, jax.Array],
+        labels_BxL: jax.Array,
+        *,
+        training: bool,
+        chunk_size: int | None = None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Pure: ``(logps_BxL, entropy_BxL, new_non_trainable)``, the float32 log-probability
+        of ``labels_BxL`` under ``log_softmax(logits)`` at each position and the entropy
+        ``-sum p log p`` of that distribution (labels outside ``[0, vocab)`` get 0).
+
+        This default runs ``apply`` and so holds the full ``[batch, length, vocab]`` logits;
+        ``chunk_size`` is ignored. Models that can split off their output head override it
+        to compute the same values ``chunk_size`` positions at a time (``KerasHubModel``
+        does, see ``kithara.models.logprobs``).
+        """
+        del chunk_size
+        logits_BxLxV, new_non_trainable = self.apply(variables, inputs, training=training)
+        logps_BxL, entropy_BxL = logps_and_entropy(logits_BxLxV, labels_BxL)
+        return logps_BxL, entropy_BxL, new_non_trainable
 
     @abc.abstractmethod
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:

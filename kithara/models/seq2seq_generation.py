@@ -92,6 +92,7 @@ class Seq2SeqGenerator(DecodePrograms):
         top_p: float | None,
         stop_token_ids: Sequence[int],
         rng: jax.Array,
+        min_p: float | None = None,
     ) -> list[list[int]]:
         """Up to ``max_new_tokens`` decoder tokens per source after ``decoder_start``, each
         row cut before its first stop token."""
@@ -120,7 +121,7 @@ class Seq2SeqGenerator(DecodePrograms):
         decoder_ids[:, :prefix] = list(decoder_start)
         inputs = [*(put_rows(a, mesh, by_row=True) for a in (encoder_ids, encoder_mask, decoder_ids)),
                   jnp.int32(prefix), jnp.int32(prefix + max_new_tokens)]  # fmt: skip
-        out = self._run(variables, inputs, temperature=temperature, top_k=top_k, top_p=top_p,
+        out = self._run(variables, inputs, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         stop_token_ids=stop_token_ids, rng=rng)  # fmt: skip
         return [cut_at_stop(out[i, prefix : prefix + max_new_tokens].tolist(), stop_token_ids) for i in range(rows)]
 
@@ -137,6 +138,7 @@ class Seq2SeqGenerator(DecodePrograms):
         temperature: jax.Array,
         top_k: jax.Array,
         top_p: jax.Array,
+        min_p: jax.Array,
         *,
         greedy: bool,
         filtered: bool,
@@ -158,7 +160,7 @@ class Seq2SeqGenerator(DecodePrograms):
                 logits_Bx1xV, cache = next_fn(lm, cache, last_Bx1, index - 1)
             rng, key = jax.random.split(rng)
             chosen_B = choose_tokens(
-                logits_Bx1xV[:, 0], key, temperature, top_k, top_p, greedy=greedy, filtered=filtered
+                logits_Bx1xV[:, 0], key, temperature, top_k, top_p, min_p, greedy=greedy, filtered=filtered
             )
             ids_BxT = ids_BxT.at[:, index].set(jnp.where(done_B, ids_BxT[:, index], chosen_B))
             stopped_B = (chosen_B[:, None] == stop_ids_K[None]).any(-1)

@@ -265,7 +265,12 @@ class Trainer:
         self._plan = plan
         check_same_on_all_processes(self._setup_description(), "trainer set-up")
         self._programs = StepPrograms(
-            self.train_step, self.compute_loss, self.state_shardings, model.mesh, self.frozen_variables()
+            self.train_step,
+            self.compute_loss,
+            self.score_batch,
+            self.state_shardings,
+            model.mesh,
+            self.frozen_variables(),
         )
         self.train_state: TrainState | None = None
         self.data_iterator: DataIterator | None = None
@@ -336,6 +341,13 @@ class Trainer:
         ``loss`` and ``tokens``."""
         return self.jitted_train_step(state, batch)
 
+    def score_batch(self, variables: ModelVariables, batch: step_lib.Batch, frozen: Any) -> dict[str, jax.Array]:
+        """Per-row (or per-token) quantities of a ``[rows, ...]`` batch without gradients,
+        for objectives that score their own rollouts before updating on them (old and
+        reference log-probs, values); called through ``jitted_score``. Pure, like
+        ``compute_loss``. Not defined by default."""
+        raise NotImplementedError(f"{type(self).__name__} defines no score_batch hook.")
+
     def data_plan(self) -> DataPlan:
         """Sizes of the training data (called by the base ``__init__``): by default those of
         ``train_dataloader`` and whether there is an ``eval_dataloader``."""
@@ -399,6 +411,11 @@ class Trainer:
     def jitted_eval_step(self, variables: ModelVariables, batch: Any) -> LossOutput:
         """``compute_loss`` of one ``[rows, ...]`` batch, compiled, without gradients."""
         return self._programs.evaluate(variables, batch)
+
+    def jitted_score(self, variables: ModelVariables, batch: Any) -> dict[str, jax.Array]:
+        """``score_batch`` compiled (once per batch shape), the frozen variables passed in;
+        the result is replicated, so every process can read all of it."""
+        return self._programs.score(variables, batch)
 
     def lower_train_step(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         """The train step lowered for ``(state, batch)`` (``.compile().memory_analysis()``

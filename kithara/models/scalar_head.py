@@ -1,0 +1,329 @@
+"""ScalarHeadModel: a keras-hub backbone with a scalar linear head (value and reward models)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import keras_hub
+from jax.sharding import Mesh
+
+from kithara import sharding as sharding_lib
+from kithara.models.families import Architecture, get_family, layer_layout
+from kithara.models.keras_hub_model import KerasHubModel, check_model_kwargs, host_device
+from kithara.models.keras_variables import KerasVariables
+from kithara.models.lora import LoraConfig, enable_lora
+from kithara.models.model import ModelVariables
+from kithara.models.precision import keras_policy
+
+# The head's layer name: its kernel is ``score/kernel``, as Hugging Face's
+# ``*ForSequenceClassification`` call theirs ``score.weight`` (transposed: [1, hidden] there).
+HEAD_NAME = "score"
+# The unused LM head of untied backbones (llama3, qwen2/3, mistral); kept frozen, see below.
+_REVERSE_EMBEDDINGS = "token_embedding/reverse_embeddings"
+_INPUTS = ("token_ids", "padding_mask")
+
+
+class ScoreHead(keras.layers.Layer):
+    """``hidden @ kernel`` with a ``[hidden, 1]`` kernel and no bias, computed in float32.
+
+    The kernel is stored in the layer's variable dtype (the backbone's precision) and
+    initialised ``normal(0, stddev)``; the matmul always runs in float32 so scores are float32
+    whatever the compute dtype.
+    """
+
+    def __init__(self, stddev: float, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(autocast=False, **kwargs)  # autocast would round the kernel to bf16 on read
+        self.stddev = float(stddev)
+        self.seed = int(seed)
+
+    def build(self, input_shape: Any) -> None:
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(int(input_shape[-1]), 1),
+            initializer=keras.initializers.RandomNormal(mean=0.0, stddev=self.stddev, seed=self.seed),
+        )
+
+    def call(self, hidden: Any) -> Any:
+        return keras.ops.matmul(keras.ops.cast(hidden, "float32"), keras.ops.cast(self.kernel, "float32"))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
+
+
+class ScalarHeadModel(KerasVariables):
+    """A keras-hub backbone (no LM head) plus a scalar linear head: one score per position.
+
+    ``apply`` returns ``scores_BxLx1`` (float32) for every position; ``score`` picks each
+    row's score at its last non-padding token. Used as PPO's value model and as a reward
+    model. The head is a ``[hidden, 1]`` kernel named ``score/kernel`` with no bias (as
+    Hugging Face's llama/qwen/gemma ``score`` layer), initialised ``normal(0, std)`` with
+    ``std = 1 / sqrt(hidden + 1)`` by default (TRL's value/reward head init; pass
+    ``head_init_std=0.02`` for Hugging Face's ``initializer_range``, ``0`` for a zero head).
+
+    The head is always trainable. With ``lora`` the backbone is frozen except the adapters
+    (the head is not a LoRA target: adapters go on the backbone's projections only). The
+    backbone's untied LM-head matrix (``token_embedding/reverse_embeddings`` of llama3,
+    qwen, mistral) plays no part in the scores; it is kept frozen, so it gets no optimizer
+    state and is not decayed. Variables are placed on the mesh with the sharding strategy
+    exactly as ``KerasHubModel`` places them.
+
+    Args:
+        backbone: a keras-hub ``Backbone`` (taken over: LoRA, if any, is added to it).
+        sharding: a strategy name (``"dp"``, ``"fsdp"``, ``"fsdp_tp"``) or a ``ShardingStrategy``.
+        lora: adapters to add to the backbone.
+        head_init_std: standard deviation of the head's initial weights (default
+            ``1 / sqrt(hidden_dim + 1)``).
+        family: a name for summaries (defaults to the backbone class name).
+        seed: seed of the head's initialisation.
+
+    Example:
+        >>> value = ScalarHeadModel.from_causal_lm(policy)          # PPO: start from the policy
+        >>> scores, _ = value.apply(value.variables, batch, training=False)  # [B, L, 1]
+        >>> rewards = value.score(value.variables, batch)                    # [B]
+    """
+
+    def __init__(
+        self,
+        backbone: keras_hub.models.Backbone,
+        *,
+        sharding: str | sharding_lib.ShardingStrategy | None = None,
+        lora: LoraConfig | None = None,
+        head_init_std: float | None = None,
+        family: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._setup(
+            backbone, sharding=sharding, lora=lora, head_init_std=head_init_std, family=family, seed=seed, initial=None
+        )
+
+    def _setup(
+        self,
+        backbone: keras_hub.models.Backbone,
+        *,
+        sharding: str | sharding_lib.ShardingStrategy | None,
+        lora: LoraConfig | None,
+        head_init_std: float | None,
+        family: str | None,
+        seed: int,
+        initial: Mapping[str, jax.Array] | None,
+    ) -> None:
+        """Builds the model; ``initial`` holds backbone values (already on their shardings) to
+        set before placement, so copying a model does not place its weights twice."""
+        if isinstance(backbone, keras_hub.models.CausalLM):
+            raise TypeError(
+                f"ScalarHeadModel takes a keras-hub Backbone, got the task model {type(backbone).__name__}: pass "
+                "its .backbone, or use ScalarHeadModel.from_causal_lm(KerasHubModel) to copy it."
+            )
+        if not isinstance(backbone, keras_hub.models.Backbone):
+            raise TypeError(f"backbone must be a keras_hub.models.Backbone, got {type(backbone).__name__}.")
+        if lora is not None and not isinstance(lora, LoraConfig):
+            raise TypeError(f"lora must be a kithara.LoraConfig or None, got {type(lora).__name__}.")
+        hidden_dim = int(backbone.hidden_dim)
+        std = 1.0 / math.sqrt(hidden_dim + 1) if head_init_std is None else float(head_init_std)
+        if not math.isfinite(std) or std < 0:
+            raise ValueError(f"head_init_std must be a finite number >= 0, got {head_init_std!r}.")
+        self.backbone = backbone
+        self.family = family or type(backbone).__name__
+        self.lora = lora
+        self.head_init_std = std
+        self.strategy = sharding_lib.as_strategy(sharding)
+        self._mesh = self.strategy.make_mesh()
+        self._lora_layers = 0
+        if lora is not None:
+            names = {layer.name for layer in backbone._flatten_layers(include_self=False)}
+            self._lora_layers = enable_lora(backbone, lora, layer_layout(names))
+        reverse = getattr(getattr(backbone, "token_embedding", None), "reverse_embeddings", None)
+        if reverse is not None:
+            reverse.trainable = False
+        if initial is not None:
+            for variable in backbone.variables:
+                variable.assign(initial[variable.path])
+        with host_device():
+            self.head = ScoreHead(std, seed, name=HEAD_NAME, dtype=backbone.dtype_policy)
+            inputs = {name: backbone.input[name] for name in _INPUTS}
+            self.keras_model = keras.Model(inputs=inputs, outputs=self.head(backbone(inputs)), name="scalar_head_model")
+        head_path = self.head.kernel.path
+        if head_path != f"{HEAD_NAME}/kernel" or not self.head.kernel.trainable:
+            raise ValueError(
+                f"The head kernel was built as {head_path!r}; a backbone layer may be named {HEAD_NAME!r}."
+            )
+        self._index_variables(self.keras_model)
+
+    @classmethod
+    def from_config(
+        cls,
+        family: str,
+        *,
+        vocab_size: int,
+        num_layers: int,
+        hidden_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        intermediate_dim: int,
+        head_dim: int | None = None,
+        precision: str = "float32",
+        sharding: str | sharding_lib.ShardingStrategy | None = None,
+        lora: LoraConfig | None = None,
+        head_init_std: float | None = None,
+        seed: int = 0,
+        **backbone_kwargs: Any,
+    ) -> ScalarHeadModel:
+        """A randomly initialised backbone of ``family`` (the families of
+        ``KerasHubModel.from_config``: ``llama3``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``,
+        ``gemma2``, ``gemma3``) with a fresh head.
+
+        ``backbone_kwargs`` go to the keras-hub backbone; unknown names raise ``TypeError``.
+        ``seed`` seeds keras' random generator (every process builds identical weights) and
+        the head's initialiser.
+        """
+        spec = get_family(family)
+        backbone_class = getattr(keras_hub.models, spec.backbone_class)
+        check_model_kwargs(backbone_kwargs, cls.from_config, backbone_class, f"{cls.__name__}.from_config({family!r})")
+        arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
+        kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
+        keras.utils.set_random_seed(seed)
+        with host_device():
+            backbone = backbone_class(dtype=keras_policy(precision), **kwargs)
+        return cls(backbone, sharding=sharding, lora=lora, head_init_std=head_init_std, family=family, seed=seed)
+
+    @classmethod
+    def from_causal_lm(
+        cls,
+        model: KerasHubModel | ScalarHeadModel,
+        *,
+        head_init_std: float | None = None,
+        seed: int = 0,
+    ) -> ScalarHeadModel:
+        """A new model whose backbone is a copy of ``model``'s, with a fresh head (PPO's usual
+        value-model initialisation from the policy or reward checkpoint).
+
+        The copy has the same architecture, precision, family, sharding strategy (so the
+        same mesh) and LoRA config. Every backbone variable is copied as it is now, LoRA
+        adapters included, so the copy's hidden states equal ``model``'s exactly. The copies
+        are new device buffers: training (and donating) either model leaves the other alone.
+        A ``ScalarHeadModel`` works too (its backbone is copied, its head is not).
+        """
+        if not isinstance(model, KerasHubModel | ScalarHeadModel):
+            raise TypeError(
+                f"from_causal_lm needs a kithara KerasHubModel (or ScalarHeadModel), got {type(model).__name__}."
+            )
+        source = model.variables
+        values = {**source.trainable, **source.non_trainable}
+        with host_device():
+            backbone = type(model.backbone).from_config(model.backbone.get_config())
+        copy = cls.__new__(cls)
+        copy._setup(
+            backbone,
+            sharding=model.strategy,
+            lora=model.lora,
+            head_init_std=head_init_std,
+            family=model.family,
+            seed=seed,
+            initial=_Copies(values),
+        )
+        return copy
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    def apply(
+        self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Pure forward pass: ``(scores_BxLx1, new_non_trainable)``, scores in float32.
+
+        ``inputs`` needs ``token_ids`` and ``padding_mask`` (``[batch, length]``); packed
+        batches (``segment_ids``) are not supported.
+        """
+        model_inputs = _check_inputs(inputs)
+        trainable = [variables.trainable[p] for p in self._trainable_paths]
+        non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
+        scores, new_non_trainable = self.keras_model.stateless_call(
+            trainable, non_trainable, model_inputs, training=training
+        )
+        return scores, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
+
+    def score(self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool = False) -> jax.Array:
+        """``scores_B``: each row's score at its last non-padding token (float32).
+
+        Pure and jittable. Works for right- and left-padded rows; a row with no token at all
+        scores 0.
+        """
+        scores, _ = self.apply(variables, inputs, training=training)
+        return last_token_scores(scores[..., 0], inputs["padding_mask"])
+
+    def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
+        """As ``KerasHubModel.flops_per_token`` with the ``[hidden, 1]`` head in place of the LM head."""
+        b = self.backbone
+        head_dim = getattr(b, "head_dim", None) or b.hidden_dim // b.num_query_heads
+        base = lora = 0
+        for path, variable in self._by_path.items():
+            size = math.prod(variable.shape)
+            if path.rsplit("/", 1)[-1].startswith("lora_kernel"):
+                lora += size
+            elif path.endswith("/kernel"):  # the projections and the head's [hidden, 1]
+                base += size
+        attention = 4 * b.num_layers * sequence_length * b.num_query_heads * head_dim
+        forward = 2 * (base + lora) + attention
+        if not training:
+            return float(forward)
+        if self.lora is None:
+            return float(3 * forward)
+        # Frozen weights still back-propagate activations; only adapters and the head get weight grads.
+        head = b.hidden_dim
+        return float(forward + 2 * (base - head) + 2 * attention + 4 * (lora + head))
+
+
+def last_token_scores(scores_BxL: jax.Array, padding_mask: jax.Array) -> jax.Array:
+    """``scores_BxL`` at each row's last position where ``padding_mask`` is set; 0 for empty rows."""
+    mask = jnp.asarray(padding_mask).astype(bool)
+    length = mask.shape[1]
+    last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    picked = jnp.take_along_axis(scores_BxL, last[:, None], axis=1)[:, 0]
+    return jnp.where(mask.any(axis=1), picked, jnp.zeros_like(picked))
+
+
+def _check_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(inputs, Mapping):
+        raise TypeError(
+            "ScalarHeadModel inputs must be a mapping with 'token_ids' and 'padding_mask', "
+            f"got {type(inputs).__name__}."
+        )
+    missing = [name for name in _INPUTS if name not in inputs]
+    if missing:
+        raise ValueError(
+            f"ScalarHeadModel inputs lack {missing}: it needs 'token_ids' and 'padding_mask' ([batch, length]); "
+            "the padding mask says which token each row's score is read at."
+        )
+    if "segment_ids" in inputs:
+        raise ValueError("ScalarHeadModel does not support packed sequences (segment_ids); set packing off.")
+    token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+    if len(token_ids.shape) != 2 or tuple(padding_mask.shape) != tuple(token_ids.shape):
+        raise ValueError(
+            f"token_ids and padding_mask must both be [batch, length]; got shapes {tuple(token_ids.shape)} and "
+            f"{tuple(padding_mask.shape)}."
+        )
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+class _Copies(Mapping[str, jax.Array]):
+    """New device buffers of a model's variables, made when read (one at a time)."""
+
+    def __init__(self, values: Mapping[str, jax.Array]) -> None:
+        self._values = values
+
+    def __getitem__(self, path: str) -> jax.Array:
+        if path not in self._values:
+            raise ValueError(f"The source model has no variable {path!r} to copy.")
+        return self._values[path].copy()
+
+    def __iter__(self) -> Any:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)

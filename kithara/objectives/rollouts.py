@@ -1,0 +1,260 @@
+"""What the online-RL trainers share around a rollout: prompts read from rows, completions
+sampled on the training mesh, rewards from functions and scoring models, and the fixed-shape
+training rows built from them.
+
+Rows of a rollout are group-contiguous: rows ``g*k .. g*k+k-1`` are the ``k`` completions
+of prompt ``g``. Every process samples (one global program) and holds every row; reward
+functions run on this process's share of the rows and the scores are gathered, so each
+group's rewards meet on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from kithara import sharding as sharding_lib
+from kithara.data.source import RowError, Source
+from kithara.data.tokenizer import Tokenizer
+from kithara.models.generation import bucket
+from kithara.models.model import Model
+
+RewardFunc = Callable[..., Sequence[float | None]]
+# Columns a reward function never sees as dataset columns (TRL passes them by these names).
+RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt: its token ids (cut from the left to the limit), what reward functions see
+    as the prompt (text, or a list of messages), and the row's other columns."""
+
+    ids: list[int]
+    value: str | list[dict[str, Any]]
+    columns: dict[str, Any]
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.value, str)
+
+
+def read_prompt(row: Mapping[str, Any], where: str, tokenizer: Tokenizer, max_prompt_length: int) -> Prompt:
+    """A ``Prompt`` from a row with ``prompt`` (text or messages) or chat ``messages`` (a
+    trailing assistant turn is dropped: it is what the policy writes); other fields become
+    columns. Raises ``RowError`` naming the row otherwise."""
+    if "prompt" in row:
+        value, name = row["prompt"], "prompt"
+    elif "messages" in row:
+        value, name = row["messages"], "messages"
+        if isinstance(value, list) and value and isinstance(value[-1], Mapping) and value[-1].get("role") == "assistant":
+            value = value[:-1]
+    else:
+        raise RowError(where, f"needs a 'prompt' (text or messages) or 'messages' field; it has {sorted(row)}.")
+    if isinstance(value, str):
+        if not value:
+            raise RowError(where, "is empty.", field=name)
+        ids = tokenizer.encode_text(value)
+    elif isinstance(value, list) and value and all(isinstance(m, Mapping) and "role" in m for m in value):
+        value = [dict(m) for m in value]
+        ids, _ = tokenizer.encode_chat(value, add_generation_prompt=True)
+    else:
+        raise RowError(where, f"must be text or a non-empty list of {{'role', 'content'}} messages, got {value!r}.", field=name)
+    columns = {k: v for k, v in row.items() if k != name}
+    clash = sorted(set(columns) & set(RESERVED))
+    if clash:
+        raise RowError(where, f"has columns {clash}, names the reward functions' own arguments take; rename them.")
+    return Prompt(ids[-max_prompt_length:], value, columns)
+
+
+def read_prompts(source: Source, indices: Sequence[int], tokenizer: Tokenizer, max_prompt_length: int) -> list[Prompt]:
+    return [read_prompt(source[int(i)], source.describe(int(i)), tokenizer, max_prompt_length) for i in indices]
+
+
+def reward_name(func: Any) -> str:
+    """The name a reward's metrics are logged under: a function's ``__name__``, else its class name."""
+    return str(getattr(func, "__name__", None) or type(func).__name__)
+
+
+class ModelReward:
+    """A sequence-scoring model (``score(variables, inputs) -> [rows]``, e.g. a
+    ``ScalarHeadModel``) as a reward function of ``(prompts, completions)``: each pair is
+    encoded with ``tokenizer`` (text joined, or the chat template over the conversation)
+    and scored in one jitted program on the model's mesh (rows and length in buckets).
+
+    A reward model is a global program: every process scores every row.
+    """
+
+    runs_on_every_row = True
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, batch_size: int = 64) -> None:
+        if not callable(getattr(model, "score", None)):
+            raise TypeError(
+                f"A reward model needs score(variables, inputs) -> one score per row; {type(model).__name__} has none. "
+                "Use a kithara.ScalarHeadModel, or pass a Python function."
+            )
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.__name__ = getattr(model, "name", None) or type(model).__name__
+        mesh = model.mesh
+        self._score = jax.jit(
+            model.score,  # type: ignore[attr-defined]
+            in_shardings=(model.variable_shardings, sharding_lib.batch_sharding(mesh)),
+            out_shardings=sharding_lib.replicated(mesh),
+        )
+
+    def encode(self, prompt: str | list[dict[str, Any]], completion: str | list[dict[str, Any]]) -> list[int]:
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return self.tokenizer.encode_text(prompt + completion)
+        messages = [*(prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])]
+        messages += completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return self.tokenizer.encode_chat(messages)[0]
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
+        rows = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        shards = sharding_lib.batch_shards(self.model.mesh)
+        size = -(-min(bucket(len(rows), 1), self.batch_size) // shards) * shards
+        length = bucket(max(len(r) for r in rows))
+        scores: list[float] = []
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            ids = np.zeros((size, length), np.int32)
+            mask = np.zeros((size, length), bool)
+            for i, r in enumerate(part):
+                ids[i, : len(r)], mask[i, : len(r)] = r, True
+            mask[len(part) :, 0] = True  # padding rows score one token, then are dropped
+            inputs = global_arrays({"token_ids": ids, "padding_mask": mask}, self.model.mesh)
+            out = np.asarray(jax.device_get(self._score(self.model.variables, inputs)))
+            scores += [float(s) for s in out[: len(part)]]
+        return scores
+
+
+def score_rewards(
+    funcs: Sequence[Any],
+    prompts: Sequence[Prompt],
+    completions: Sequence[Any],
+    completion_ids: Sequence[Sequence[int]],
+    trainer_state: Any,
+) -> np.ndarray:
+    """``[rows, functions]`` float64 rewards, NaN where a function returned None.
+
+    Python functions get this process's share of the rows (``prompts``, ``completions``,
+    ``completion_ids``, ``trainer_state`` and every other dataset column by name, as in TRL)
+    and the shares are gathered; reward models score every row on every process.
+    """
+    n = len(prompts)
+    lo, hi = process_share(n)
+    out = np.full((n, len(funcs)), np.nan)
+    for j, func in enumerate(funcs):
+        every = getattr(func, "runs_on_every_row", False)
+        a, b = (0, n) if every else (lo, hi)
+        columns = {key: [p.columns.get(key) for p in prompts[a:b]] for key in prompts[0].columns} if n else {}
+        values = (
+            list(
+                func(
+                    prompts=[p.value for p in prompts[a:b]],
+                    completions=list(completions[a:b]),
+                    completion_ids=[list(c) for c in completion_ids[a:b]],
+                    trainer_state=trainer_state,
+                    **columns,
+                )
+            )
+            if b > a
+            else []
+        )
+        if len(values) != b - a:
+            raise ValueError(f"Reward function {reward_name(func)!r} returned {len(values)} rewards for {b - a} completions.")
+        for i, v in enumerate(values):
+            if v is not None and not (isinstance(v, int | float | np.number) and not isinstance(v, bool)):
+                raise TypeError(f"Reward function {reward_name(func)!r} returned {v!r}; rewards are floats or None.")
+        column = np.array([np.nan if v is None else float(v) for v in values], np.float64)
+        if every:
+            out[:, j] = column
+        else:
+            out[lo:hi, j] = column
+            out[:, j] = gather_rows(out[:, j], lo, hi)
+    return out
+
+
+def process_share(n: int) -> tuple[int, int]:
+    """This process's contiguous share ``[lo, hi)`` of ``n`` rows."""
+    count, index = jax.process_count(), jax.process_index()
+    return n * index // count, n * (index + 1) // count
+
+
+def gather_rows(values: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Every process's ``values[lo:hi]`` share put together (one process: unchanged)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    mine = np.zeros((2, len(values)))  # (value, None) of the rows this process scored
+    mine[0, lo:hi] = np.nan_to_num(values[lo:hi])
+    mine[1, lo:hi] = np.isnan(values[lo:hi])
+    every = np.asarray(multihost_utils.process_allgather(mine)).sum(0)  # shares are disjoint
+    return np.where(every[1] > 0, np.nan, every[0])
+
+
+def training_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    supervised: Sequence[bool],
+    length: int,
+) -> dict[str, np.ndarray]:
+    """``[rows, length]`` arrays of ``prompt + completion`` rows (right-padded, so positions
+    match sampling): ``token_ids``, ``padding_mask``, ``labels`` (the next token) and
+    ``completion_mask`` (true where the label is a completion token of a ``supervised`` row)."""
+    n = len(prompt_ids)
+    out = {
+        "token_ids": np.zeros((n, length), np.int32),
+        "padding_mask": np.zeros((n, length), bool),
+        "labels": np.zeros((n, length), np.int32),
+        "completion_mask": np.zeros((n, length), bool),
+    }
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        row = [*p, *c]
+        if len(row) > length:
+            raise ValueError(f"A row of {len(row)} tokens does not fit the training length {length}.")
+        out["token_ids"][i, : len(row)] = row
+        out["padding_mask"][i, : len(row)] = True
+        out["labels"][i, : len(row) - 1] = row[1:]
+        if supervised[i]:
+            out["completion_mask"][i, len(p) - 1 : len(row) - 1] = True
+    return out
+
+
+def global_arrays(arrays: Mapping[str, np.ndarray], mesh: Any, leading_dims: int = 0) -> dict[str, jax.Array]:
+    """Full host arrays (every process holds the same) as global arrays over the batch axes."""
+    sharding = sharding_lib.batch_sharding(mesh, leading_dims)
+    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__) for k, v in arrays.items()}
+
+
+def completion_stats(lengths: Sequence[int], stopped: Sequence[bool]) -> dict[str, float]:
+    """TRL's completion-length metrics."""
+    lengths_arr = np.asarray(lengths, np.float64)
+    ended = lengths_arr[np.asarray(stopped, bool)]
+    return {
+        "completions/mean_length": float(lengths_arr.mean()),
+        "completions/min_length": float(lengths_arr.min()),
+        "completions/max_length": float(lengths_arr.max()),
+        "completions/clipped_ratio": float(1.0 - np.mean(stopped)),
+        "completions/mean_terminated_length": float(ended.mean()) if ended.size else 0.0,
+    }
+
+
+def reward_stats(names: Sequence[str], per_func: np.ndarray, rewards: np.ndarray, num_generations: int) -> dict[str, float]:
+    """TRL's reward metrics: total mean and group std, and each function's mean and std."""
+    out: dict[str, float] = {}
+    for j, name in enumerate(names):
+        column = per_func[:, j]
+        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else math.nan
+        out[f"rewards/{name}/std"] = float(np.nanstd(column, ddof=1)) if np.isfinite(column).sum() > 1 else math.nan
+    grouped = rewards.reshape(-1, num_generations)
+    out["reward"] = float(np.nanmean(rewards))
+    out["reward_std"] = float(np.nanmean(np.nanstd(grouped, axis=1, ddof=1))) if num_generations > 1 else 0.0
+    return out
+
+
