@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import table as data_table
+from bench.rl import table as rl_table
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -159,6 +160,8 @@ def markdown(results: dict[str, Any]) -> str:
         parts.append(
             f"### Cycle training: two models vs one base with two LoRA adapters\n\n{cycle_table(results['cycle'])}"
         )
+    if results.get("rl"):
+        parts.append(f"### Online RL (GRPO) side by side with TRL\n\n{rl_table(results['rl'])}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Benchmarks, side by side in one run: SFT throughput/memory/MFU per size (bench/sft.py),
 framework overhead (bench/overhead.py), TRL (bench/trl_compare.py), DPO reference modes
-(bench/dpo.py), data loading (bench/data.py) and cycle training (bench/cycle.py).
+(bench/dpo.py), data loading (bench/data.py), cycle training (bench/cycle.py) and online RL
+(GRPO) against TRL (bench/rl.py).
 
 Every training configuration runs in a fresh child process (bench/child.py) so its peak
 memory is its own. Results go to bench/results/results.json and results.md, written after
@@ -25,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle")
+SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl")
 
 # Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
 PLANS: dict[str, dict[str, Any]] = {
@@ -36,6 +37,10 @@ PLANS: dict[str, dict[str, Any]] = {
         "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
         "dpo": dict(size="small", steps=20, seq=128),
         "cycle": dict(size="small", steps=12, seq=32),
+        # GRPO: 4 prompts x 4 completions per step, one update per rollout, 2 warm-up steps
+        "rl": dict(
+            size="small", steps=7, prompts_per_step=4, num_generations=4, max_prompt_length=16, max_completion_length=48
+        ),
     },
     "smoke": {
         "peak": dict(size=512, repeats=3),
@@ -49,6 +54,10 @@ PLANS: dict[str, dict[str, Any]] = {
             plan=[("sft", False), ("copy", False), ("precomputed", False), ("adapter_off", True)],
         ),
         "cycle": dict(size="tiny", steps=4, seq=16),
+        # small, not tiny: the bundled tokenizer's 512 ids need the model's vocabulary
+        "rl": dict(
+            size="small", steps=3, prompts_per_step=2, num_generations=2, max_prompt_length=16, max_completion_length=8
+        ),
     },
 }
 BATCH = 4
@@ -164,6 +173,11 @@ def main() -> None:
             from bench.cycle import bench_cycle
 
             results["cycle"] = bench_cycle(**plan["cycle"], batch=BATCH * 2, shared=shared)
+        elif suite == "rl":
+            from bench.rl import bench_rl
+
+            device = "cuda" if results["machine"]["platform"] == "gpu" else "cpu"  # TRL where kithara trains
+            results["rl"] = bench_rl(**plan["rl"], device=device)
         if isinstance(results.get(suite), list):
             _check_finite(suite, results[suite])
         results["seconds"][suite] = time.perf_counter() - start

@@ -26,9 +26,17 @@ from kithara.models import (
     ModelVariables,
     ScalarHeadModel,
 )
-from kithara.objectives import CycleTrainer, DPOTrainer, GRPOTrainer, IterativeSFTTrainer, RLOOTrainer, SFTTrainer
+from kithara.objectives import (
+    CycleTrainer,
+    DPOTrainer,
+    GRPOTrainer,
+    IterativeSFTTrainer,
+    PPOTrainer,
+    RLOOTrainer,
+    SFTTrainer,
+)
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
-from kithara.objectives.rl_configs import GRPOConfig, RLOOConfig, RolloutConfig
+from kithara.objectives.rl_configs import GRPOConfig, PPOConfig, RLOOConfig, RolloutConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -50,6 +58,8 @@ __all__ = [
     "DPOTrainer",
     "GRPOConfig",
     "GRPOTrainer",
+    "PPOConfig",
+    "PPOTrainer",
     "RLOOConfig",
     "RLOOTrainer",
     "RolloutConfig",

@@ -1,5 +1,5 @@
-"""The GRPO run both sides of the multi-process check make: on one process of 8 devices
-(tests/test_grpo.py) or as one of two processes of 4 devices each (``main``)."""
+"""A tiny GRPO run (tests/test_grpo.py), also runnable as one of two processes of 4 devices
+each (``main``) for the multi-process comparison."""
 
 import json
 import sys
@@ -19,8 +19,9 @@ def length_penalty(prompts, completions, completion_ids, kind, **_):
 
 
 def make_trainer(steps, output_dir=None, **overrides):
-    import kithara
     from conftest import tiny_model, word_tokenizer
+
+    import kithara
 
     rows = [{"prompt": p, "kind": "short" if i % 2 else "any"} for i, p in enumerate(PROMPTS)]
     settings = dict(

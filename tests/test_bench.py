@@ -234,3 +234,58 @@ def test_update_docs_replaces_only_the_marked_tables(tmp_path):
     doc.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:latest:begin"):
         update_docs(doc, results)
+
+
+def test_rl_suite_steady_figures_ratios_and_table():
+    from bench.rl import alternating, compare, summarize_steps
+
+    assert alternating(["p"] * 4, ["a", "b", "c", "d"], [[1], [2], [3], [4]]) == [0.0, 1.0, 0.0, 1.0]
+    step = {"rows": 8, "prompt_tokens": 80, "completion_tokens": 160}
+    records = [
+        {**step, "step_s": 30.0, "rollout_s": 20.0, "generation_s": 19.0},  # compiles
+        {**step, "step_s": 3.0, "rollout_s": 2.0, "generation_s": 1.5},
+        {**step, "step_s": 1.0, "rollout_s": 0.5, "generation_s": 0.4},
+        {**step, "step_s": 2.0, "rollout_s": 1.5, "generation_s": 1.1, "completion_tokens": 120},
+    ]
+    out = summarize_steps(records, skip=1)
+    assert out["steps_measured"] == 3 and out["step_s"] == 2.0 and out["first_step_s"] == 30.0
+    assert out["update_s"] == 0.5  # median of 1.0, 0.5, 0.5
+    assert out["rollout_tokens_per_s"] == pytest.approx(440 / 4.0)
+    assert out["generation_tokens_per_s"] == pytest.approx(440 / 3.0)
+    assert out["update_tokens_per_s"] == pytest.approx((3 * 80 + 440) / 2.0)
+    assert out["generation_share"] == pytest.approx(3.0 / 6.0) and out["rollout_share"] == pytest.approx(4.0 / 6.0)
+    assert out["completion_tokens_per_step"] == pytest.approx(440 / 3)
+
+    spec = {"size": "small", "steps": 4, "prompts_per_step": 2, "num_generations": 4, "max_prompt_length": 16,
+            "max_completion_length": 20}  # fmt: skip
+    side = {"params": 10, "step_s": 2.0, "rollout_tokens_per_s": 100.0, "generation_tokens_per_s": 120.0,
+            "update_tokens_per_s": 400.0, "generation_share": 0.5, "completion_tokens_per_step": 160.0,
+            "peak_rss_mib": 800.0, "loss_is_finite": True}  # fmt: skip
+    ours = {**side, "step_s": 1.0, "rollout_tokens_per_s": 300.0, "update_tokens_per_s": 200.0,
+            "completion_tokens_per_step": 152.0, "decode_compilations": 1, "peak_rss_mib": 1000.0}  # fmt: skip
+    theirs = {**side, "framework": "trl", "torch_threads": 2}
+    row = compare(spec, ours, theirs)
+    assert row["rows_per_step"] == 8 and row["decode_compilations"] == 1
+    assert row["rollout_tokens_per_s_ratio"] == 3.0 and row["update_tokens_per_s_ratio"] == 0.5
+    assert row["step_ratio"] == 0.5 and row["memory_measure"] == "peak_rss_mib" and row["memory_ratio"] == 1.25
+    assert row["kithara_fill"] == 0.95 and row["trl_fill"] == 1.0 and row["loss_is_finite"]
+    gpu = compare(spec, {**ours, "device_peak_mib": 300.0}, {**theirs, "device_peak_mib": 600.0})
+    assert gpu["memory_measure"] == "device_peak_mib" and gpu["memory_ratio"] == 0.5
+    with pytest.raises(SystemExit, match="models differ"):
+        compare(spec, {**ours, "params": 11}, theirs)
+    text = markdown({"machine": {}, "command": "c", "rl": [row]})
+    assert "### Online RL (GRPO) side by side with TRL" in text
+    assert "| small | 10 | 2x4, 16/20 | 1.000 | 2.000 | 300 | 100 | **3.00x** | 200 | 400 | **0.50x** |" in text
+    assert "| 50% / 50% | 95.0% / 100.0% | 1 | 1,000 (host RSS) | 800 | 1.25 |" in text
+
+
+def test_rl_prompts_fit_one_decode_bucket():
+    from bench.rl import prompts
+
+    class Words:  # one token per word, plus a BOS
+        def __call__(self, text):
+            return {"input_ids": [1, *range(len(text.split()))]}
+
+    out = prompts(5, 16, Words())
+    assert len(out) == 5 and all(len(p.split()) == 15 for p in out)
+    assert prompts(5, 16, Words()) == out  # seeded

@@ -154,3 +154,72 @@ def test_generation_is_the_same_on_another_sharding():
     replicated = tiny_model(seed=3, sharding="dp").generate(PROMPTS, max_new_tokens=6)
     tensor_parallel = tiny_model(seed=3, sharding=kithara.ShardingStrategy("fsdp_tp", tensor_parallel=2))
     assert tensor_parallel.generate(PROMPTS, max_new_tokens=6) == replicated
+
+
+def hf_filter(logits, k, p, min_p):
+    """transformers' own TopK, TopP and MinP warpers, in the order its generate() applies them."""
+    import torch
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.from_numpy(logits.copy())
+    if k:
+        scores = TopKLogitsWarper(top_k=k)(None, scores)
+    if p < 1.0:
+        scores = TopPLogitsWarper(top_p=p)(None, scores)
+    return MinPLogitsWarper(min_p=min_p)(None, scores).numpy()
+
+
+@pytest.mark.parametrize(
+    "k,p,min_p",
+    [(0, 1.0, 0.05), (0, 1.0, 0.3), (0, 1.0, 1.0), (0, 1.0, 0.0), (7, 1.0, 0.1), (0, 0.8, 0.2), (12, 0.9, 0.02)],
+)
+def test_min_p_keeps_what_transformers_keeps(k, p, min_p):
+    for seed in range(4):
+        logits = np.random.default_rng(seed).normal(size=(8, 100)).astype(np.float32) * (1 + 2 * seed)
+        got = np.asarray(filter_logits(jnp.asarray(logits), jnp.int32(k), jnp.float32(p), jnp.float32(min_p)))
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(hf_filter(logits, k, p, min_p)))
+        np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
+
+
+def test_min_p_restricts_samples_without_recompiling(llama):
+    prompt = [1, 2, 3]
+    logits, _ = llama.apply(
+        llama.variables, {"token_ids": np.asarray([prompt]), "padding_mask": np.ones((1, 3), bool)}, training=False
+    )
+    last = np.asarray(logits)[0, -1:] / 3.0
+    kept = set(np.flatnonzero(np.isfinite(hf_filter(last, 0, 1.0, 0.5)[0])).tolist())
+    before = llama.generate_compilations
+    firsts = {o[0] for o in llama.generate([prompt] * 64, max_new_tokens=1, temperature=3.0, min_p=0.5, seed=0)}
+    assert firsts <= kept and len(firsts) > 1
+    compiled = llama.generate_compilations
+    assert compiled <= before + 1  # at most the filtered mode's program for this bucket
+    for min_p in (0.0, 0.1, 0.9):
+        llama.generate([prompt] * 64, max_new_tokens=1, temperature=3.0, min_p=min_p, top_k=20, seed=1)
+    assert llama.generate_compilations == compiled
+    with pytest.raises(ValueError, match="min_p"):
+        llama.generate([prompt], max_new_tokens=1, temperature=1.0, min_p=1.5)
+
+
+def test_sample_returns_stop_tokens_and_flags():
+    model = tiny_model(seed=3)
+    prompts = PROMPTS * 3
+    greedy = model.generate(prompts, max_new_tokens=8)
+    stop = greedy[0][3]
+    compiled = model.generate_compilations
+    for temperature, seed in ((0.0, 0), (1.5, 7)):
+        kw = dict(temperature=temperature, stop_token_ids=[stop, 63], seed=seed)
+        cut = model.generate(prompts, max_new_tokens=8, **kw)
+        rows, stopped = model.sample(prompts, 8, **kw)
+        assert (rows, stopped) == model.sample(prompts, 8, **kw)  # same seed, same output
+        assert any(stopped) and not all(stopped)
+        for row, flag, short in zip(rows, stopped, cut, strict=True):
+            if flag:  # ended at a stop token, which is kept and is the only one
+                assert row[:-1] == short and row[-1] in (stop, 63) and len(row) <= 8
+            else:  # truncated at max_new_tokens
+                assert row == short and len(row) == 8 and not {stop, 63} & set(row)
+    assert rows != model.sample(prompts, 8, temperature=1.5, stop_token_ids=[stop, 63], seed=8)[0]
+    # Greedy rows are the ones generate() gives; sample shares its programs.
+    assert model.sample(prompts, 8, temperature=0.0)[0] == greedy
+    assert model.generate_compilations == compiled + 1  # the sampled mode, not one per sample() call
+    with pytest.raises(TypeError, match="token-id lists"):
+        model.sample(["hi"], 4)

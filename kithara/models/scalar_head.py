@@ -23,8 +23,6 @@ from kithara.models.precision import keras_policy
 # The head's layer name: its kernel is ``score/kernel``, as Hugging Face's
 # ``*ForSequenceClassification`` call theirs ``score.weight`` (transposed: [1, hidden] there).
 HEAD_NAME = "score"
-# The unused LM head of untied backbones (llama3, qwen2/3, mistral); kept frozen, see below.
-_REVERSE_EMBEDDINGS = "token_embedding/reverse_embeddings"
 _INPUTS = ("token_ids", "padding_mask")
 
 
@@ -67,8 +65,8 @@ class ScalarHeadModel(KerasVariables):
 
     The head is always trainable. With ``lora`` the backbone is frozen except the adapters
     (the head is not a LoRA target: adapters go on the backbone's projections only). The
-    backbone's untied LM-head matrix (``token_embedding/reverse_embeddings`` of llama3,
-    qwen, mistral) plays no part in the scores; it is kept frozen, so it gets no optimizer
+    backbone's untied LM-head matrix (``token_embedding/reverse_embeddings``: llama3 and
+    mistral by default) plays no part in the scores; it is kept frozen, so it gets no optimizer
     state and is not decayed. Variables are placed on the mesh with the sharding strategy
     exactly as ``KerasHubModel`` places them.
 
@@ -78,7 +76,7 @@ class ScalarHeadModel(KerasVariables):
         lora: adapters to add to the backbone.
         head_init_std: standard deviation of the head's initial weights (default
             ``1 / sqrt(hidden_dim + 1)``).
-        family: a name for summaries (defaults to the backbone class name).
+        family: the family name (defaults to the backbone class name).
         seed: seed of the head's initialisation.
 
     Example:
@@ -247,6 +245,26 @@ class ScalarHeadModel(KerasVariables):
             trainable, non_trainable, model_inputs, training=training
         )
         return scores, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
+
+    def hidden_states(
+        self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``, the
+        final-norm hidden states the head reads (as ``KerasHubModel.hidden_states``)."""
+        model_inputs = _check_inputs(inputs)
+        values = {**variables.trainable, **variables.non_trainable}
+        mapping = [(variable, values[path]) for path, variable in self._by_path.items()]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            hidden_BxLxH = self.backbone(model_inputs, training=training)
+            new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
+        return hidden_BxLxH, new_non_trainable
+
+    def token_logps(self, *args: Any, **kwargs: Any) -> Any:
+        """Not for this model: it has no LM head, and ``apply`` returns scores, not logits."""
+        raise TypeError(
+            "ScalarHeadModel scores sequences and has no LM head: token_logps needs a causal LM "
+            "(KerasHubModel). Use apply (per-position scores) or score (per row)."
+        )
 
     def score(self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool = False) -> jax.Array:
         """``scores_B``: each row's score at its last non-padding token (float32).

@@ -31,9 +31,9 @@ from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import rl_losses, rollouts
 from kithara.objectives.dpo import has_lora
-from kithara.objectives.inputs import lora_config, resolve_model
+from kithara.objectives.inputs import as_tokenizer, lora_config, resolve_model
 from kithara.objectives.rl_configs import GRPOConfig, RolloutConfig
-from kithara.trainer import step as step_lib
+from kithara.trainer.config import TrainingConfig
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.state import TrainState
 from kithara.trainer.trainer import DataPlan, Trainer
@@ -54,7 +54,7 @@ class Rollout:
     def encode(self) -> dict[str, Any]:
         """JSON-able (for a checkpoint's data state): the arrays as a base64 ``.npz``."""
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **self.arrays)
+        np.savez_compressed(buffer, **self.arrays)  # type: ignore[arg-type]
         return {"index": self.index, "arrays": base64.b64encode(buffer.getvalue()).decode(), "metrics": self.metrics}
 
     @classmethod
@@ -107,7 +107,7 @@ class GRPOTrainer(Trainer):
 
     reports_perplexity = False
     step_constants = (*Trainer.step_constants, "reference", "need_old_logps")
-    config_class = GRPOConfig
+    config_class: type[TrainingConfig] = GRPOConfig
 
     def __init__(
         self,
@@ -168,7 +168,14 @@ class GRPOTrainer(Trainer):
         self.reference, self._reference_variables = self._reference(policy, config.beta)
         self.rollout: Rollout | None = None
         self._updates_done = 0  # updates made on self.rollout
-        super().__init__(policy, optimizer, profiler=profiler, checkpointer=checkpointer, callbacks=callbacks, args=config)
+        super().__init__(
+            policy, optimizer, profiler=profiler, checkpointer=checkpointer, callbacks=callbacks, args=config
+        )
+
+    @property
+    def args_rl(self) -> RolloutConfig:
+        """``args``, typed as the rollout config it is."""
+        return cast(RolloutConfig, self.args)
 
     @property
     def scores_old_logps(self) -> bool:
@@ -190,9 +197,10 @@ class GRPOTrainer(Trainer):
         out, k = [], 0
         for f in funcs:
             if isinstance(f, Model):
-                from kithara.objectives.inputs import as_tokenizer
-
-                out.append(rollouts.ModelReward(f, as_tokenizer(given[k]) if tokenizers is not None else tokenizer))
+                scorer_tokenizer = as_tokenizer(given[k]) if tokenizers is not None else tokenizer
+                if scorer_tokenizer is None:
+                    raise ValueError("reward_processing_classes has None for a reward model; give its tokenizer.")
+                out.append(rollouts.ModelReward(f, scorer_tokenizer))
                 k += 1
             elif callable(f):
                 out.append(f)
@@ -279,7 +287,7 @@ class GRPOTrainer(Trainer):
         the mean token entropy."""
         del rng
         logps, entropy, non_trainable = self.model.token_logps(
-            variables, batch, batch["labels"], training=True, chunk_size=self.args.logprob_chunk_size
+            variables, batch, batch["labels"], training=True, chunk_size=self.args_rl.logprob_chunk_size
         )
         mask = batch["completion_mask"]
         old = batch["old_logps"] if self.need_old_logps else jax.lax.stop_gradient(logps)
@@ -317,9 +325,11 @@ class GRPOTrainer(Trainer):
         """Per-token log-probs of the rollout's completions under the sampling policy
         (``old_logps``, when updates reuse the rollout) and the reference (``ref_logps``)."""
         out = {}
-        chunk = self.args.logprob_chunk_size
+        chunk = self.args_rl.logprob_chunk_size
         if self.need_old_logps:
-            out["old_logps"] = self.model.token_logps(variables, batch, batch["labels"], training=False, chunk_size=chunk)[0]
+            out["old_logps"] = self.model.token_logps(
+                variables, batch, batch["labels"], training=False, chunk_size=chunk
+            )[0]
         if self.reference != "none":
             ref = frozen if self.reference == "frozen_copy" else adapter_off(variables)
             out["ref_logps"] = self.model.token_logps(ref, batch, batch["labels"], training=False, chunk_size=chunk)[0]
@@ -331,8 +341,8 @@ class GRPOTrainer(Trainer):
         if self.eval_source is None:
             raise ValueError("evaluate() needs eval_dataset.")
         count = min(len(self.eval_source), self.max_eval_samples or len(self.eval_source))
-        k = self.args.num_generations_eval or 1
-        prompts = rollouts.read_prompts(self.eval_source, range(count), self.tokenizer, self.args.max_prompt_length)
+        k = self.args_rl.num_generations_eval or 1
+        prompts = rollouts.read_prompts(self.eval_source, range(count), self.tokenizer, self.args_rl.max_prompt_length)
         sample = self.sample(variables, prompts, k, seed=EVAL_SEED)
         rewards_per_func = self.rewards(sample)
         rewards = self.total_reward(rewards_per_func)
@@ -342,11 +352,13 @@ class GRPOTrainer(Trainer):
 
     # Rollouts ---------------------------------------------------------------------------
 
-    def sample(self, variables: ModelVariables, prompts: Sequence[rollouts.Prompt], k: int, *, seed: int) -> dict[str, Any]:
+    def sample(
+        self, variables: ModelVariables, prompts: Sequence[rollouts.Prompt], k: int, *, seed: int
+    ) -> dict[str, Any]:
         """``k`` completions of each prompt (group-contiguous) sampled with ``variables``:
         prompt rows, completion ids (ending with the stop token when one was sampled),
         whether each stopped, and completions as reward functions see them."""
-        args = self.args
+        args = self.args_rl
         prompt_rows = [p for p in prompts for _ in range(k)]
         ids, stopped = cast(KerasHubModel, self.model).sample(
             [p.ids for p in prompt_rows],
@@ -361,7 +373,8 @@ class GRPOTrainer(Trainer):
         )
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
         completions: list[Any] = [
-            [{"role": "assistant", "content": t}] if p.conversational else t for p, t in zip(prompt_rows, texts)
+            [{"role": "assistant", "content": t}] if p.conversational else t
+            for p, t in zip(prompt_rows, texts, strict=True)
         ]
         return {"prompts": prompt_rows, "completion_ids": ids, "stopped": stopped, "completions": completions}
 
@@ -384,13 +397,13 @@ class GRPOTrainer(Trainer):
         ``scale_rewards``."""
         del arrays, scores
         args = cast(GRPOConfig, self.args)
-        adv, std, zero = rl_losses.group_advantages(rewards, self.num_generations, args.scale_rewards)
-        adv = np.nan_to_num(np.asarray(adv, np.float32))
+        scaled, _, zero = rl_losses.group_advantages(rewards, self.num_generations, args.scale_rewards)
+        adv = np.nan_to_num(np.asarray(scaled, np.float32))
         return adv, {"frac_reward_zero_std": float(np.mean(np.asarray(zero))), "advantages/std": float(adv.std())}
 
     def make_rollout(self, state: TrainState, index: int, prompt_indices: Sequence[int]) -> Rollout:
         """Samples, rewards and scores the completions of rollout ``index``'s prompts."""
-        args = self.args
+        args = self.args_rl
         prompts = rollouts.read_prompts(self.train_source, prompt_indices, self.tokenizer, args.max_prompt_length)
         sample = self.sample(state.model, prompts, self.num_generations, seed=index)
         rewards_per_func = self.rewards(sample)
@@ -424,4 +437,3 @@ def _source(data: Any, name: str) -> Source:
     if len(source) == 0:
         raise ValueError(f"{name} has no rows.")
     return source
-

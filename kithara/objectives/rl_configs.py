@@ -261,3 +261,109 @@ class RLOOConfig(RolloutConfig):
         clip = self.reward_clip_range
         if clip is not None and (len(clip) != 2 or clip[0] > clip[1]):
             raise ValueError(f"reward_clip_range must be (low, high) with low <= high, got {clip}.")
+
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig(RolloutConfig):
+    """Settings of ``PPOTrainer`` (TRL's experimental ``PPOConfig`` names and defaults).
+
+    A rollout is ``per_device_train_batch_size x batch shards x gradient_accumulation_steps x
+    num_mini_batches`` completions; it feeds ``num_mini_batches`` optimizer updates, and is
+    gone over ``num_ppo_epochs`` times. Those two are the one source of truth:
+    ``num_iterations`` and ``steps_per_generation`` follow from them (giving either with
+    another value, or ``generation_batch_size``, is refused), and ``beta`` follows
+    ``kl_coef`` (the reference exists whenever ``kl_coef > 0``).
+
+    Args:
+        num_generations: kithara. 1 (PPO has no groups); more samples each prompt k times.
+        num_ppo_epochs: TRL. 4. Passes over each rollout (``num_iterations``).
+        num_mini_batches: TRL. 1. Optimizer updates per pass over a rollout.
+        kl_coef: TRL. 0.05. Weight of the per-token KL to the reference in the reward.
+        kl_estimator: TRL. ``"k1"`` (``logp - ref``) or ``"k3"`` (``exp(ref - logp) - 1 -
+            (ref - logp)``), the per-token KL in the reward.
+        cliprange: TRL. 0.2. Clipping range of the policy ratio.
+        vf_coef: TRL. 0.1. Weight of the value loss.
+        cliprange_value: TRL. 0.2. Clipping range of the value around the rollout's value.
+        gamma: TRL. 1.0. Discount factor.
+        lam: TRL. 0.95. GAE's lambda.
+        whiten_rewards: TRL. Whiten the per-token rewards (mean kept) before GAE.
+        missing_eos_penalty: TRL. Subtracted from the score of completions that end
+            without a stop token; ``None``: off.
+
+    Example:
+        >>> config = PPOConfig(num_ppo_epochs=2, num_mini_batches=2, kl_coef=0.02,
+        ...                    max_completion_length=64, max_steps=200)
+    """
+
+    unsupported_arguments: ClassVar[Mapping[str, str]] = {
+        **RolloutConfig.unsupported_arguments,
+        "total_episodes": "set max_steps (optimizer updates) or num_train_epochs.",
+        "response_length": "use max_completion_length.",
+        "stop_token": "use stop_token_ids (default: the tokenizer's EOS).",
+        "stop_token_id": "use stop_token_ids.",
+        "local_rollout_forward_batch_size": "a rollout is scored in one jitted call.",
+        "num_sample_generations": "use eval_dataset with an eval schedule.",
+        "reward_model_path": "pass reward models or functions as reward_funcs.",
+        "sft_model_path": "pass the policy as model.",
+    }
+
+    num_generations: int = 1
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    cliprange: float = 0.2
+    vf_coef: float = 0.1
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+    # Derived (see the class docstring): None means "follow the PPO names".
+    num_iterations: int | None = None  # type: ignore[assignment]
+    beta: float | None = None  # type: ignore[assignment]
+
+    def _normalise(self) -> None:
+        super()._normalise()
+        if self.num_iterations is not None and self.num_iterations != self.num_ppo_epochs:
+            raise ValueError(
+                f"PPOConfig reuses each rollout num_ppo_epochs ({self.num_ppo_epochs}) times; num_iterations "
+                f"({self.num_iterations}) says otherwise. Set num_ppo_epochs only."
+            )
+        self._set("num_iterations", self.num_ppo_epochs)
+        if self.beta is not None and self.beta != self.kl_coef:
+            raise ValueError(
+                f"PPOConfig weighs the KL with kl_coef ({self.kl_coef}); beta ({self.beta}) says otherwise. "
+                "Set kl_coef only."
+            )
+        self._set("beta", self.kl_coef)
+        if self.generation_batch_size is not None:
+            raise ValueError(
+                "PPOConfig sizes a rollout with num_mini_batches (per_device_train_batch_size x batch shards x "
+                "gradient_accumulation_steps x num_mini_batches completions); generation_batch_size is not used."
+            )
+        if isinstance(self.num_mini_batches, int) and isinstance(self.gradient_accumulation_steps, int):
+            steps = self.num_mini_batches * self.gradient_accumulation_steps
+            if self.steps_per_generation is not None and self.steps_per_generation != steps:
+                raise ValueError(
+                    f"PPOConfig makes steps_per_generation num_mini_batches x gradient_accumulation_steps ({steps}); "
+                    f"got steps_per_generation={self.steps_per_generation}. Set num_mini_batches only."
+                )
+            self._set("steps_per_generation", steps)
+
+    def _validate(self) -> None:
+        from kithara.naming import check_names
+
+        super()._validate()
+        for name in ("num_ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        check_names([self.kl_estimator], KL_ESTIMATORS, "PPOConfig.kl_estimator", what="estimator", error=ValueError)
+        for name in ("kl_coef", "cliprange", "vf_coef", "cliprange_value"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}.")

@@ -18,6 +18,7 @@ import numpy as np
 from kithara.objectives import rl_losses
 from kithara.objectives.grpo import GRPOTrainer
 from kithara.objectives.rl_configs import RLOOConfig
+from kithara.trainer.config import TrainingConfig
 from kithara.trainer.losses import LossOutput
 
 
@@ -34,7 +35,7 @@ class RLOOTrainer(GRPOTrainer):
         ...     processing_class=tokenizer, args=kithara.RLOOConfig(num_generations=4, max_steps=100))
     """
 
-    config_class = RLOOConfig
+    config_class: type[TrainingConfig] = RLOOConfig
 
     @property
     def scores_old_logps(self) -> bool:

@@ -51,7 +51,12 @@ def read_prompt(row: Mapping[str, Any], where: str, tokenizer: Tokenizer, max_pr
         value, name = row["prompt"], "prompt"
     elif "messages" in row:
         value, name = row["messages"], "messages"
-        if isinstance(value, list) and value and isinstance(value[-1], Mapping) and value[-1].get("role") == "assistant":
+        if (
+            isinstance(value, list)
+            and value
+            and isinstance(value[-1], Mapping)
+            and value[-1].get("role") == "assistant"
+        ):
             value = value[:-1]
     else:
         raise RowError(where, f"needs a 'prompt' (text or messages) or 'messages' field; it has {sorted(row)}.")
@@ -63,7 +68,9 @@ def read_prompt(row: Mapping[str, Any], where: str, tokenizer: Tokenizer, max_pr
         value = [dict(m) for m in value]
         ids, _ = tokenizer.encode_chat(value, add_generation_prompt=True)
     else:
-        raise RowError(where, f"must be text or a non-empty list of {{'role', 'content'}} messages, got {value!r}.", field=name)
+        raise RowError(
+            where, f"must be text or a non-empty list of {{'role', 'content'}} messages, got {value!r}.", field=name
+        )
     columns = {k: v for k, v in row.items() if k != name}
     clash = sorted(set(columns) & set(RESERVED))
     if clash:
@@ -166,8 +173,10 @@ def score_rewards(
             else []
         )
         if len(values) != b - a:
-            raise ValueError(f"Reward function {reward_name(func)!r} returned {len(values)} rewards for {b - a} completions.")
-        for i, v in enumerate(values):
+            raise ValueError(
+                f"Reward function {reward_name(func)!r} returned {len(values)} rewards for {b - a} completions."
+            )
+        for v in values:
             if v is not None and not (isinstance(v, int | float | np.number) and not isinstance(v, bool)):
                 raise TypeError(f"Reward function {reward_name(func)!r} returned {v!r}; rewards are floats or None.")
         column = np.array([np.nan if v is None else float(v) for v in values], np.float64)
@@ -245,7 +254,9 @@ def completion_stats(lengths: Sequence[int], stopped: Sequence[bool]) -> dict[st
     }
 
 
-def reward_stats(names: Sequence[str], per_func: np.ndarray, rewards: np.ndarray, num_generations: int) -> dict[str, float]:
+def reward_stats(
+    names: Sequence[str], per_func: np.ndarray, rewards: np.ndarray, num_generations: int
+) -> dict[str, float]:
     """TRL's reward metrics: total mean and group std, and each function's mean and std."""
     out: dict[str, float] = {}
     for j, name in enumerate(names):
@@ -256,5 +267,3 @@ def reward_stats(names: Sequence[str], per_func: np.ndarray, rewards: np.ndarray
     out["reward"] = float(np.nanmean(rewards))
     out["reward_std"] = float(np.nanmean(np.nanstd(grouped, axis=1, ddof=1))) if num_generations > 1 else 0.0
     return out
-
-
