@@ -30,6 +30,10 @@ def runner(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         from bench.trl_compare import trl_sft as train_once
     elif kind == "trl_dpo":
         from bench.trl_compare import trl_dpo as train_once
+    elif kind == "grpo":
+        from bench.rl import kithara_grpo as train_once
+    elif kind == "trl_grpo":
+        from bench.rl import trl_grpo as train_once
     else:
         raise SystemExit(f"unknown benchmark kind {kind!r}")
     return train_once

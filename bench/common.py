@@ -75,7 +75,7 @@ def rss_now_mib() -> float:
 
 def run_child(specs: list[dict[str, Any]], timeout: float = 1800) -> list[dict[str, Any]]:
     """Runs ``bench.child`` on configurations (each names its ``kind``: ``sft``, ``dpo``,
-    ``overhead``, ``trl_sft``, ``trl_dpo``) in a fresh interpreter; returns one result per
+    ``overhead``, ``grpo``, ``trl_sft``, ``trl_dpo``, ``trl_grpo``) in a fresh interpreter; returns one result per
     spec, each with ``peak_rss_mib``: the child's maximum resident memory as the kernel
     counted it (XLA allocates outside Python's allocator, so tracemalloc would miss most of
     it). Pass one spec per call for per-configuration memory; several share one process

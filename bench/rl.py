@@ -28,23 +28,21 @@ Per step, each side records (subclassing its trainer, in the child process):
 Rollout tokens/s: completion tokens over rollout time; update tokens/s: prompt plus
 completion tokens over update time; generation share: generation time over step time.
 The first ``skip`` steps (compilation) are left out. Each side runs in its own child
-process (``python -m bench.rl``); its peak memory is that process's peak RSS (device
+process (``python -m bench.child``); its peak memory is that process's peak RSS (device
 memory on an accelerator). Every ratio is kithara / TRL.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-from bench.common import LEARNING_RATE, RESULT_PREFIX, median_merge
+from bench.common import LEARNING_RATE, median_merge, run_child
 
 SKIP = 2  # warm-up steps left out of every figure (compilation, first allocations)
 # fmt: off
@@ -330,20 +328,6 @@ def trl_grpo(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run(specs: list[dict[str, Any]], timeout: float = 1800) -> list[dict[str, Any]]:
-    """``python -m bench.rl`` on ``specs`` in a fresh interpreter (``bench.common.run_child``'s
-    protocol: the last output line holds the results, with the child's peak memory)."""
-    import subprocess
-
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "-m", "bench.rl", json.dumps(specs)], capture_output=True, text=True,
-                          env=env, timeout=timeout)  # fmt: skip
-    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_PREFIX)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"bench.rl child {specs} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(line[len(RESULT_PREFIX) :])
-
-
 def bench_rl(
     size: str,
     *,
@@ -362,29 +346,6 @@ def bench_rl(
                 device=device)  # fmt: skip
     ours, theirs = [], []
     for _ in range(repeats):
-        ours.append(_run([{**spec, "kind": "kithara"}])[0])
-        theirs.append(_run([{**spec, "kind": "trl"}])[0])
+        ours.append(run_child([{**spec, "kind": "grpo"}])[0])
+        theirs.append(run_child([{**spec, "kind": "trl_grpo"}])[0])
     return [compare(spec, median_merge(ours), median_merge(theirs))]
-
-
-def main() -> None:
-    specs = json.loads(sys.argv[1])
-    if any(s["kind"] == "trl" for s in specs):
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-        import trl  # noqa: F401
-    if any(s["kind"] == "kithara" for s in specs):
-        import jax  # noqa: F401
-        import keras  # noqa: F401
-
-        import kithara  # noqa: F401
-    from bench.common import finish_child, rss_now_mib
-
-    after_import = rss_now_mib()
-    runners = {"kithara": kithara_grpo, "trl": trl_grpo}
-    finish_child([runners[spec["kind"]](spec) for spec in specs], after_import)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    main()

@@ -200,6 +200,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def global_arrays(arrays: Mapping[str, np.ndarray], mesh: Mesh, leading_dims: int = 0) -> dict[str, jax.Array]:
+    """Full host arrays that every process holds identically (not a per-process slice, as
+    ``shard_batch`` takes) as global arrays split over the batch axes."""
+    sharding = batch_sharding(mesh, leading_dims)
+    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__) for k, v in arrays.items()}
+
+
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, leading_dims: int = 0) -> dict[str, jax.Array]:
     """Turns this process's slice of a batch into global arrays sharded over the batch axes.
 

@@ -9,6 +9,7 @@ entries (the frozen base) are the very same arrays, so generating or training wi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,19 @@ def with_adapter(variables: ModelVariables, adapter: Mapping[str, jax.Array]) ->
         return {p: adapter.get(p, v) for p, v in tree.items()}
 
     return ModelVariables(put(variables.trainable), put(variables.non_trainable))
+
+
+def has_lora(model: Any) -> bool:
+    """Whether ``model``'s variables hold LoRA factors."""
+    variables = model.variables
+    return any(p.endswith("lora_kernel_b") for p in (*variables.trainable, *variables.non_trainable))
+
+
+def frozen_copy(model: Any) -> ModelVariables:
+    """A copy of ``model``'s variables on their own shardings: a frozen reference that the
+    trained variables (donated at every step) never alias."""
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=model.variable_shardings)
+    return copy(model.variables)
 
 
 def adapter_off(variables: ModelVariables) -> ModelVariables:

@@ -256,8 +256,7 @@ class Generator(DecodePrograms):
         tokens equal those of decoding it alone.
         """
         causal_lm = self.model.causal_lm
-        by_path = self.model._by_path
-        mapping = [(by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
+        mapping = self.model.state_mapping(variables)
         batch, total = token_ids_BxT.shape
         with keras.StatelessScope(state_mapping=mapping):
             cache = _seed_cache(causal_lm, token_ids_BxT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -22,6 +21,13 @@ from rich.table import Table
 
 from kithara import sharding as sharding_lib
 from kithara.models import hf, segments
+from kithara.models.building import (
+    UNSUPPORTED_LOAD_OPTIONS,
+    backbone_from_config,
+    host_device,
+    keyword_only,
+    transformer_flops,
+)
 from kithara.models.families import Architecture, get_family, layer_layout
 from kithara.models.generation import (
     GeneratesWithCache,
@@ -44,13 +50,6 @@ logger = logging.getLogger(__name__)
 _REMOTE_SCHEMES = ("hf://", "kaggle://", "gs://", "modelscope://")
 # keras-hub's from_preset options kithara passes on (kithara sets dtype and preprocessor).
 PRESET_OPTIONS = ("load_weights",)
-# Loading options of transformers' from_pretrained that kithara has no counterpart for.
-UNSUPPORTED_LOAD_OPTIONS = {
-    "load_in_4bit": "4-bit/8-bit quantized loading is not supported yet.",
-    "load_in_8bit": "4-bit/8-bit quantized loading is not supported yet.",
-    "quantization_config": "4-bit/8-bit quantized loading is not supported yet.",
-    "device_map": "kithara places the weights on its device mesh; pick sharding= instead.",
-}
 
 
 class KerasHubModel(GeneratesWithCache, KerasVariables):
@@ -132,19 +131,14 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         would ignore them). ``seed`` seeds keras' random generator so every process builds
         identical weights.
         """
-        spec = get_family(family)
-        check_model_kwargs(
-            backbone_kwargs,
-            cls.from_config,
-            getattr(keras_hub.models, spec.backbone_class),
-            f"{cls.__name__}.from_config({family!r})",
-        )
         arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
-        kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
-        keras.utils.set_random_seed(seed)
+        backbone = backbone_from_config(
+            family, arch, precision=precision, seed=seed, builder=cls.from_config, where=cls.__name__, **backbone_kwargs
+        )
         with host_device():
-            backbone = getattr(keras_hub.models, spec.backbone_class)(dtype=keras_policy(precision), **kwargs)
-            causal_lm = getattr(keras_hub.models, spec.causal_lm_class)(backbone=backbone, preprocessor=None)
+            causal_lm = getattr(keras_hub.models, get_family(family).causal_lm_class)(
+                backbone=backbone, preprocessor=None
+            )
         return cls(causal_lm, sharding=sharding, lora=lora, family=family)
 
     @classmethod
@@ -171,7 +165,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         """
         check_names(
             kwargs,
-            [*_keyword_only(cls.from_preset), *PRESET_OPTIONS],
+            [*keyword_only(cls.from_preset), *PRESET_OPTIONS],
             f"{cls.__name__}.from_preset",
             unsupported=UNSUPPORTED_LOAD_OPTIONS,
         )
@@ -229,17 +223,13 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         segments.install()
         return segments.packed_inputs(inputs["segment_ids"], inputs["positions"])
 
-    def _state_mapping(self, variables: ModelVariables) -> list[tuple[keras.Variable, jax.Array]]:
-        """(keras variable, value) pairs for ``keras.StatelessScope``."""
-        return [(self._by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
-
     def hidden_states(
         self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``,
         the final-norm hidden states the LM head turns into ``apply``'s logits (a value head
         for PPO goes on these). Same ``inputs`` as ``apply``, packed ones included."""
-        with self._packed(inputs), keras.StatelessScope(state_mapping=self._state_mapping(variables)) as scope:
+        with self._packed(inputs), keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope:
             hidden_BxLxH = self.backbone(_model_inputs(inputs), training=training)
             new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
         return hidden_BxLxH, new_non_trainable
@@ -248,7 +238,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         """The LM head on hidden states: keras-hub's ``token_embedding(x, reverse=True)``
         (tied or untied output embeddings, and Gemma 2/3's final logit soft-capping when the
         backbone has one), in the model's compute dtype."""
-        with keras.StatelessScope(state_mapping=self._state_mapping(variables)):
+        with keras.StatelessScope(state_mapping=self.state_mapping(variables)):
             return self.backbone.token_embedding(hidden_BxLxH, reverse=True)
 
     def token_logps(
@@ -283,25 +273,14 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
 
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
         b = self.backbone
-        head_dim = getattr(b, "head_dim", None) or b.hidden_dim // b.num_query_heads
-        base = lora = 0
-        for path, variable in self._by_path.items():
-            size = math.prod(variable.shape)
-            if path.rsplit("/", 1)[-1].startswith("lora_kernel"):
-                lora += size
-            elif path.endswith("/kernel"):
-                base += size
-        base += b.vocabulary_size * b.hidden_dim  # the LM head matmul (tied or not)
-        # PaLM-style count: 2 FLOPs per weight per token, attention scores and values over
-        # the full (not causal-halved) sequence.
-        attention = 4 * b.num_layers * sequence_length * b.num_query_heads * head_dim
-        forward = 2 * (base + lora) + attention
-        if not training:
-            return float(forward)
-        if self.lora is None:
-            return float(3 * forward)
-        # Frozen weights still back-propagate activations; only adapters get weight grads.
-        return float(forward + 2 * base + 2 * attention + 4 * lora)
+        return transformer_flops(
+            b,
+            self._by_path,
+            sequence_length,
+            training=training,
+            lora=self.lora is not None,
+            extra_head_params=b.vocabulary_size * b.hidden_dim,  # the LM head matmul (tied or not)
+        )
 
     def save_in_hf_format(
         self,
@@ -536,30 +515,6 @@ def _human(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
-
-
-def host_device() -> contextlib.AbstractContextManager[Any]:
-    """Builds variables in host memory when an accelerator is the default device, so a
-    model larger than one accelerator can still be built and then sharded."""
-    if jax.default_backend() == "cpu":
-        return contextlib.nullcontext()
-    return jax.default_device(jax.devices("cpu")[0])
-
-
-def check_model_kwargs(backbone_kwargs: Mapping[str, Any], builder: Any, backbone_class: type, where: str) -> None:
-    """Refuses ``backbone_kwargs`` that ``backbone_class``'s constructor does not name (keras-hub
-    backbones take ``**kwargs`` and drop unknown ones) with the closest of those names and the
-    ``builder``'s own arguments. ``dtype`` is refused: ``precision=`` sets it."""
-    known = _keyword_only(builder) | {
-        name
-        for name, p in inspect.signature(backbone_class).parameters.items()
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name != "dtype"
-    }
-    check_names(backbone_kwargs, known, where, unsupported=UNSUPPORTED_LOAD_OPTIONS)
-
-
-def _keyword_only(function: Any) -> set[str]:
-    return {n for n, p in inspect.signature(function).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _check_local_preset(handle: str) -> None:

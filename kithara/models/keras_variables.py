@@ -40,6 +40,11 @@ class KerasVariables(Model):
         self._shardings = sharding_lib.param_shardings(self.strategy, self._mesh, shapes)
         place_variables(self._by_path, self._shardings)
 
+    def state_mapping(self, variables: ModelVariables) -> list[tuple[keras.Variable, Any]]:
+        """``(keras variable, value)`` pairs of ``variables`` for ``keras.StatelessScope``:
+        calling the keras layers inside that scope computes with these values."""
+        return [(self._by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
+
     @property
     def variables(self) -> ModelVariables:
         return ModelVariables(

@@ -113,3 +113,28 @@ class Model(abc.ABC):
     @property
     def num_trainable_params(self) -> int:
         return sum(math.prod(x.shape) for x in self.variables.trainable.values())
+
+
+def prefixed(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``tree`` with every path under ``name/``."""
+    return {f"{name}/{p}": v for p, v in tree.items()}
+
+
+def unprefixed(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The entries of ``tree`` under ``name/``, with their own paths."""
+    head = f"{name}/"
+    return {p[len(head) :]: v for p, v in tree.items() if p.startswith(head)}
+
+
+def join_variables(parts: Mapping[str, ModelVariables]) -> ModelVariables:
+    """One ``ModelVariables`` of several models' (or their shardings), each part's paths
+    under its name: how a pair of models is one train state."""
+    return ModelVariables(
+        {k: v for name, part in parts.items() for k, v in prefixed(part.trainable, name).items()},
+        {k: v for name, part in parts.items() for k, v in prefixed(part.non_trainable, name).items()},
+    )
+
+
+def part_of(variables: ModelVariables, name: str) -> ModelVariables:
+    """The part ``name`` of ``join_variables``' result, under its own paths (no copies)."""
+    return ModelVariables(unprefixed(variables.trainable, name), unprefixed(variables.non_trainable, name))

@@ -13,12 +13,12 @@ import keras_hub
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
-from kithara.models.families import Architecture, get_family, layer_layout
-from kithara.models.keras_hub_model import KerasHubModel, check_model_kwargs, host_device
+from kithara.models.building import backbone_from_config, host_device, transformer_flops
+from kithara.models.families import Architecture, layer_layout
+from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
-from kithara.models.precision import keras_policy
 
 # The head's layer name: its kernel is ``score/kernel``, as Hugging Face's
 # ``*ForSequenceClassification`` call theirs ``score.weight`` (transposed: [1, hidden] there).
@@ -179,14 +179,10 @@ class ScalarHeadModel(KerasVariables):
         ``seed`` seeds keras' random generator (every process builds identical weights) and
         the head's initialiser.
         """
-        spec = get_family(family)
-        backbone_class = getattr(keras_hub.models, spec.backbone_class)
-        check_model_kwargs(backbone_kwargs, cls.from_config, backbone_class, f"{cls.__name__}.from_config({family!r})")
         arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
-        kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
-        keras.utils.set_random_seed(seed)
-        with host_device():
-            backbone = backbone_class(dtype=keras_policy(precision), **kwargs)
+        backbone = backbone_from_config(
+            family, arch, precision=precision, seed=seed, builder=cls.from_config, where=cls.__name__, **backbone_kwargs
+        )
         return cls(backbone, sharding=sharding, lora=lora, head_init_std=head_init_std, family=family, seed=seed)
 
     @classmethod
@@ -252,9 +248,7 @@ class ScalarHeadModel(KerasVariables):
         """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``, the
         final-norm hidden states the head reads (as ``KerasHubModel.hidden_states``)."""
         model_inputs = _check_inputs(inputs)
-        values = {**variables.trainable, **variables.non_trainable}
-        mapping = [(variable, values[path]) for path, variable in self._by_path.items()]
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        with keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope:
             hidden_BxLxH = self.backbone(model_inputs, training=training)
             new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
         return hidden_BxLxH, new_non_trainable
@@ -277,24 +271,15 @@ class ScalarHeadModel(KerasVariables):
 
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
         """As ``KerasHubModel.flops_per_token`` with the ``[hidden, 1]`` head in place of the LM head."""
-        b = self.backbone
-        head_dim = getattr(b, "head_dim", None) or b.hidden_dim // b.num_query_heads
-        base = lora = 0
-        for path, variable in self._by_path.items():
-            size = math.prod(variable.shape)
-            if path.rsplit("/", 1)[-1].startswith("lora_kernel"):
-                lora += size
-            elif path.endswith("/kernel"):  # the projections and the head's [hidden, 1]
-                base += size
-        attention = 4 * b.num_layers * sequence_length * b.num_query_heads * head_dim
-        forward = 2 * (base + lora) + attention
-        if not training:
-            return float(forward)
-        if self.lora is None:
-            return float(3 * forward)
-        # Frozen weights still back-propagate activations; only adapters and the head get weight grads.
-        head = b.hidden_dim
-        return float(forward + 2 * (base - head) + 2 * attention + 4 * (lora + head))
+        # The head's [hidden, 1] kernel is one of the "/kernel" paths, and trains under LoRA.
+        return transformer_flops(
+            self.backbone,
+            self._by_path,
+            sequence_length,
+            training=training,
+            lora=self.lora is not None,
+            trained_head_params=int(self.backbone.hidden_dim),
+        )
 
 
 def last_token_scores(scores_BxL: jax.Array, padding_mask: jax.Array) -> jax.Array:

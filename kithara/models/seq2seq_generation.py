@@ -146,8 +146,7 @@ class Seq2SeqGenerator(DecodePrograms):
         """The decoder ids with positions ``start .. end - 1`` written (rows that stopped keep
         zeros after their stop token)."""
         lm = self.model.seq2seq_lm
-        by_path = self.model._by_path
-        mapping = [(by_path[p], v) for p, v in {**variables.trainable, **variables.non_trainable}.items()]
+        mapping = self.model.state_mapping(variables)
         batch = decoder_ids_BxT.shape[0]
         start_fn, next_fn = CACHE_API[self.model.family]
         with keras.StatelessScope(state_mapping=mapping):

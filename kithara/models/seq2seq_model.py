@@ -12,8 +12,8 @@ import keras_hub
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
+from kithara.models.building import check_model_kwargs, host_device
 from kithara.models.generation import GeneratesWithCache, as_key, read_prompts
-from kithara.models.keras_hub_model import check_model_kwargs, host_device
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy

@@ -307,7 +307,7 @@ class CycleTrainer(Trainer):
         padding rows fully masked), sharded over the batch axes."""
         n, length = self.rows_per_step, self.max_length
         if rows and len(rows[0]) == 3:  # (source ids, decoder ids, supervised): a seq2seq side
-            return _global(seq2seq_arrays([Seq2SeqRow(*r) for r in rows], n, length), self.pair)
+            return sharding_lib.global_arrays(seq2seq_arrays([Seq2SeqRow(*r) for r in rows], n, length), self.pair.mesh)
         out = {
             "token_ids": np.zeros((n, length), np.int32),
             "padding_mask": np.zeros((n, length), bool),
@@ -321,7 +321,7 @@ class CycleTrainer(Trainer):
             out["padding_mask"][i, :k] = True
             out["labels"][i, :k] = ids[1:]
             out["label_mask"][i, :k] = supervised[1:]
-        return _global(out, self.pair)
+        return sharding_lib.global_arrays(out, self.pair.mesh)
 
     def _translate_all(self, variables: ModelVariables, side: str, texts: Sequence[str]) -> list[str]:
         size = self.rows_per_step  # one batch bucket for every call
@@ -335,12 +335,6 @@ class CycleTrainer(Trainer):
             out = jax.device_get(self.jitted_eval_step(variables, {side: arrays}))
             total, weight = total + float(out.total), weight + float(out.weight)
         return total / max(weight, 1.0) if weight else math.nan
-
-
-def _global(local: Mapping[str, np.ndarray], pair: CyclePair) -> dict[str, jax.Array]:
-    """The full batch (every process builds the same one) as global arrays over the batch axes."""
-    sharding = sharding_lib.batch_sharding(pair.mesh)
-    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__) for k, v in local.items()}
 
 
 def _side_of_batch(batch: Mapping[str, Any]) -> str:

@@ -20,20 +20,13 @@ from jax.sharding import Mesh
 
 from kithara.models import adapters
 from kithara.models.keras_hub_model import KerasHubModel
-from kithara.models.model import Model, ModelVariables
+from kithara.models.model import Model, ModelVariables, join_variables, part_of
+from kithara.models.model import prefixed as _prefixed
+from kithara.models.model import unprefixed as _side_of
 from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
 
 SIDES = ("A", "B")
 SideModel = KerasHubModel | KerasHubSeq2SeqModel  # what runs one side: a causal or a seq2seq LM
-
-
-def _prefixed(tree: Mapping[str, Any], side: str) -> dict[str, Any]:
-    return {f"{side}/{p}": v for p, v in tree.items()}
-
-
-def _side_of(tree: Mapping[str, Any], side: str) -> dict[str, Any]:
-    head = f"{side}/"
-    return {p[len(head) :]: v for p, v in tree.items() if p.startswith(head)}
 
 
 class CyclePair(Model):
@@ -81,13 +74,7 @@ class TwoModels(CyclePair):
 
     @property
     def variables(self) -> ModelVariables:
-        parts = [self.models[s].variables for s in SIDES]
-        return ModelVariables(
-            trainable={k: v for s, p in zip(SIDES, parts, strict=True) for k, v in _prefixed(p.trainable, s).items()},
-            non_trainable={
-                k: v for s, p in zip(SIDES, parts, strict=True) for k, v in _prefixed(p.non_trainable, s).items()
-            },
-        )
+        return join_variables({s: self.models[s].variables for s in SIDES})
 
     @variables.setter
     def variables(self, values: ModelVariables) -> None:
@@ -96,14 +83,10 @@ class TwoModels(CyclePair):
 
     @property
     def variable_shardings(self) -> ModelVariables:
-        parts = {s: self.models[s].variable_shardings for s in SIDES}
-        return ModelVariables(
-            trainable={k: v for s in SIDES for k, v in _prefixed(parts[s].trainable, s).items()},
-            non_trainable={k: v for s in SIDES for k, v in _prefixed(parts[s].non_trainable, s).items()},
-        )
+        return join_variables({s: self.models[s].variable_shardings for s in SIDES})
 
     def side_variables(self, variables: ModelVariables, side: str) -> ModelVariables:
-        return ModelVariables(_side_of(variables.trainable, side), _side_of(variables.non_trainable, side))
+        return part_of(variables, side)
 
     def merge_side(self, variables: ModelVariables, side: str, side_variables: ModelVariables) -> ModelVariables:
         return ModelVariables(

@@ -18,7 +18,7 @@ from kithara.data.dataloader import Dataloader
 from kithara.data.formats import PreferenceDataset
 from kithara.data.sources import Source
 from kithara.data.tokenizer import Tokenizer
-from kithara.models.adapters import adapter_off
+from kithara.models.adapters import adapter_off, frozen_copy, has_lora
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses
 from kithara.objectives.configs import DPOConfig
@@ -30,11 +30,6 @@ from kithara.trainer.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def has_lora(model: Model) -> bool:
-    variables = model.variables
-    return any(p.endswith("lora_kernel_b") for p in (*variables.trainable, *variables.non_trainable))
 
 
 def pair_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -199,8 +194,7 @@ class DPOTrainer(Trainer):
                 "give the model LoRA adapters or set precompute_ref_log_probs=True to avoid it.",
                 model.num_params,
             )
-            copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=model.variable_shardings)
-            self._reference_variables = copy(model.variables)
+            self._reference_variables = frozen_copy(model)
         else:
             logger.info("DPO reference: %s.", self.reference.replace("_", " "))
         super().__init__(

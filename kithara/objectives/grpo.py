@@ -9,9 +9,6 @@ advantages and the loss; ``PPOTrainer`` adds a value model.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import io
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,15 +21,13 @@ import optax
 
 from kithara import sharding as sharding_lib
 from kithara.callbacks import Callback, Checkpointer, Profiler
-from kithara.data.source import Source
-from kithara.data.sources import load_source
-from kithara.models.adapters import adapter_off
+from kithara.models.adapters import adapter_off, frozen_copy, has_lora
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import rl_losses, rollouts
-from kithara.objectives.dpo import has_lora
-from kithara.objectives.inputs import as_tokenizer, lora_config, resolve_model
+from kithara.objectives.inputs import as_source, lora_config, resolve_model
 from kithara.objectives.rl_configs import GRPOConfig, RolloutConfig
+from kithara.objectives.rollouts import Rollout
 from kithara.trainer.config import TrainingConfig
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.state import TrainState
@@ -40,28 +35,6 @@ from kithara.trainer.trainer import DataPlan, Trainer
 
 logger = logging.getLogger(__name__)
 EVAL_SEED = 2**31 - 1  # evaluation samples with its own key, apart from every rollout's
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One rollout's training rows (``[rows, ...]`` host arrays, group-contiguous) and its
-    host metrics; ``index`` numbers rollouts from the start of training."""
-
-    index: int
-    arrays: dict[str, np.ndarray]
-    metrics: dict[str, float]
-
-    def encode(self) -> dict[str, Any]:
-        """JSON-able (for a checkpoint's data state): the arrays as a base64 ``.npz``."""
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **self.arrays)  # type: ignore[arg-type]
-        return {"index": self.index, "arrays": base64.b64encode(buffer.getvalue()).decode(), "metrics": self.metrics}
-
-    @classmethod
-    def decode(cls, data: Mapping[str, Any]) -> Rollout:
-        with np.load(io.BytesIO(base64.b64decode(data["arrays"]))) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        return cls(int(data["index"]), arrays, dict(data["metrics"]))
 
 
 class GRPOTrainer(Trainer):
@@ -138,7 +111,7 @@ class GRPOTrainer(Trainer):
         if tok is None:
             raise ValueError(f"{type(self).__name__} needs processing_class= (a tokenizer) to read prompts.")
         self.tokenizer = tok
-        self.reward_funcs = self._reward_funcs(reward_funcs, reward_processing_classes, tok)
+        self.reward_funcs = rollouts.reward_functions(reward_funcs, reward_processing_classes, tok)
         self.reward_names = [rollouts.reward_name(f) for f in self.reward_funcs]
         weights = config.reward_weights or (1.0,) * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -148,8 +121,8 @@ class GRPOTrainer(Trainer):
         self.reward_weights = np.asarray(weights, np.float64)
         if train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs train_dataset: rows with a 'prompt' or 'messages'.")
-        self.train_source = _source(train_dataset, "train_dataset")
-        self.eval_source = None if eval_dataset is None else _source(eval_dataset, "eval_dataset")
+        self.train_source = as_source(train_dataset, "train_dataset")
+        self.eval_source = None if eval_dataset is None else as_source(eval_dataset, "eval_dataset")
         self.stop_token_ids = list(config.stop_token_ids or [tok.eos_id])
         self.rows_per_rollout, self.updates_per_generation = config.rollout_sizes(
             sharding_lib.batch_shards(policy.mesh)
@@ -157,6 +130,7 @@ class GRPOTrainer(Trainer):
         self.num_generations = config.num_generations
         self.prompts_per_rollout = self.rows_per_rollout // config.num_generations
         self.updates_per_rollout = self.updates_per_generation * config.num_iterations
+        self.rows_per_update = self.rows_per_rollout // self.updates_per_generation
         self.rollouts_per_epoch = len(self.train_source) // self.prompts_per_rollout
         if self.rollouts_per_epoch == 0:
             raise ValueError(
@@ -167,15 +141,33 @@ class GRPOTrainer(Trainer):
         self.need_old_logps = self.updates_per_rollout > 1 or self.scores_old_logps
         self.reference, self._reference_variables = self._reference(policy, config.beta)
         self.rollout: Rollout | None = None
-        self._updates_done = 0  # updates made on self.rollout
         super().__init__(
-            policy, optimizer, profiler=profiler, checkpointer=checkpointer, callbacks=callbacks, args=config
+            self.trained_model(policy, config),
+            optimizer,
+            profiler=profiler,
+            checkpointer=checkpointer,
+            callbacks=callbacks,
+            args=config,
         )
 
     @property
     def args_rl(self) -> RolloutConfig:
         """``args``, typed as the rollout config it is."""
         return cast(RolloutConfig, self.args)
+
+    def trained_model(self, policy: KerasHubModel, config: RolloutConfig) -> Model:
+        """The model whose variables the train state holds (called once, in ``__init__``,
+        with the resolved config): the policy; PPO joins its value function to it."""
+        return policy
+
+    @property
+    def policy(self) -> KerasHubModel:
+        """The causal LM that samples and is scored."""
+        return cast(KerasHubModel, self.model)
+
+    def policy_variables(self, variables: ModelVariables) -> ModelVariables:
+        """The policy's own variables among the trained ``variables`` (all of them here)."""
+        return variables
 
     @property
     def scores_old_logps(self) -> bool:
@@ -184,32 +176,6 @@ class GRPOTrainer(Trainer):
         return False
 
     # Set-up -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _reward_funcs(funcs: Any, tokenizers: Any, tokenizer: Any) -> list[Any]:
-        funcs = list(funcs) if isinstance(funcs, list | tuple) else [funcs]
-        if not funcs:
-            raise ValueError("reward_funcs is empty: give at least one reward function or reward model.")
-        models = [f for f in funcs if isinstance(f, Model)]
-        given = list(tokenizers) if isinstance(tokenizers, list | tuple) else [tokenizers] * len(models)
-        if tokenizers is not None and len(given) != len(models):
-            raise ValueError(f"reward_processing_classes has {len(given)} entries for {len(models)} reward models.")
-        out, k = [], 0
-        for f in funcs:
-            if isinstance(f, Model):
-                scorer_tokenizer = as_tokenizer(given[k]) if tokenizers is not None else tokenizer
-                if scorer_tokenizer is None:
-                    raise ValueError("reward_processing_classes has None for a reward model; give its tokenizer.")
-                out.append(rollouts.ModelReward(f, scorer_tokenizer))
-                k += 1
-            elif callable(f):
-                out.append(f)
-            else:
-                raise TypeError(
-                    f"reward_funcs entries are callables or reward models (kithara.ScalarHeadModel), got "
-                    f"{type(f).__name__}."
-                )
-        return out
 
     @staticmethod
     def _reference(policy: KerasHubModel, beta: float) -> tuple[str, ModelVariables | None]:
@@ -223,8 +189,7 @@ class GRPOTrainer(Trainer):
             "LoRA adapters, or beta=0, to avoid it.",
             policy.num_params,
         )
-        copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=policy.variable_shardings)
-        return "frozen_copy", copy(policy.variables)
+        return "frozen_copy", frozen_copy(policy)
 
     # The objective contract -------------------------------------------------------------
 
@@ -234,10 +199,9 @@ class GRPOTrainer(Trainer):
 
     def data_plan(self) -> DataPlan:
         """An epoch: every whole rollout of prompts once, ``updates_per_rollout`` steps each."""
-        rows_per_update = self.rows_per_rollout // self.updates_per_generation
         return DataPlan(
             self.rollouts_per_epoch * self.updates_per_rollout,
-            rows_per_update,
+            self.rows_per_update,
             self.row_length,
             has_eval=self.eval_source is not None,
         )
@@ -258,7 +222,7 @@ class GRPOTrainer(Trainer):
     def data_state(self) -> dict[str, Any]:
         """The current rollout when updates on it remain (resuming needs it: the policy
         that sampled it is gone); else nothing, the position being a function of the step."""
-        if self.rollout is None or self._updates_done >= self.updates_per_rollout:
+        if self.rollout is None or self.rollout.updates_done >= self.updates_per_rollout:
             return {}
         return {"rollout": self.rollout.encode()}
 
@@ -269,15 +233,16 @@ class GRPOTrainer(Trainer):
             started = time.perf_counter()
             self.rollout = self.make_rollout(state, index, prompt_indices)
             self.rollout.metrics["time/rollout"] = time.perf_counter() - started
-        self._updates_done = update + 1
+        self.rollout.updates_done = update + 1
         chunk = update % self.updates_per_generation
-        rows = self.rows_per_rollout // self.updates_per_generation
-        k = self.gradient_accumulation_steps
+        rows, k = self.rows_per_update, self.gradient_accumulation_steps
         part = {
             name: a[chunk * rows : (chunk + 1) * rows].reshape(k, rows // k, *a.shape[1:])
             for name, a in self.rollout.arrays.items()
         }
-        state, metrics = self.jitted_train_step(state, rollouts.global_arrays(part, self.model.mesh, leading_dims=1))
+        state, metrics = self.jitted_train_step(
+            state, sharding_lib.global_arrays(part, self.model.mesh, leading_dims=1)
+        )
         return state, {**metrics, **self.rollout.metrics}
 
     def compute_loss(
@@ -325,15 +290,24 @@ class GRPOTrainer(Trainer):
         """Per-token log-probs of the rollout's completions under the sampling policy
         (``old_logps``, when updates reuse the rollout) and the reference (``ref_logps``)."""
         out = {}
-        chunk = self.args_rl.logprob_chunk_size
         if self.need_old_logps:
-            out["old_logps"] = self.model.token_logps(
-                variables, batch, batch["labels"], training=False, chunk_size=chunk
-            )[0]
+            out["old_logps"] = self.policy_logps(self.policy_variables(variables), batch)
         if self.reference != "none":
-            ref = frozen if self.reference == "frozen_copy" else adapter_off(variables)
-            out["ref_logps"] = self.model.token_logps(ref, batch, batch["labels"], training=False, chunk_size=chunk)[0]
+            out["ref_logps"] = self.reference_logps(self.policy_variables(variables), batch, frozen)
         return jax.tree.map(jax.lax.stop_gradient, out)
+
+    def policy_logps(self, policy_variables: ModelVariables, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Per-token log-probs of ``batch``'s labels under the policy, without dropout."""
+        chunk = self.args_rl.logprob_chunk_size
+        return self.policy.token_logps(policy_variables, batch, batch["labels"], training=False, chunk_size=chunk)[0]
+
+    def reference_logps(
+        self, policy_variables: ModelVariables, batch: Mapping[str, jax.Array], frozen: Any
+    ) -> jax.Array:
+        """Per-token log-probs under the reference: the frozen copy (``frozen``), or the
+        policy's ``policy_variables`` with the LoRA adapters off."""
+        reference = frozen if self.reference == "frozen_copy" else adapter_off(policy_variables)
+        return self.policy_logps(reference, batch)
 
     def eval_metrics(self, variables: ModelVariables) -> dict[str, float]:
         """Rewards of ``num_generations_eval`` completions of each eval prompt (at most
@@ -345,7 +319,7 @@ class GRPOTrainer(Trainer):
         prompts = rollouts.read_prompts(self.eval_source, range(count), self.tokenizer, self.args_rl.max_prompt_length)
         sample = self.sample(variables, prompts, k, seed=EVAL_SEED)
         rewards_per_func = self.rewards(sample)
-        rewards = self.total_reward(rewards_per_func)
+        rewards = rollouts.total_reward(rewards_per_func, self.reward_weights)
         out = rollouts.reward_stats(self.reward_names, rewards_per_func, rewards, k)
         out.update(rollouts.completion_stats([len(c) for c in sample["completion_ids"]], sample["stopped"]))
         return out
@@ -360,10 +334,10 @@ class GRPOTrainer(Trainer):
         whether each stopped, and completions as reward functions see them."""
         args = self.args_rl
         prompt_rows = [p for p in prompts for _ in range(k)]
-        ids, stopped = cast(KerasHubModel, self.model).sample(
+        ids, stopped = self.policy.sample(
             [p.ids for p in prompt_rows],
             args.max_completion_length,
-            variables=variables,
+            variables=self.policy_variables(variables),
             temperature=args.temperature,
             top_k=args.top_k or None,
             top_p=args.top_p,
@@ -384,22 +358,21 @@ class GRPOTrainer(Trainer):
             self.reward_funcs, sample["prompts"], sample["completions"], sample["completion_ids"], self.state
         )
 
-    def total_reward(self, rewards_per_func: np.ndarray) -> np.ndarray:
-        """The weighted sum over functions (NaN where no function applies), as TRL."""
-        weighted = rewards_per_func * self.reward_weights[None]
-        return np.where(np.isnan(rewards_per_func).all(1), np.nan, np.nansum(weighted, axis=1))
-
-    def advantages(
+    def learning_targets(
         self, rewards: np.ndarray, arrays: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """Per-row advantages from the rollout's total rewards (its training ``arrays`` and
-        ``scores`` at hand), and their metrics: here group-relative, scaled by
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """What the loss learns from, as float32 arrays to add to the rollout's rows, from
+        the rollout's total rewards (its training ``arrays`` and ``scores`` at hand), and
+        their metrics: here per-row ``advantages``, group-relative, scaled by
         ``scale_rewards``."""
         del arrays, scores
         args = cast(GRPOConfig, self.args)
         scaled, _, zero = rl_losses.group_advantages(rewards, self.num_generations, args.scale_rewards)
         adv = np.nan_to_num(np.asarray(scaled, np.float32))
-        return adv, {"frac_reward_zero_std": float(np.mean(np.asarray(zero))), "advantages/std": float(adv.std())}
+        return {"advantages": adv}, {
+            "frac_reward_zero_std": float(np.mean(np.asarray(zero))),
+            "advantages/std": float(adv.std()),
+        }
 
     def make_rollout(self, state: TrainState, index: int, prompt_indices: Sequence[int]) -> Rollout:
         """Samples, rewards and scores the completions of rollout ``index``'s prompts."""
@@ -407,7 +380,7 @@ class GRPOTrainer(Trainer):
         prompts = rollouts.read_prompts(self.train_source, prompt_indices, self.tokenizer, args.max_prompt_length)
         sample = self.sample(state.model, prompts, self.num_generations, seed=index)
         rewards_per_func = self.rewards(sample)
-        rewards = self.total_reward(rewards_per_func)
+        rewards = rollouts.total_reward(rewards_per_func, self.reward_weights)
         keep = [s or not args.mask_truncated_completions for s in sample["stopped"]]
         arrays = rollouts.training_rows(
             [p.ids for p in sample["prompts"]], sample["completion_ids"], keep, self.row_length
@@ -417,12 +390,12 @@ class GRPOTrainer(Trainer):
             scores = {
                 k: np.asarray(v)
                 for k, v in jax.device_get(
-                    self.jitted_score(state.model, rollouts.global_arrays(arrays, self.model.mesh))
+                    self.jitted_score(state.model, sharding_lib.global_arrays(arrays, self.model.mesh))
                 ).items()
             }
-        advantages, metrics = self.advantages(rewards, arrays, scores)
+        targets, metrics = self.learning_targets(rewards, arrays, scores)
         arrays.update(scores)
-        arrays["advantages"] = advantages.astype(np.float32)
+        arrays.update(targets)
         metrics.update(rollouts.reward_stats(self.reward_names, rewards_per_func, rewards, self.num_generations))
         metrics.update(rollouts.completion_stats([len(c) for c in sample["completion_ids"]], sample["stopped"]))
         if args.log_completions:
@@ -430,10 +403,3 @@ class GRPOTrainer(Trainer):
             for p, c, r in zip(sample["prompts"], shown, rewards, strict=False):
                 logger.info("rollout %d | prompt: %r | completion: %r | reward: %.4g", index, p.value, c, r)
         return Rollout(index, arrays, metrics)
-
-
-def _source(data: Any, name: str) -> Source:
-    source = data if isinstance(data, Source) else load_source(data)
-    if len(source) == 0:
-        raise ValueError(f"{name} has no rows.")
-    return source

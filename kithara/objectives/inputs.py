@@ -80,10 +80,16 @@ def as_loader(
         return Dataloader(data, **loader_kwargs)
     if tokenizer is None:
         raise ValueError(f"{name} is raw data: pass tokenizer= (or a model path to load it from).")
+    return Dataloader(make_dataset(as_source(data, name), tokenizer), **loader_kwargs)
+
+
+def as_source(data: Any, name: str) -> Source:
+    """Raw data (a ``Source``, path, glob, list of dicts or Hugging Face dataset) as a
+    ``Source`` of rows; refuses an empty one, naming the argument ``name``."""
     source = data if isinstance(data, Source) else load_source(data)
     if len(source) == 0:
         raise ValueError(f"{name} has no rows.")
-    return Dataloader(make_dataset(source, tokenizer), **loader_kwargs)
+    return source
 
 
 def check_ready_data(

@@ -41,9 +41,9 @@ class RLOOTrainer(GRPOTrainer):
     def scores_old_logps(self) -> bool:
         return True
 
-    def advantages(
+    def learning_targets(
         self, rewards: np.ndarray, arrays: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, float]]:
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Leave-one-out advantages of the KL-shaped, clipped rewards."""
         args = cast(RLOOConfig, self.args)
         mask = arrays["completion_mask"]
@@ -69,7 +69,7 @@ class RLOOTrainer(GRPOTrainer):
         with np.errstate(invalid="ignore"):
             zero = np.isclose(np.nanstd(grouped, axis=1), 0.0)
         metrics.update({"frac_reward_zero_std": float(zero.mean()), "advantages/std": float(adv.std())})
-        return adv.astype(np.float32), metrics
+        return {"advantages": adv.astype(np.float32)}, metrics
 
     def policy_loss(
         self, logps: jax.Array, old_logps: jax.Array, batch: Mapping[str, jax.Array], mask: jax.Array

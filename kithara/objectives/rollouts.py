@@ -10,7 +10,9 @@ group's rewards meet on every process.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,10 +25,35 @@ from kithara.data.source import RowError, Source
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.generation import bucket
 from kithara.models.model import Model
+from kithara.objectives.inputs import as_tokenizer
 
 RewardFunc = Callable[..., Sequence[float | None]]
 # Columns a reward function never sees as dataset columns (TRL passes them by these names).
 RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout's training rows (``[rows, ...]`` host arrays, group-contiguous) and its
+    host metrics; ``index`` numbers rollouts from the start of training."""
+
+    index: int
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    updates_done: int = 0  # optimizer updates made on it so far
+
+    def encode(self) -> dict[str, Any]:
+        """JSON-able (for a checkpoint's data state): the arrays as a base64 ``.npz``."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **self.arrays)  # type: ignore[arg-type]
+        arrays = base64.b64encode(buffer.getvalue()).decode()
+        return {"index": self.index, "arrays": arrays, "metrics": self.metrics, "updates_done": self.updates_done}
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any]) -> Rollout:
+        with np.load(io.BytesIO(base64.b64decode(data["arrays"]))) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        return cls(int(data["index"]), arrays, dict(data["metrics"]), int(data["updates_done"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +109,36 @@ def read_prompts(source: Source, indices: Sequence[int], tokenizer: Tokenizer, m
     return [read_prompt(source[int(i)], source.describe(int(i)), tokenizer, max_prompt_length) for i in indices]
 
 
+def reward_functions(funcs: Any, tokenizers: Any, tokenizer: Tokenizer) -> list[Any]:
+    """``reward_funcs`` as a list of callables: Python functions as they are, reward models
+    (``kithara.Model``s with ``score``) wrapped in ``ModelReward`` with their entry of
+    ``tokenizers`` (``reward_processing_classes``: one per reward model, or one for all) or
+    the policy's ``tokenizer``."""
+    funcs = list(funcs) if isinstance(funcs, list | tuple) else [funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty: give at least one reward function or reward model.")
+    models = [f for f in funcs if isinstance(f, Model)]
+    given = list(tokenizers) if isinstance(tokenizers, list | tuple) else [tokenizers] * len(models)
+    if tokenizers is not None and len(given) != len(models):
+        raise ValueError(f"reward_processing_classes has {len(given)} entries for {len(models)} reward models.")
+    scorers = iter(given)
+    out = []
+    for f in funcs:
+        if isinstance(f, Model):
+            scorer_tokenizer = as_tokenizer(next(scorers)) if tokenizers is not None else tokenizer
+            if scorer_tokenizer is None:
+                raise ValueError("reward_processing_classes has None for a reward model; give its tokenizer.")
+            out.append(ModelReward(f, scorer_tokenizer))
+        elif callable(f):
+            out.append(f)
+        else:
+            raise TypeError(
+                "reward_funcs entries are callables or reward models (kithara.ScalarHeadModel), got "
+                f"{type(f).__name__}."
+            )
+    return out
+
+
 def reward_name(func: Any) -> str:
     """The name a reward's metrics are logged under: a function's ``__name__``, else its class name."""
     return str(getattr(func, "__name__", None) or type(func).__name__)
@@ -133,7 +190,7 @@ class ModelReward:
             for i, r in enumerate(part):
                 ids[i, : len(r)], mask[i, : len(r)] = r, True
             mask[len(part) :, 0] = True  # padding rows score one token, then are dropped
-            inputs = global_arrays({"token_ids": ids, "padding_mask": mask}, self.model.mesh)
+            inputs = sharding_lib.global_arrays({"token_ids": ids, "padding_mask": mask}, self.model.mesh)
             out = np.asarray(jax.device_get(self._score(self.model.variables, inputs)))
             scores += [float(s) for s in out[: len(part)]]
         return scores
@@ -188,6 +245,13 @@ def score_rewards(
     return out
 
 
+def total_reward(rewards_per_func: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The weighted sum over functions of ``[rows, functions]`` rewards (NaN where no
+    function applies), as TRL."""
+    weighted = rewards_per_func * weights[None]
+    return np.where(np.isnan(rewards_per_func).all(1), np.nan, np.nansum(weighted, axis=1))
+
+
 def process_share(n: int) -> tuple[int, int]:
     """This process's contiguous share ``[lo, hi)`` of ``n`` rows."""
     count, index = jax.process_count(), jax.process_index()
@@ -233,12 +297,6 @@ def training_rows(
         if supervised[i]:
             out["completion_mask"][i, len(p) - 1 : len(row) - 1] = True
     return out
-
-
-def global_arrays(arrays: Mapping[str, np.ndarray], mesh: Any, leading_dims: int = 0) -> dict[str, jax.Array]:
-    """Full host arrays (every process holds the same) as global arrays over the batch axes."""
-    sharding = sharding_lib.batch_sharding(mesh, leading_dims)
-    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__) for k, v in arrays.items()}
 
 
 def completion_stats(lengths: Sequence[int], stopped: Sequence[bool]) -> dict[str, float]:
