@@ -18,7 +18,14 @@ def length_penalty(prompts, completions, completion_ids, kind, **_):
     return [(-len(ids) / 8.0 if k == "short" else None) for ids, k in zip(completion_ids, kind, strict=True)]
 
 
-def make_trainer(steps, output_dir=None, **overrides):
+def mean_token(prompts, completions, completion_ids, **_):
+    """A reward that differs between almost any two completions (so every group has a
+    learning signal well above rounding noise)."""
+    return [sum(ids) / (64.0 * max(len(ids), 1)) for ids in completion_ids]
+
+
+def make_trainer(steps, output_dir=None, dense_reward=False, **overrides):
+    """The tiny GRPO run; ``dense_reward`` adds ``mean_token`` (weight 1) to the rewards."""
     from conftest import tiny_model, word_tokenizer
 
     import kithara
@@ -39,12 +46,14 @@ def make_trainer(steps, output_dir=None, **overrides):
         num_iterations=2,
         beta=0.04,
     )
+    if dense_reward:
+        settings["reward_weights"] = [*settings["reward_weights"], 1.0]
     settings.update(overrides)
     if output_dir is None:
         settings["save_strategy"] = "no"
     return kithara.GRPOTrainer(
         tiny_model("qwen3", sharding="fsdp", head_dim=12, tie_word_embeddings=False),
-        reward_funcs=[target_share, length_penalty],
+        reward_funcs=[target_share, length_penalty, *([mean_token] if dense_reward else [])],
         train_dataset=rows,
         processing_class=word_tokenizer(),
         args=kithara.GRPOConfig(**settings),
@@ -57,10 +66,19 @@ def summary(history):
 
 
 def main(coordinator, process_id, out):
+    import jax
+
     import kithara
 
     kithara.distributed.initialize(coordinator, 2, process_id)
-    result = summary(make_trainer(4).train())
+    # 4 devices per process whatever XLA_FLAGS says once conftest is imported (it asks for 8):
+    # the devices are not started yet.
+    jax.config.update("jax_num_cpu_devices", 4)
+    result = {
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "steps": summary(make_trainer(4, dense_reward=True).train()),
+    }
     if process_id == 0:
         with open(out, "w") as f:
             json.dump(result, f)

@@ -1,9 +1,14 @@
 """GRPOTrainer: rollout rows, rewards, the learning signal, resume, and two processes."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import tiny_model, word_tokenizer
 from rl_worker import TARGET, make_trainer, summary, target_share
+from test_distributed import TESTS, finish, free_port, worker_env
 
 import kithara
 from kithara.objectives import rollouts
@@ -102,3 +107,31 @@ def test_grpo_refuses_contradictory_settings():
             tiny_model(), target_share, train_dataset=rows, processing_class=tok,
             args=kithara.GRPOConfig(num_generations=1, per_device_train_batch_size=2),
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_and_rewards_of_one(tmp_path):
+    """Prompts sampled on one 8-device mesh, rewards computed on each process's share and
+    gathered: the same per-step losses and rewards as one process with the same devices.
+    (With a dense reward: a step whose every group has equal rewards has a zero gradient,
+    and Adam would turn the layouts' different rounding noise into different updates.)"""
+    reference = summary(make_trainer(4, dense_reward=True).train())
+    env = {**worker_env(str(TESTS)), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    coordinator = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "out.json"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(TESTS / "rl_worker.py"), coordinator, str(i), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    logs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], logs
+    result = json.loads(out.read_text())
+    assert result["devices"] == 8 and result["processes"] == 2
+    for got, want in zip(result["steps"], reference, strict=True):
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=0, atol=1e-5)
