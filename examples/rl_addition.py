@@ -11,7 +11,7 @@ as GRPO trained on. The table gives held-out exact match (greedy decoding) befor
 after; each method's per-step metrics ("train/reward", "train/rewards/exact/mean", ...)
 go to TensorBoard under ``--logdir``.
 
-Run: python examples/rl_addition.py            (the full table; about 7 minutes on 2 CPU cores)
+Run: python examples/rl_addition.py            (the full table; about 3 minutes on 2 CPU cores)
      python examples/rl_addition.py --quick    (40 GRPO steps: what tests/test_examples.py runs)
      tensorboard --logdir runs/rl_addition     (the reward curves)
 """
@@ -29,7 +29,7 @@ logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 CHARS = list("0123456789+=")
-LR = 3e-4  # every method after the SFT start: AdamW, constant learning rate
+LR = 3e-4  # every method after the SFT start: AdamW, peak learning rate
 
 
 def char_tokenizer() -> kithara.Tokenizer:
@@ -89,7 +89,12 @@ def main() -> None:
     quick = opts.quick
     opts.methods = opts.methods or ("grpo" if quick else "grpo,rloo,ppo,sft")
     size = dict(num_layers=2, hidden_dim=64, num_heads=4, intermediate_dim=128)
-    sft_steps, rl_steps, prompts_per_step, group = (800, 40, 8, 8) if quick else (800, 120, 8, 8)
+    # The full run starts from 1000 SFT steps (held-out exact match about 0.3: right often enough
+    # that most groups of samples hold both right and wrong answers to compare), takes 16
+    # prompts a step and decays the learning rate (cosine); --quick keeps the 800-step start
+    # (about 0.2), 8 prompts and a constant rate: its low sampled reward has room to rise in 40 steps.
+    sft_steps, rl_steps, prompts_per_step, group = (800, 40, 8, 8) if quick else (1000, 120, 16, 8)
+    schedule = "constant" if quick else "cosine"
     tokenizer = char_tokenizer()
     rows = problems(seed=0)
     held_out, train = rows[:200], rows[200:]
@@ -115,8 +120,8 @@ def main() -> None:
     rows_per_step = prompts_per_step * group
     rl_common = dict(
         num_generations=group, per_device_train_batch_size=rows_per_step, max_prompt_length=8,
-        max_completion_length=4, learning_rate=LR, max_steps=rl_steps, temperature=0.7, logging_steps=1,
-        reward_weights=[1.0, 0.1], save_strategy="no", seed=0,
+        max_completion_length=4, learning_rate=LR, lr_scheduler_type=schedule, max_steps=rl_steps,
+        temperature=0.7, logging_steps=1, reward_weights=[1.0, 0.1], save_strategy="no", seed=0,
     )  # fmt: skip
     results: list[tuple[str, dict[str, float]]] = []
     grpo_tokens: float | None = None
@@ -141,7 +146,7 @@ def main() -> None:
         kithara.SFTTrainer(
             model, sft_rows, processing_class=tokenizer, max_length=12, per_device_train_batch_size=rows_per_step,
             disable_tqdm=True,
-            learning_rate=LR, max_steps=steps, logging_steps=1, save_strategy="no", seed=1,
+            learning_rate=LR, lr_scheduler_type=schedule, max_steps=steps, logging_steps=1, save_strategy="no", seed=1,
             logging_dir=f"{opts.logdir}/sft",
         ).train()  # fmt: skip
         return steps * rows_per_step * per_row, []
