@@ -18,10 +18,37 @@ import logging
 import random
 import time
 
-import numpy as np
 
-import kithara
-from kithara.models import adapters
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a quick smoke run: 10 warm-start and 6 cycle steps")
+    parser.add_argument(
+        "--output-dir", default="runs/cycle_cipher", help="TensorBoard logs of cycle training (default: %(default)s)"
+    )
+    parser.add_argument("--words", type=int, default=12)
+    parser.add_argument("--parallel", type=int, default=32, help="parallel pairs for the warm start")
+    parser.add_argument("--cycle-steps", type=int, default=1500)
+    parser.add_argument("--warm-steps", type=int, default=400)
+    parser.add_argument("--min-words", type=int, default=2)
+    parser.add_argument("--max-words", type=int, default=5)
+    parser.add_argument("--cycle-lr", type=float, default=3e-4)
+    parser.add_argument("--warm-lr", type=float, default=3e-3)
+    parser.add_argument("--lora", type=int, default=0, help="rank: one frozen base with two LoRA adapters")
+    parser.add_argument("--pretrain", action="store_true", help="two models: copy-pretrain as the --lora base")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.tiny:
+        args.cycle_steps, args.warm_steps = 6, 10
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before JAX loads: --help answers at once
+
+import numpy as np  # noqa: E402
+
+import kithara  # noqa: E402
+from kithara.models import adapters  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 SPECIALS = ["<pad>", "<s>", "</s>", "[UNK]", "="]
@@ -118,23 +145,7 @@ def scores(side: str, sources: list[str], generated: list[str], references: list
     return {"exact": float(np.mean(exact)), "word_accuracy": float(np.mean(words))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a quick smoke run")
-    parser.add_argument("--words", type=int, default=12)
-    parser.add_argument("--parallel", type=int, default=32, help="parallel pairs for the warm start")
-    parser.add_argument("--cycle-steps", type=int, default=1500)
-    parser.add_argument("--warm-steps", type=int, default=400)
-    parser.add_argument("--min-words", type=int, default=2)
-    parser.add_argument("--max-words", type=int, default=5)
-    parser.add_argument("--cycle-lr", type=float, default=3e-4)
-    parser.add_argument("--warm-lr", type=float, default=3e-3)
-    parser.add_argument("--lora", type=int, default=0, help="rank: one frozen base with two LoRA adapters")
-    parser.add_argument("--pretrain", action="store_true", help="two models: copy-pretrain as the --lora base")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.tiny:
-        args.cycle_steps, args.warm_steps = 6, 10
+def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     lengths = (args.min_words, args.max_words)
     words_a, words_b, cipher = make_languages(args.words, args.seed)
@@ -155,12 +166,13 @@ def main() -> None:
     def build(seed: int) -> dict[str, kithara.KerasHubModel]:
         return {s: new_model(tokenizer.vocab_size, seed + i, width) for i, s in enumerate("AB")}
 
-    def cycle(models, steps: int) -> kithara.CycleTrainer:
+    def cycle(models, steps: int, tensorboard_dir: str | None = None) -> kithara.CycleTrainer:
         return kithara.CycleTrainer(
             models=models, tokenizers=tokenizer, train_dataset_A=mono_a, train_dataset_B=mono_b,
             optimizer=kithara.optimizers.adamw(args.cycle_lr), steps=max(steps, 1), batch_size_per_side=batch,
             max_length=16, max_new_tokens=8, progress_bar=False, seed=args.seed, eval_dataset_A=eval_a,
             eval_dataset_B=eval_b, eval_steps_interval=max(steps // 6, 1), compute_metrics=scores,
+            tensorboard_dir=tensorboard_dir,
         )  # fmt: skip
 
     def row(name: str, trainer: kithara.CycleTrainer) -> None:
@@ -175,7 +187,7 @@ def main() -> None:
     if args.lora:
         base = new_model(tokenizer.vocab_size, args.seed, width)
         model, warm = adapter_pair(base, tokenizer, mono_a + mono_b, parallel, args, batch)
-        trainer = cycle(model, args.cycle_steps)
+        trainer = cycle(model, args.cycle_steps, args.output_dir)
         both = {f"{s}/{p}": v for s in "AB" for p, v in warm[s].items()}
         trainer.pair.variables = kithara.ModelVariables(both, model.variables.non_trainable)
     else:
@@ -184,7 +196,7 @@ def main() -> None:
             for m in models.values():
                 reproduce(m, tokenizer, mono_a + mono_b, args, batch)
         supervised(models, tokenizer, parallel, args.warm_steps, args.warm_lr, batch, args.seed)
-        trainer = cycle(models, args.cycle_steps)
+        trainer = cycle(models, args.cycle_steps, args.output_dir)
     row(f"warm start ({len(parallel)} pairs)", trainer)
     trainer.train()
     for m in trainer.eval_history:
@@ -202,4 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -5,14 +5,27 @@ The task is copying a few digits ("copy 3 7 1 ->" answers " 3 7 1"). A tiny mode
 handful of worked examples first, then learns from its own accepted samples only. The
 jitted step compiles once: every ``trainer.step`` pads to the same shapes.
 
-Run: python examples/iterative_sft_rejection_sampling.py   (under a minute on 2 CPU cores)
+Run: python examples/iterative_sft_rejection_sampling.py          (under a minute on 2 CPU cores)
+     python examples/iterative_sft_rejection_sampling.py --tiny   (one round; about 40 s of CPU time)
 """
 
+import argparse
 import logging
 import random
 from pathlib import Path
 
-import jax
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: one round of two samples per prompt")
+    parser.add_argument("--output-dir", default="runs/iterative_sft", help="TensorBoard logs (default: %(default)s)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before JAX loads: --help answers at once
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -34,7 +47,8 @@ def checker(prompt: str, answer: str) -> bool:
     return answer.strip() == prompt[len("copy ") : -len(" ->")]
 
 
-def main() -> None:
+def main(args: argparse.Namespace) -> None:
+    samples, rounds = (2, 1) if args.tiny else (SAMPLES, ROUNDS)
     rng = random.Random(0)
     tokenizer = kithara.Tokenizer.from_pretrained(ASSETS / "tokenizer")
     questions = [question([rng.randint(1, 9) for _ in range(3)]) for _ in range(160)]
@@ -43,7 +57,9 @@ def main() -> None:
         "llama3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2,
         intermediate_dim=128,
     )  # fmt: skip
-    trainer = kithara.IterativeSFTTrainer(model, tokenizer, learning_rate=3e-3, max_length=MAX_LENGTH)
+    trainer = kithara.IterativeSFTTrainer(
+        model, tokenizer, learning_rate=3e-3, max_length=MAX_LENGTH, logging_dir=args.output_dir
+    )
     answer_tokens = len(tokenizer.encode(train[0][1]))
     draws = iter(range(1_000_000))
 
@@ -64,8 +80,8 @@ def main() -> None:
     print(f"round 0: held-out accuracy {accuracy(held_out):.2f}")
     prompts = [tokenizer.encode_text(p) for p, _ in train]
     accepted: list[tuple[str, str]] = []  # every accepted sample so far
-    for round_ in range(1, ROUNDS + 1):
-        for _ in range(SAMPLES):
+    for round_ in range(1, rounds + 1):
+        for _ in range(samples):
             for (p, _), out in zip(train, sample(prompts, 0.7), strict=True):
                 answer = tokenizer.decode(out)
                 if checker(p, answer):
@@ -86,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

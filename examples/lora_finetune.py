@@ -1,11 +1,27 @@
 """Pretrain the demo model briefly, then fine-tune it with LoRA adapters only.
 
-Run: python examples/lora_finetune.py   (about a minute on 2 CPU cores)
+Run: python examples/lora_finetune.py          (about a minute on 2 CPU cores)
+     python examples/lora_finetune.py --tiny   (10 steps each; about 30 s of CPU time)
 """
 
+import argparse
 import logging
+from pathlib import Path
 
-import jax
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 10 steps of each training")
+    parser.add_argument(
+        "--output-dir", default="runs/lora_example", help="the base model's preset goes here (default: %(default)s)"
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before JAX loads: --help answers at once
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -17,28 +33,30 @@ from kithara.run import exact_match  # noqa: E402
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
-def main() -> None:
+def main(args: argparse.Namespace) -> None:
+    steps, evaluated = (10, 16) if args.tiny else (150, 100)
     demo = ASSETS / "demo"
     tokenizer = kithara.Tokenizer.from_pretrained(demo / "tokenizer")
     train = kithara.Dataloader(PromptCompletionDataset(str(demo / "train.jsonl"), tokenizer, max_length=24), 8)
     eval_set = PromptCompletionDataset(str(demo / "eval.jsonl"), tokenizer, max_length=24)
-    eval_rows = [eval_set.source[i] for i in range(100)]
+    eval_rows = [eval_set.source[i] for i in range(evaluated)]
 
     base = kithara.KerasHubModel.from_config(
         "llama3", vocab_size=tokenizer.vocab_size, num_layers=2, hidden_dim=128, num_heads=4, num_kv_heads=2,
         intermediate_dim=256, sharding="fsdp",
     )  # fmt: skip
-    kithara.Trainer(base, kithara.optimizers.adamw(3e-3), train, steps=150).train()
+    kithara.Trainer(base, kithara.optimizers.adamw(3e-3), train, steps=steps).train()
     print(f"base model exact match: {exact_match(base, tokenizer, eval_rows, 24)[0]:.1%}")
 
     # Same weights, now frozen, with adapters on every projection.
-    base.causal_lm.save_to_preset("runs/lora_example/base")
+    preset = str(Path(args.output_dir) / "base")
+    base.causal_lm.save_to_preset(preset)
     lora = kithara.LoraConfig(rank=8, alpha=16, targets=("all",))
-    model = kithara.KerasHubModel.from_preset("runs/lora_example/base", lora=lora)
+    model = kithara.KerasHubModel.from_preset(preset, lora=lora)
     print(model.summary())
-    kithara.Trainer(model, kithara.optimizers.adamw(3e-3), train, steps=150).train()
+    kithara.Trainer(model, kithara.optimizers.adamw(3e-3), train, steps=steps).train()
     print(f"after LoRA fine-tuning: {exact_match(model, tokenizer, eval_rows, 24)[0]:.1%}")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -1,7 +1,8 @@
 """One training script for one process, for every host of a multi-host job, or for Ray.
 
 Run:
-    python examples/multihost.py                      # one process, 8 CPU devices
+    python examples/multihost.py                      # one process, 8 CPU devices (100 steps, about 50 s of CPU time)
+    python examples/multihost.py --tiny               # a smoke run: 10 steps, about 30 s of CPU time
     # two processes on this machine, 4 CPU devices each (one shell each):
     python examples/multihost.py --coordinator 127.0.0.1:1234 --num-processes 2 --process-id 0
     python examples/multihost.py --coordinator 127.0.0.1:1234 --num-processes 2 --process-id 1
@@ -15,14 +16,38 @@ import argparse
 import logging
 import math
 
-import jax
 
-import kithara
-from kithara.config import ASSETS
-from kithara.data import PromptCompletionDataset
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--coordinator", help="host:port of process 0")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--ray", type=int, metavar="N", help="run on N Ray workers instead")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: --steps 10")
+    parser.add_argument(
+        "--output-dir",
+        default="runs/multihost",
+        help="checkpoints (one directory per process count and step count) and TensorBoard logs "
+        "(default: %(default)s; on several hosts, a path every host reaches, e.g. gs://...)",
+    )
+    args = parser.parse_args()
+    if args.tiny:
+        args.steps = 10
+    return args
 
 
-def train(steps: int) -> float:
+if __name__ == "__main__":
+    ARGS = parse_args()  # before JAX loads: --help answers at once
+
+import jax  # noqa: E402
+
+import kithara  # noqa: E402
+from kithara.config import ASSETS  # noqa: E402
+from kithara.data import PromptCompletionDataset  # noqa: E402
+
+
+def train(steps: int, output_dir: str) -> float:
     """The whole program of one process: data, model, trainer. Returns the last loss."""
     if jax.process_index() != 0:
         logging.getLogger("kithara").setLevel(logging.WARNING)  # one log per job
@@ -35,7 +60,7 @@ def train(steps: int) -> float:
         intermediate_dim=256, sharding="fsdp",
     )  # fmt: skip
     # The data order depends on the process count, so each count resumes from its own directory.
-    checkpointer = kithara.Checkpointer(f"runs/multihost/ckpt-{jax.process_count()}p", save_interval=50)
+    checkpointer = kithara.Checkpointer(f"{output_dir}/ckpt-{jax.process_count()}p-{steps}", save_interval=50)
     args = kithara.TrainingConfig(
         max_steps=steps,
         learning_rate=3e-3,
@@ -44,21 +69,14 @@ def train(steps: int) -> float:
         warmup_steps=min(30, steps - 1),
         weight_decay=0.01,
         logging_steps=10,
-        logging_dir="runs/multihost",  # TensorBoard, written by process 0 only
+        logging_dir=output_dir,  # TensorBoard, written by process 0 only
     )
     trainer = kithara.Trainer(model, train_dataloader=loader, checkpointer=checkpointer, args=args)
     history = trainer.train()
     return history[-1]["loss"] if history else math.nan
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--coordinator", help="host:port of process 0")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--ray", type=int, metavar="N", help="run on N Ray workers instead")
-    parser.add_argument("--steps", type=int, default=100)
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.ray:
         import ray
@@ -67,7 +85,7 @@ def main() -> None:
         losses = kithara.distributed.run_on_ray(
             train,
             args.ray,
-            args=(args.steps,),
+            args=(args.steps, args.output_dir),
             placement_strategy="PACK",  # a one-machine cluster; keep the default STRICT_SPREAD on real hosts
             env_vars={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},  # CPU only
         )
@@ -76,10 +94,10 @@ def main() -> None:
     # CPU devices per process (accelerators ignore it), then join: both before devices start.
     jax.config.update("jax_num_cpu_devices", 4 if args.num_processes else 8)
     kithara.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    loss = train(args.steps)
+    loss = train(args.steps, args.output_dir)
     if jax.process_index() == 0:
         print(f"last loss: {loss:.4f} ({jax.process_count()} processes, {jax.device_count()} devices)")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

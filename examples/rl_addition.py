@@ -9,10 +9,10 @@ rewarded for an exact answer (weight 1) and a well-formed one (digits only, then
 weight 0.1); continued SFT trains on the reference answers for as many completion tokens
 as GRPO trained on. The table gives held-out exact match (greedy decoding) before and
 after; each method's per-step metrics ("train/reward", "train/rewards/exact/mean", ...)
-go to TensorBoard under ``--logdir``.
+go to TensorBoard under ``--output-dir``.
 
 Run: python examples/rl_addition.py            (the full table; about 3 minutes on 2 CPU cores)
-     python examples/rl_addition.py --quick    (40 GRPO steps: what tests/test_examples.py runs)
+     python examples/rl_addition.py --tiny     (40 GRPO steps: what tests/test_examples.py runs)
      tensorboard --logdir runs/rl_addition     (the reward curves)
 """
 
@@ -21,9 +21,24 @@ import logging
 import random
 import time
 
-import numpy as np
 
-import kithara
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", "--quick", action="store_true", help="the small version (tests/test_examples.py)")
+    parser.add_argument(
+        "--output-dir", "--logdir", default="runs/rl_addition",
+        help="TensorBoard logs, one run per method (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--methods", default=None, help="comma-separated subset of grpo,rloo,ppo,sft")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before JAX loads: --help answers at once
+
+import numpy as np  # noqa: E402
+
+import kithara  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -80,18 +95,13 @@ def exact_match(model: kithara.KerasHubModel, rows: list[dict[str, str]]) -> flo
     return float(np.mean([o.strip() == r["answer"] for o, r in zip(outs, rows, strict=True)]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small version (tests/test_examples.py)")
-    parser.add_argument("--logdir", default="runs/rl_addition", help="TensorBoard directory, one run per method")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of grpo,rloo,ppo,sft")
-    opts = parser.parse_args()
-    quick = opts.quick
+def main(opts: argparse.Namespace) -> None:
+    quick = opts.tiny
     opts.methods = opts.methods or ("grpo" if quick else "grpo,rloo,ppo,sft")
     size = dict(num_layers=2, hidden_dim=64, num_heads=4, intermediate_dim=128)
     # The full run starts from 1000 SFT steps (held-out exact match about 0.3: right often enough
     # that most groups of samples hold both right and wrong answers to compare), takes 16
-    # prompts a step and decays the learning rate (cosine); --quick keeps the 800-step start
+    # prompts a step and decays the learning rate (cosine); --tiny keeps the 800-step start
     # (about 0.2), 8 prompts and a constant rate: its low sampled reward has room to rise in 40 steps.
     sft_steps, rl_steps, prompts_per_step, group = (800, 40, 8, 8) if quick else (1000, 120, 16, 8)
     schedule = "constant" if quick else "cosine"
@@ -130,7 +140,7 @@ def main() -> None:
         def run(model):
             trainer = trainer_class(
                 model, reward_funcs=[exact, well_formed], train_dataset=train, processing_class=tokenizer,
-                args=config_class(**rl_common, **extra, logging_dir=f"{opts.logdir}/{name}", disable_tqdm=True),
+                args=config_class(**rl_common, **extra, logging_dir=f"{opts.output_dir}/{name}", disable_tqdm=True),
             )  # fmt: skip
             history = trainer.train()
             tokens = sum(h["completions/mean_length"] * rows_per_step for h in history)
@@ -147,7 +157,7 @@ def main() -> None:
             model, sft_rows, processing_class=tokenizer, max_length=12, per_device_train_batch_size=rows_per_step,
             disable_tqdm=True,
             learning_rate=LR, lr_scheduler_type=schedule, max_steps=steps, logging_steps=1, save_strategy="no", seed=1,
-            logging_dir=f"{opts.logdir}/sft",
+            logging_dir=f"{opts.output_dir}/sft",
         ).train()  # fmt: skip
         return steps * rows_per_step * per_row, []
 
@@ -190,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

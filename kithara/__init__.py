@@ -2,6 +2,9 @@
 
 import os
 
+# First: kithara.logs notes how the user left logging before the imports below change it.
+from kithara import logs
+
 # Keras reads its backend once, at first import; kithara runs on JAX. Set it only if the
 # user has not chosen, and refuse a different choice below with a clear message.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -17,6 +20,7 @@ if keras.backend.backend() != "jax":
 from kithara import data, distributed
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
+from kithara.logs import set_verbosity
 from kithara.models import (
     Architecture,
     KerasHubModel,
@@ -45,6 +49,8 @@ from kithara.trainer import (
     optimizers,
 )
 from kithara.trainer.config import TrainingConfig
+
+logs.configure_on_import()
 
 __version__ = "0.1.0"
 
@@ -88,4 +94,5 @@ __all__ = [
     "data",
     "distributed",
     "optimizers",
+    "set_verbosity",
 ]

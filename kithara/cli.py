@@ -15,6 +15,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from kithara.logs import set_verbosity
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kithara", description="Post-train language models with JAX and Keras.")
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(message)s", handlers=[RichHandler(show_path=False)], force=True
     )
+    set_verbosity(args.log_level)  # kithara's logger has its own level (kithara/logs.py)
     for noisy in ("jax._src.xla_bridge", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # transformers (tokenizers only here) advises at import that PyTorch is absent; kithara never needs it.

@@ -30,6 +30,7 @@ from kithara.naming import check_names, suggest
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer.config import TrainingConfig
+from kithara.trainer.validation import check_heads
 
 PACKAGE = Path(__file__).resolve().parent
 ASSETS = PACKAGE / "assets"
@@ -118,7 +119,7 @@ class DistributedConfig:
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None  # differs per process: pass it with --set distributed.process_id=N
-    initialization_timeout: int = 300  # seconds to wait for all processes to connect
+    initialization_timeout: int = 300  # seconds to wait for all processes to connect (a dead one: that long)
     heartbeat_timeout: int = 100  # seconds of silence after which a process counts as dead
 
 
@@ -353,6 +354,11 @@ def _check(config: RunConfig) -> None:
         ShardingStrategy(m.sharding, tensor_parallel=m.tensor_parallel)
     except ValueError as error:
         raise ValueError(f"model.sharding / model.tensor_parallel: {error}") from None
+    if m.preset is None:  # a preset's head counts are checked when the trainer gets the model
+        heads = {f"model.num_heads={m.num_heads}": m.num_heads, f"model.num_kv_heads={m.num_kv_heads}": m.num_kv_heads}
+        fix = "Set model.tensor_parallel={fits} (the largest value that divides both) or change the head counts."
+        check_heads(heads, m.tensor_parallel, setting="model.tensor_parallel", fix=fix)
+    _check_eval_data(config)
     try:
         config.lora.build()
     except ValueError as error:
@@ -367,6 +373,34 @@ def _check(config: RunConfig) -> None:
         raise ValueError(f"generation_eval.max_samples must be >= 1 and show >= 0, got {g.max_samples}, {g.show}.")
     if config.cpu_devices is not None and config.cpu_devices < 1:
         raise ValueError(f"cpu_devices must be >= 1 or null, got {config.cpu_devices}.")
+
+
+# args fields that only matter with evaluation data.
+_EVAL_FIELDS = ("eval_steps", "eval_epochs", "max_eval_samples", "per_device_eval_batch_size")
+
+
+def _check_eval_data(config: RunConfig) -> None:
+    """Refuses evaluation settings without evaluation data (the trainer would refuse them only
+    after building the model, naming no data key)."""
+    args, d = config.args, config.data
+    has_eval = config.objective != "iterative_sft" and (d.eval_file or d.eval_file_b)
+    if has_eval:
+        return
+    changed = args.changed_fields()
+    names = [n for n in _EVAL_FIELDS if n in changed and changed[n] is not None]
+    if args.eval_strategy in ("steps", "epoch"):
+        names.insert(0, "eval_strategy")
+    if not names:
+        return
+    shown = ", ".join(f"args.{n}={getattr(args, n)!r}" for n in names)
+    if config.objective == "iterative_sft":
+        raise ValueError(
+            f"{shown}: objective iterative_sft has no evaluation loop (data.eval_file feeds generation_eval "
+            "only); remove these settings."
+        )
+    files = "data.eval_file or data.eval_file_b" if config.objective == "cycle" else "data.eval_file"
+    verb = "needs" if len(names) == 1 else "need"
+    raise ValueError(f"{shown} {verb} evaluation data, but {files} is not set; set it, or remove these settings.")
 
 
 def _load_yaml(path: Path) -> DictConfig:

@@ -16,6 +16,7 @@ from kithara.config import RunConfig, to_flat_dict
 from kithara.data.source import RowError, Source
 from kithara.data.sources import load_source
 from kithara.data.tokenizer import Tokenizer
+from kithara.logs import set_verbosity
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
 from kithara.objectives.cycle import CycleTrainer
@@ -50,6 +51,7 @@ def join_processes(config: RunConfig) -> None:
         return
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one console log per job, from process 0
+        set_verbosity(logging.WARNING)  # kithara's own logger logs INFO unless told (kithara/logs.py)
     settings = {k: v for k, v in to_flat_dict(config).items() if k != "distributed.process_id"}
     distributed.check_same_on_all_processes(settings, "run configuration")
 
@@ -67,6 +69,12 @@ def build_model(config: RunConfig, vocab_size: int | None = None, seed_offset: i
         return KerasHubModel.from_preset(m.preset, precision=precision, sharding=strategy, lora=config.lora.build())
     if m.vocab_size is None and vocab_size is None:
         raise ValueError("Set model.vocab_size or give a tokenizer (data.tokenizer).")
+    if m.vocab_size is not None and vocab_size is not None and m.vocab_size < vocab_size:
+        raise ValueError(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size} ids (data.tokenizer): "
+            "ids past the embedding table would turn training to NaN at the first step. Set model.vocab_size to "
+            f"at least {vocab_size}, or null to take the tokenizer's."
+        )
     return KerasHubModel.from_config(
         m.family,
         vocab_size=int(m.vocab_size or vocab_size or 0),

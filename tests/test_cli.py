@@ -175,10 +175,24 @@ def test_kithara_train_runs_the_shipped_config(capsys, tmp_path):
     assert list((tmp_path / "out" / "runs").glob("events.out.tfevents.*"))
     checkpoints = tmp_path / "out" / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [30]
-    # The same command with more steps resumes from the checkpoint.
+    # The same command with more steps would resume on another learning-rate schedule (the
+    # shipped config's is linear over max_steps): refused before any step, the checkpoint kept.
     more = [o if o != "args.max_steps=30" else "args.max_steps=32" for o in overrides]
     more.append("generation_eval.enabled=false")
-    assert cli.main(["train", config, *sets(*more)]) == 0
+    assert cli.main(["train", config, *sets(*more)]) == 2
+    assert "max_steps: checkpoint 30, this run 32" in flat(capsys.readouterr().out)
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [30]
+    # With a schedule that does not span max_steps, the same command resumes from step 30.
+    assert (
+        cli.main(
+            [
+                "train",
+                config,
+                *sets(*more, "args.lr_scheduler_type=constant_with_warmup", "args.lr_scheduler_kwargs=null"),
+            ]
+        )
+        == 0
+    )
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [30, 32]
 
 

@@ -27,6 +27,13 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 8,
 }
 GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16}
+# Settings the cases below would otherwise make equal, pulled apart: head_dim != hidden_size
+# / num_attention_heads (64 / 4 = 16), an rms epsilon and rope theta no default has, and odd
+# sizes (vocab 131, intermediate 37, 6 query over 3 key/value heads, 3 layers).
+WIDE = {"head_dim": 32, "rms_norm_eps": 3e-3, "rope_theta": 100.0}
+ODD = {"vocab_size": 131, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3}
+ODD |= {"intermediate_size": 37, "num_hidden_layers": 3, "rms_norm_eps": 3e-3, "rope_theta": 300.0}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0, "rope_theta": 300.0}
 # name -> (transformers config class, settings beyond ARCH). Every case has GQA (4 query
 # heads, 2 key/value heads) unless it says otherwise; the *_tied / *_rope cases move the
 # settings keras-hub's converters used to drop.
@@ -78,6 +85,43 @@ CASES = {
             },
         },
     ),
+    "mistral_wide_heads": ("MistralConfig", {"num_key_value_heads": 2, **WIDE}),
+    "qwen3_narrow_heads_eps": ("Qwen3Config", {"num_key_value_heads": 2, **WIDE, "head_dim": 8}),
+    # (transformers' Gemma ignores query_pre_attn_scalar: it scales by head_dim.)
+    "gemma_wide_heads": ("GemmaConfig", {"num_key_value_heads": 2, **WIDE, "query_pre_attn_scalar": 256}),
+    # Gemma 2/3 9B: queries scaled by head_dim; 27B: by hidden_size / num_attention_heads.
+    "gemma2_wide_heads": ("Gemma2Config", {"num_key_value_heads": 2, **WIDE, "query_pre_attn_scalar": 32}),
+    "gemma2_27b_scale": ("Gemma2Config", {"num_key_value_heads": 2, **WIDE, "query_pre_attn_scalar": 16}),
+    "gemma3_wide_heads": ("Gemma3TextConfig", {"num_key_value_heads": 2, **WIDE, "query_pre_attn_scalar": 32}),
+    "gemma3_27b_scale": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 2,
+            **WIDE,
+            "query_pre_attn_scalar": 16,
+            "num_hidden_layers": 6,  # the sixth is global
+            "sliding_window": 5,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            },
+        },
+    ),
+    "llama_odd": ("LlamaConfig", ODD),
+    "llama_odd_tied_llama3_rope": (
+        "LlamaConfig",
+        {**ODD, "tie_word_embeddings": True, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 300.0}},
+    ),
+    "mistral_odd_linear_rope": ("MistralConfig", {**ODD, "rope_parameters": LINEAR_ROPE}),
+    "qwen2_odd": ("Qwen2Config", ODD),
+    "qwen2_odd_tied_linear_rope": ("Qwen2Config", {**ODD, "tie_word_embeddings": True, "rope_parameters": LINEAR_ROPE}),
+    "qwen3_odd_tied_linear_rope": (
+        "Qwen3Config",
+        {**ODD, "head_dim": 12, "tie_word_embeddings": True, "rope_parameters": LINEAR_ROPE},
+    ),
+    "gemma_odd": ("GemmaConfig", {**ODD, "head_dim": 12}),
+    "gemma2_odd": ("Gemma2Config", {**ODD, "head_dim": 12, "query_pre_attn_scalar": 8, "sliding_window": 5}),
+    "gemma3_odd": ("Gemma3TextConfig", {**ODD, "head_dim": 12, "query_pre_attn_scalar": 8, "sliding_window": 5}),
 }
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
 
@@ -111,7 +155,7 @@ def test_logits_match_transformers(tmp_path, case):
     assert diff < 1e-4, f"{case}: max |logit difference| {diff}"
 
 
-@pytest.mark.parametrize("case", ["llama_tied_llama3_rope", "mistral", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("case", ["llama_tied_llama3_rope", "mistral", "qwen3", "gemma2_27b_scale", "gemma3_27b_scale"])
 def test_round_trip_gives_identical_weights(tmp_path, case):
     reference = hf_checkpoint(tmp_path / "in", case)
     model = kithara.KerasHubModel.from_preset(str(tmp_path / "in"), sharding="fsdp")
@@ -171,14 +215,37 @@ def test_lora_export_merges_adapters(tmp_path):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
-def test_export_from_config_model(tmp_path, family):
-    model = kithara.KerasHubModel.from_config(
-        family, vocab_size=128, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=96
-    )
+@pytest.mark.parametrize(
+    ("family", "settings"),
+    [
+        *[(f, {}) for f in ("llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")],
+        ("mistral", {"head_dim": 32}),
+        ("qwen3", {"head_dim": 8}),
+        ("gemma", {"head_dim": 32}),
+        # Gemma 2/3 27B: queries scaled by hidden_dim / num_heads, not head_dim (keras-hub's
+        # decoder blocks used to drop the setting, so kithara computed one scale and wrote the other).
+        ("gemma2", {"head_dim": 32, "query_head_dim_normalize": False}),
+        ("gemma3", {"head_dim": 32, "query_head_dim_normalize": False, "num_layers": 6}),
+        ("gemma3", {"head_dim": 32, "query_head_dim_normalize": True}),
+    ],
+)
+def test_export_from_config_model(tmp_path, family, settings):
+    arch = dict(vocab_size=128, num_layers=2, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=96)
+    model = kithara.KerasHubModel.from_config(family, **{**arch, **settings})
     model.save_in_hf_format(tmp_path)
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert np.abs(hf_logits(exported) - kithara_logits(model)).max() < 1e-4
+    diff = np.abs(hf_logits(exported) - kithara_logits(model)).max()
+    assert diff < 1e-4, f"{family} {settings}: max |logit difference| {diff}"
+
+
+def test_export_refuses_a_query_scale_transformers_lacks(tmp_path):
+    # transformers' Gemma (1) always scales queries by head_dim.
+    model = kithara.KerasHubModel.from_config(
+        "gemma", vocab_size=128, num_layers=1, hidden_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=96,
+        head_dim=32, query_head_dim_normalize=False,
+    )  # fmt: skip
+    with pytest.raises(UnsupportedConfig, match="query_head_dim_normalize"):
+        model.save_in_hf_format(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -216,6 +283,10 @@ def test_configs_written_before_transformers_5_load(tmp_path, case, legacy):
         ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
         ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window"),
         ("LlamaConfig", {"hidden_act": "gelu"}, "hidden_act"),
+        # Llama3Backbone and QwenBackbone derive head_dim as hidden_size / num_attention_heads.
+        ("LlamaConfig", {"head_dim": 32}, "head_dim"),
+        ("Qwen2Config", {"head_dim": 32}, "head_dim"),
+        ("GemmaConfig", {"tie_word_embeddings": False}, "tie_word_embeddings"),
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, class_name, settings, field):
@@ -333,3 +404,20 @@ def test_two_process_export(tmp_path):
     expected, got = reference.state_dict(), exported.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+@pytest.mark.parametrize("case", ["gemma3_27b_scale", "qwen3_narrow_heads_eps", "gemma_rope"])
+def test_rebuilt_backbone_gets_layer_settings_back(tmp_path, case):
+    """A backbone rebuilt from a loaded one's ``get_config`` (as ``ScalarHeadModel.from_causal_lm``
+    copies one) loses what was set on the loaded one's layers (query scale, norm epsilons, Gemma
+    rope theta: 0.05-4.5 apart in hidden states); ``copy_layer_settings`` gives it back."""
+    from kithara.models.building import copy_layer_settings
+
+    hf_checkpoint(tmp_path, case)
+    source = kithara.KerasHubModel.from_preset(str(tmp_path)).backbone
+    rebuilt = type(source).from_config(source.get_config())
+    for theirs, ours in zip(source.weights, rebuilt.weights, strict=True):
+        ours.assign(theirs.value)
+    copy_layer_settings(source, rebuilt)
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones_like(TOKENS, bool)}
+    np.testing.assert_array_equal(np.asarray(rebuilt(inputs)), np.asarray(source(inputs)))

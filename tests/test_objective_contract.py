@@ -99,7 +99,7 @@ def test_frozen_variables_off_the_mesh_are_refused():
 
 
 def test_step_constants_cannot_change_after_construction():
-    pairs = [{"prompt": "a b", "chosen": " c", "rejected": " d"}] * 8
+    pairs = [{"prompt": "hi how", "chosen": " fine", "rejected": " bye"}] * 8  # words the tokenizer knows
     from conftest import word_tokenizer
 
     trainer = DPOTrainer(tiny_model(vocab_size=32), train_dataset=pairs, tokenizer=word_tokenizer(),

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from kithara.naming import suggest
 
 if TYPE_CHECKING:
     from kithara.trainer.state import TrainState
 
 STOP_REASONS = ("callback", "preempted")
+HOOKS = ("on_train_begin", "on_step_end", "on_eval_end", "on_train_end")
+# transformers' TrainerCallback names that mean a kithara hook: the Trainer calls them as it.
+HOOK_ALIASES: Mapping[str, str] = {"on_evaluate": "on_eval_end"}
+_EVERY_STEP = "on_step_end(info) runs after every step, with its metrics in info.metrics"
+# What to write instead of transformers' (and Keras') other hooks.
+_INSTEAD: Mapping[str, str] = {
+    "on_log": f"{_EVERY_STEP}; keep the steps with info.step % logging_steps == 0.",
+    "on_save": "kithara.Checkpointer saves the checkpoints; subclass it, or return True from needs_sync(step) "
+    "on your save steps and save in on_step_end.",
+    "on_epoch_begin": f"{_EVERY_STEP} and info.epoch; a new epoch begins when info.epoch changes.",
+    "on_epoch_end": f"{_EVERY_STEP} and info.epoch; an epoch ended when info.epoch changes.",
+    "on_step_begin": "nothing runs before a step (the next step is dispatched while the last one's hooks run); "
+    "use on_step_end of the step before.",
+    "on_init_end": "set up in the callback's __init__ or on_train_begin.",
+    "on_predict": "evaluation metrics come to on_eval_end(info).",
+    "on_prediction_step": "evaluation metrics come to on_eval_end(info), once per evaluation.",
+    "on_substep_end": f"micro-batches run inside the compiled step; {_EVERY_STEP}.",
+    "on_pre_optimizer_step": f"the optimizer update runs inside the compiled step; {_EVERY_STEP}.",
+    "on_optimizer_step": f"the optimizer update runs inside the compiled step; {_EVERY_STEP}.",
+    "on_batch_end": f"(Keras' name) {_EVERY_STEP}.",
+    "on_train_batch_end": f"(Keras' name) {_EVERY_STEP}.",
+    "on_test_end": "(Keras' name) evaluation metrics come to on_eval_end(info).",
+}
 
 
 @dataclasses.dataclass
@@ -89,3 +115,50 @@ class Callback:
     def needs_sync(self, step: int) -> bool:
         """Whether ``on_step_end`` of ``step`` must see the state of exactly that step."""
         return False
+
+
+def _defines(callback: object, name: str) -> bool:
+    """Whether ``callback``'s class has its own ``name`` (not ``Callback``'s empty default)."""
+    method = inspect.getattr_static(type(callback), name, None)
+    return method is not None and method is not inspect.getattr_static(Callback, name, None)
+
+
+def hook(callback: object, event: str) -> Callable[[StepInfo], None]:
+    """The method the Trainer calls for ``event`` (one of ``HOOKS``): the callback's own, or
+    the transformers-named one that means it (``on_evaluate`` for ``on_eval_end``)."""
+    for alias, target in HOOK_ALIASES.items():
+        if target == event and _defines(callback, alias):
+            return cast(Callable[[StepInfo], None], getattr(callback, alias))
+    return cast(Callable[[StepInfo], None], getattr(callback, event))
+
+
+def check_hooks(callback: object) -> None:
+    """Refuses, when the Trainer is built, what it would silently never call: methods named
+    ``on_*`` that are not kithara hooks (transformers' ``on_log``, a misspelling), a hook
+    under both its names, and hooks that do not take one ``StepInfo``."""
+    name = type(callback).__name__
+    known = f"kithara's hooks are {', '.join(HOOKS)} (and transformers' on_evaluate, called as on_eval_end)"
+    for method in dir(type(callback)):
+        if not method.startswith("on_") or method in HOOKS or not callable(getattr(type(callback), method)):
+            continue
+        if method in HOOK_ALIASES:
+            if _defines(callback, HOOK_ALIASES[method]):
+                raise TypeError(
+                    f"{name} defines both {method} and {HOOK_ALIASES[method]}, the same hook under transformers' "
+                    "and kithara's names; keep one."
+                )
+            continue
+        hint = suggest(method, (*HOOKS, *HOOK_ALIASES))
+        instead = _INSTEAD.get(method) or (f"Did you mean {hint}?" if hint else "Rename it to one of them.")
+        raise TypeError(
+            f"{name}.{method} is not a callback hook, so the Trainer would never call it; {known}. {instead}"
+        )
+    for event in HOOKS:
+        function = hook(callback, event)
+        parameters = inspect.signature(function).parameters.values()
+        if not any(p.kind is p.VAR_POSITIONAL for p in parameters) and len(parameters) != 1:
+            title = getattr(function, "__name__", event)
+            raise TypeError(
+                f"{name}.{title} takes {len(parameters)} arguments; callbacks now get one "
+                f"kithara.StepInfo: def {title}(self, info). See docs/trainer.md, 'Callbacks'."
+            )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
+import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -21,6 +25,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ITEMS = ("state", "data")
+# The checksum entry of the data item (the iterator position), next to the state's arrays.
+_DATA_CHECKSUM = "data:iterator"
 
 
 class Checkpointer(Callback):
@@ -32,12 +38,14 @@ class Checkpointer(Callback):
     written to a temporary directory and renamed when complete, so a process killed mid-save
     leaves the previous checkpoint loadable. On SIGTERM the trainer finishes the step in
     flight, saves it and exits with code 0. Arrays are stored with tensorstore and the data
-    position and per-array checksums as JSON: nothing is pickled. Restoring checks names,
-    shapes and dtypes against the model before reading, and the checksums after.
+    position and checksums (per array, and of the position) as JSON: nothing is pickled.
+    Restoring checks names, shapes and dtypes against the model before reading, and the
+    checksums after.
 
     Args:
         save_dir: directory holding one subdirectory per saved step (local, relative to the
-            working directory, or a URL such as ``gs://...``).
+            working directory, or a URL such as ``gs://...``). A local one is created and
+            checked for writing before training starts.
         save_interval: save every this many optimizer steps (the last step is always saved).
         max_to_keep: keep only the newest this many checkpoints (None keeps all).
         async_save: write in a background thread while training goes on (arrays are copied
@@ -124,7 +132,8 @@ class Checkpointer(Callback):
         """Saves ``state`` (which must be the state after ``step``) and the data position."""
         if self.read_only:
             raise ValueError(f"This Checkpointer only reads {self.save_dir!r} (read_only=True); it saves nothing.")
-        meta = {"iterator": data_state, "checksums": checksums(state)}
+        data_state = json.loads(json.dumps(data_state))  # as it will read back (e.g. int keys become str)
+        meta = {"iterator": data_state, "checksums": {**checksums(state), _DATA_CHECKSUM: _json_checksum(data_state)}}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         self._last_saved = step
@@ -154,6 +163,9 @@ class Checkpointer(Callback):
             )
         if hasattr(target, "abstract_state"):
             target = target.abstract_state()
+        # A failed read abandons orbax's event loop with reads still in flight; silence their
+        # late "Event loop is closed" callbacks, so the error raised here is the last word.
+        _ignore_abandoned_event_loop_errors()
         try:
             metadata = self.manager.item_metadata(step)["state"]
         except Exception as error:
@@ -165,7 +177,21 @@ class Checkpointer(Callback):
         except Exception as error:
             raise self._unreadable(step, error) from error
         state, meta = restored["state"], dict(restored["data"] or {})
-        expected, found = meta.get("checksums", {}), checksums(state)
+        expected = meta.get("checksums", {})
+        found = {**checksums(state), _DATA_CHECKSUM: _json_checksum(meta.get("iterator", {}))}
+        if expected.get(_DATA_CHECKSUM) != found[_DATA_CHECKSUM]:
+            if _DATA_CHECKSUM not in expected:
+                raise ValueError(
+                    f"Checkpoint of step {step} in {self.save_dir!r} was written by an older kithara, which did not "
+                    "checksum the data iterator position, so this version cannot resume it exactly. Resume it with "
+                    "the kithara that wrote it, or start a new run in another save_dir."
+                )
+            why = "differs from what was saved"
+            raise ValueError(
+                f"Checkpoint of step {step} in {self.save_dir!r} is corrupt: its data item (data/metadata: the "
+                f"data iterator position {meta.get('iterator')}) {why}; resuming from it would read other "
+                "batches. Delete that step's directory to resume from an earlier one."
+            )
         bad = sorted(name for name in found if name in expected and expected[name] != found[name])
         if bad or set(expected) != set(found):
             raise ValueError(
@@ -185,6 +211,8 @@ class Checkpointer(Callback):
     # Callback hooks ---------------------------------------------------------------------
 
     def on_train_begin(self, info: StepInfo) -> None:
+        if not self.read_only:  # before step 1, not at the first save a save_interval later
+            check_writable(self.save_dir)
         if not self.resume and info.restored_step is None and (latest := self.latest_step()) is not None:
             raise ValueError(
                 f"save_dir {self.save_dir!r} already holds checkpoints (latest step {latest}) and resume=False: "
@@ -261,6 +289,57 @@ class Checkpointer(Callback):
             self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None
+
+
+def check_writable(save_dir: str) -> None:
+    """Raises a ValueError naming ``save_dir`` and the reason when checkpoints cannot be
+    written there (a file in the way, a directory this process cannot create or write),
+    creating the directory otherwise. URLs (``gs://...``) are left to their storage client."""
+    if "://" in save_dir:
+        return
+    path = Path(save_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    reason = None
+    if not existing.is_dir():
+        reason = "it is a file, not a directory" if existing == path else f"{existing} is a file, not a directory"
+    else:
+        probe = path / f".kithara-write-test-{jax.process_index()}-{os.getpid()}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            reason = f"it is not writable by this process ({error.strerror or error})"
+    if reason is not None:
+        raise ValueError(
+            f"The checkpoint directory {save_dir!r} cannot be used: {reason}. Point save_dir (or "
+            "args.output_dir) at a directory this process can create and write."
+        )
+
+
+def _json_checksum(value: Any) -> list[int]:
+    """Two 32-bit words of a JSON value's hash, like the arrays' pair of checksums."""
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    return [int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")]
+
+
+def _ignore_abandoned_event_loop_errors() -> None:
+    """Installs (once) a ``sys.unraisablehook`` that drops ``RuntimeError('Event loop is
+    closed')``: what tensorstore reads still in flight when orbax closed its event loop after
+    a failed restore report on completion (dozens of tracebacks after the real error).
+    Everything else goes to the previous hook."""
+    if getattr(sys.unraisablehook, "_kithara_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._kithara_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:

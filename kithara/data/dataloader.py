@@ -111,6 +111,7 @@ class Dataloader:
                 f"Examples with per-example fields {sorted(self.extras)} cannot be packed; set packing=False."
             )
         self.rows = self._layout()
+        self.content_digests = self._content_digests()
         total_rows = self._process_max(len(self.rows))
         if total_rows == 0:
             raise ValueError(f"No examples left to train on: {self.stats}.")
@@ -140,6 +141,9 @@ class Dataloader:
         examples: list[Example] = []
         dropped = skipped = 0
         error: RowError | None = None
+        # Rows the dataset itself skips (identical answers, nothing to learn), by reason.
+        counter = getattr(self.dataset, "skipped", None)
+        reasons_before = dict(counter) if counter is not None else {}
         for index in np.sort(self.row_indices):
             try:
                 example = self.dataset[int(index)]
@@ -161,12 +165,16 @@ class Dataloader:
         # Every process must stop together, or the others would wait for it in a collective.
         if self._process_max(int(error is not None)):
             raise error or RowError(f"process {self.process_index}", "another process hit a bad row; see its log.")
-        stats = {"rows": len(self.row_indices), "examples": len(examples), "dropped_no_loss_tokens": dropped}
+        nothing_to_learn = sum(n - reasons_before.get(reason, 0) for reason, n in (counter or {}).items())
+        no_loss = dropped - nothing_to_learn
+        stats = {"rows": len(self.row_indices), "examples": len(examples), "dropped_no_loss_tokens": no_loss}
+        if nothing_to_learn:  # each reason was logged (and counted in dataset.skipped) by the dataset
+            stats["skipped_nothing_to_learn"] = nothing_to_learn
         if skip_bad_rows:
             stats["skipped_bad_rows"] = skipped
-        if dropped or skipped:
+        if no_loss or skipped:
             logger.warning("process %d: dropped %d rows left without loss tokens after truncation to %d, "
-                           "skipped %d bad rows", self.process_index, dropped, self.max_length, skipped)  # fmt: skip
+                           "skipped %d bad rows", self.process_index, no_loss, self.max_length, skipped)  # fmt: skip
         return examples, stats
 
     def _layout(self) -> list[list[int]]:
@@ -175,6 +183,21 @@ class Dataloader:
             return [[i] for i in range(len(self.examples))]
         lengths = [len(e["token_ids"]) for e in self.examples]
         return packing.best_fit_decreasing(lengths, self.max_length)
+
+    def _content_digests(self) -> list[str | None]:
+        """Per process, a hash of the examples it encoded (token ids, labels, masks), in row
+        order: another dataset of the same size and lengths gets other digests. About a
+        second per 100k rows of 300 tokens, next to the encoding. A simulated process knows
+        only its own (None for the others)."""
+        own = _examples_digest(self.examples)
+        if self._simulated:
+            return [own if p == self.process_index else None for p in range(self.process_count)]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            gathered = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(own), np.uint8))
+            return [bytes(row).hex() for row in np.asarray(gathered)]
+        return [own]
 
     def _process_max(self, value: int) -> int:
         if self._simulated or jax.process_count() == 1:
@@ -194,12 +217,28 @@ class Dataloader:
         return self.max_length
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """What the batch sequence depends on (JSON-able, the same on every process of a job): a
+        restored iterator state must have been saved with the same."""
+        return {
+            "dataset": type(self.dataset).__name__,
+            "rows": len(self.dataset),
+            "content": self.content_digests,
+            "max_length": self.max_length,
+            "truncation_mode": self.dataset.truncation_mode,
+            "packing": self.packing,
+            "length_buckets": list(self.buckets),
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "process_count": self.process_count,
+            "batches_per_epoch": self.num_batches,
+        }
+
+    @property
     def fingerprint(self) -> str:
-        """Identifies the batch sequence; a restored iterator state must match it."""
-        parts = (type(self.dataset).__name__, len(self.dataset), self.max_length, self.dataset.truncation_mode,
-                 self.packing, self.buckets, self.shuffle, self.seed, self.global_batch_size, self.process_count,
-                 self.num_batches, len(self.rows))  # fmt: skip
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+        """Identifies the batch sequence (a hash of ``settings``)."""
+        return hashlib.sha256(repr(sorted(self.settings.items())).encode()).hexdigest()[:16]
 
     def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """This process's batches ``start`` to ``stop`` of ``epoch``, prepared ahead in a
@@ -275,7 +314,8 @@ class DataIterator:
     are exactly those an uninterrupted run would have produced.
 
     ``get_state()`` is a small JSON-able dict (epoch, batch within it, and the loader's
-    fingerprint, so a state from different data or settings is refused).
+    fingerprint and settings, so a state from different data or settings is refused,
+    naming each difference).
     """
 
     def __init__(self, loader: Dataloader, *, batches_per_epoch: int | None = None) -> None:
@@ -302,24 +342,56 @@ class DataIterator:
 
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.index, "batches_per_epoch": self.batches_per_epoch,
-                "fingerprint": self.loader.fingerprint}  # fmt: skip
+                "fingerprint": self.loader.fingerprint, "data": self.loader.settings}  # fmt: skip
 
     def set_state(self, state: Mapping[str, Any]) -> None:
+        saved, now = state.get("data"), self.loader.settings
+        if isinstance(saved, Mapping):
+            differences = [f"{key}: checkpoint {saved.get(key)!r}, this loader {value!r}"
+                           for key, value in now.items() if not _same_setting(key, saved.get(key), value)]  # fmt: skip
+        elif state.get("fingerprint") != self.loader.fingerprint:  # saved before the settings were recorded
+            differences = [f"fingerprint: checkpoint {state.get('fingerprint')!r}, this loader "
+                           f"{self.loader.fingerprint!r}"]  # fmt: skip
+        else:
+            differences = []
+        if differences:
+            raise ValueError(
+                f"This data iterator state was saved for different data or loader settings ({'; '.join(differences)}); "
+                "it cannot resume exactly. Resume with the same data and loader settings, or start a new run "
+                "in another checkpoint directory."
+            )
         if state.get("batches_per_epoch", self.batches_per_epoch) != self.batches_per_epoch:
             raise ValueError(
-                f"This data iterator state has {state['batches_per_epoch']} batches per epoch, this run "
-                f"{self.batches_per_epoch} (different steps or gradient accumulation); it cannot resume exactly."
-            )
-        if state.get("fingerprint") != self.loader.fingerprint:
-            raise ValueError(
-                f"This data iterator state was saved for different data or loader settings (fingerprint "
-                f"{state.get('fingerprint')!r}, expected {self.loader.fingerprint!r}): same dataset, seed, batch "
-                "size, sequence length, packing and process count are needed to resume exactly."
+                f"This data iterator state has {state['batches_per_epoch']} batches per epoch, this iterator "
+                f"{self.batches_per_epoch} (the same data, read in other step sizes: a different "
+                "gradient_accumulation_steps?); it cannot resume exactly."
             )
         epoch, index = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
             raise ValueError(f"Invalid data iterator state {dict(state)}.")
         self.epoch, self.index, self._batches = epoch, index, None
+
+
+def _same_setting(key: str, saved: Any, now: Any) -> bool:
+    if key == "content":  # per-process digests; a simulated process knows only its own (None)
+        return (isinstance(saved, list) and len(saved) == len(now)
+                and all(a is None or b is None or a == b for a, b in zip(saved, now, strict=True)))  # fmt: skip
+    return bool(saved == now)
+
+
+def _examples_digest(examples: Sequence[Example]) -> str:
+    """A hash of encoded examples, in order: every field's values, lengths and dtype."""
+    digest = hashlib.sha1()
+    keys = list(examples[0]) if examples else []  # the Dataloader checks every example has them
+    sizes = []
+    for example in examples:
+        for key in keys:
+            array = np.ascontiguousarray(example[key])
+            sizes.append(array.size)
+            digest.update(repr(array.tolist()).encode() if array.dtype.hasobject else array.data)
+    digest.update(repr([(key, np.asarray(examples[0][key]).dtype.str) for key in keys]).encode())
+    digest.update(np.asarray(sizes, np.int64).data)
+    return digest.hexdigest()[:16]
 
 
 def pad_length(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

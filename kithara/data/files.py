@@ -108,7 +108,7 @@ class _TextFileSource(_FileSource):
         return 1
 
     def _row(self, index: int) -> dict[str, Any]:
-        return {"text": _decode(self.path.read_bytes(), self.name)}
+        return {"text": _decode(self.path.read_bytes(), self.name, whole_file=True)}
 
     def _where(self, index: int) -> str:
         return self.name
@@ -166,7 +166,8 @@ class _CsvSource(_FileSource):
     def __init__(self, path: epath.Path, delimiter: str) -> None:
         super().__init__(path)
         reader = csv.reader(
-            io.StringIO(_decode(path.read_bytes(), self.name, "utf-8-sig"), newline=""), delimiter=delimiter
+            io.StringIO(_decode(path.read_bytes(), self.name, "utf-8-sig", whole_file=True), newline=""),
+            delimiter=delimiter,
         )
         self._header = next(reader, [])
         self._records: list[tuple[int, list[str]]] = []
@@ -300,9 +301,19 @@ def _index_lines(path: epath.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def _decode(data: bytes, where: str, encoding: str = "utf-8") -> str:
-    """``data`` decoded, or a RowError naming where the bytes came from."""
+def _decode(data: bytes, where: str, encoding: str = "utf-8", *, whole_file: bool = False) -> str:
+    """``data`` decoded, or a RowError naming where the bytes came from: for a whole file,
+    the line and column (in bytes) of the first bad byte; for one line, its column."""
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as error:
-        raise RowError(where, f"not UTF-8 text ({error}).") from None
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        if whole_file:
+            line = data.count(b"\n", 0, error.start) + 1
+            where = f"{where}:{line}"
+        bad = data[error.start : error.end]
+        raise RowError(
+            where,
+            f"not UTF-8 text (byte 0x{bad[0]:02x} at column {error.start - line_start + 1}: {error.reason}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).",
+        ) from None

@@ -9,16 +9,27 @@ packing and batching happen in the Dataloader.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import collections
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from kithara.data.sources import RowError, Source, load_source
-from kithara.data.tokenizer import Tokenizer
+from kithara.data.tokenizer import Tokenizer, as_tokenizer
+
+logger = logging.getLogger(__name__)
 
 Example = dict[str, np.ndarray]
 TRUNCATIONS = ("keep_start", "keep_end")
+# Roles a chat message may have; another (like "bot") is a data error, not a new speaker.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+# Texts longer than this many characters per max_length token are clipped before tokenizing.
+CLIP_CHARS_PER_TOKEN = 16
+_CLIP_MIN_CHARS = 8192
+_LOGGED_SKIPS = 5  # per reason and dataset; the rest are only counted (Dataset.skipped)
 # ShareGPT speaker names -> chat roles.
 SHAREGPT_ROLES = {
     "system": "system",
@@ -43,19 +54,36 @@ class FormatError(ValueError):
         super().__init__(f"field {field!r}: {message}" if field else message)
 
 
+class SkipRow(Exception):
+    """A well-formed row that would teach nothing (identical preference answers, empty text).
+
+    ``Dataset.__getitem__`` counts it in ``Dataset.skipped``, logs the first few, and
+    yields ``None`` for it, as for a row that truncation leaves without loss tokens.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class Dataset(abc.ABC):
     """Rows from a source (file, list, Hugging Face dataset), encoded one at a time.
 
     Rows are read and tokenized lazily, by index, so each process of a multi-host job
     touches only the rows of its own shard. ``dataset[i]`` is the example of row ``i``, or
-    ``None`` when truncation leaves it no loss token; a bad row raises ``RowError`` naming
-    the file, row and field.
+    ``None`` when truncation leaves it no loss token or the row would teach nothing (an
+    empty text, a preference pair whose answers are identical: counted by reason in
+    ``skipped`` and logged); a bad row raises ``RowError`` naming the file, row and field.
+
+    A text far longer than ``max_length`` tokens can use is clipped before it is tokenized
+    (to the part that truncation keeps, with a margin checked to tokenize the same), so a
+    multi-megabyte line costs time and memory in proportion to ``max_length``, not to its size.
 
     Args:
         data: a path (local or ``gs://``; JSONL, JSON, Parquet, CSV, text), a glob, a list
             of paths, a list of dicts, or a Hugging Face ``Dataset`` / ``DatasetDict`` (also
             as a ``save_to_disk`` directory).
-        tokenizer: a ``kithara.Tokenizer``.
+        tokenizer: a ``kithara.Tokenizer`` (a ``transformers`` tokenizer is wrapped in one).
         max_length: model input length; longer sequences are truncated.
         truncation_mode: ``"keep_start"`` (drop the end) or ``"keep_end"`` (drop the start).
         columns: renames source fields to this format's fields, e.g. ``{"question": "prompt"}``.
@@ -87,9 +115,10 @@ class Dataset(abc.ABC):
         self.source = (
             data if isinstance(data, Source) else load_source(data, format=file_format, columns=columns, split=split)
         )
-        self._tokenizer = tokenizer
+        self._tokenizer = as_tokenizer(tokenizer)
         self.max_length = max_length
         self.truncation_mode = truncation_mode
+        self.skipped: collections.Counter[str] = collections.Counter()  # rows skipped, by reason
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -112,6 +141,9 @@ class Dataset(abc.ABC):
             if missing:
                 raise FormatError(missing[0], f"missing; rows of this format need {list(self.fields)}.")
             return self.encode(row)
+        except SkipRow as skip:
+            self._count_skip(index, skip.reason)
+            return None
         except FormatError as error:
             raise RowError(self.source.describe(index), error.message, error.field) from None
         except RowError:
@@ -121,7 +153,47 @@ class Dataset(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, row: Mapping[str, Any]) -> Example | None:
-        """The example for a row that has all of ``fields``."""
+        """The example for a row that has all of ``fields``; raises ``SkipRow`` for a row that
+        would teach nothing."""
+
+    def _count_skip(self, index: int, reason: str) -> None:
+        self.skipped[reason] += 1
+        count = self.skipped[reason]
+        if count <= _LOGGED_SKIPS:
+            more = (
+                " (further rows skipped for this reason are counted in dataset.skipped)"
+                if count == _LOGGED_SKIPS
+                else ""
+            )
+            logger.warning("%s: skipping the row: %s%s", self.source.describe(index), reason, more)
+
+    def clip(self, text: str) -> str:
+        """``text``, or for a text far longer than ``max_length`` tokens, the part of it that
+        truncation keeps (its start, or its end with ``keep_end``) plus a margin.
+
+        The part is grown by doubling until the tokens truncation keeps no longer change
+        when it grows, so the clipped text gives the same kept tokens as the whole text.
+        """
+        limit = self.max_length + 1
+        chars = max(_CLIP_MIN_CHARS, CLIP_CHARS_PER_TOKEN * limit)
+        if len(text) <= 2 * chars:
+            return text
+        from_end = self.truncation_mode == "keep_end"
+
+        def part(n: int) -> str:
+            return text[len(text) - n :] if from_end else text[:n]
+
+        def kept(ids: list[int]) -> list[int]:
+            return ids[len(ids) - limit :] if from_end else ids[:limit]
+
+        previous = self.tokenizer.encode(part(chars))
+        while 2 * chars < len(text):
+            chars *= 2
+            current = self.tokenizer.encode(part(chars))
+            if len(previous) > limit and kept(previous) == kept(current):
+                return part(chars)
+            previous = current
+        return text
 
     def sequence(self, ids: Sequence[int], targets: Sequence[bool], prefix: str = "") -> Example | None:
         """Truncates a token sequence and shifts it into inputs and labels."""
@@ -142,7 +214,10 @@ class TextDataset(Dataset):
     fields = ("text",)
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
-        ids = [*self.tokenizer.encode_text(_string(row, "text")), self.tokenizer.eos_id]
+        text = _string(row, "text")
+        if not text.strip():
+            raise SkipRow("empty text")
+        ids = [*self.tokenizer.encode_text(self.clip(text)), self.tokenizer.eos_id]
         return self.sequence(ids, [True] * len(ids))
 
 
@@ -161,7 +236,9 @@ class PromptCompletionDataset(Dataset):
         self.completion_only_loss = completion_only_loss
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
-        prompt, completion = _prompt_and_answer(self.tokenizer, row, "completion")
+        if row["prompt"] == "" and row["completion"] == "":
+            raise SkipRow("empty prompt and completion")
+        prompt, completion = _prompt_and_answer(self.tokenizer, row, "completion", self.clip)
         targets = [not self.completion_only_loss] * len(prompt) + [True] * len(completion)
         return self.sequence(prompt + completion, targets)
 
@@ -197,6 +274,7 @@ class ConversationalDataset(Dataset):
             messages = sharegpt_to_messages(row["conversations"])
         else:
             raise FormatError("messages", "missing; conversational rows need 'messages' (or ShareGPT 'conversations').")
+        messages = _clip_messages(messages, self.clip)
         ids, assistant = self.tokenizer.encode_chat(
             messages, tools=_tools(row), assistant_mask=self.assistant_only_loss
         )
@@ -214,7 +292,9 @@ class PreferenceDataset(Dataset):
     supports_packing = False
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
-        pairs = {answer: _prompt_and_answer(self.tokenizer, row, answer) for answer in ("chosen", "rejected")}
+        pairs = {
+            answer: _prompt_and_answer(self.tokenizer, row, answer, self.clip) for answer in ("chosen", "rejected")
+        }
         if self.truncation_mode == "keep_end":
             # Cut the same prompt tokens from both, so chosen and rejected keep the same context.
             longest = max(len(p) + len(a) for p, a in pairs.values())
@@ -227,6 +307,13 @@ class PreferenceDataset(Dataset):
             if sequence is None:
                 return None
             example.update(sequence)
+        if all(
+            np.array_equal(example[f"chosen_{k}"], example[f"rejected_{k}"])
+            for k in ("token_ids", "labels", "label_mask")
+        ):
+            # The DPO loss is ln 2 with zero gradient on such a pair: it trains nothing.
+            same = row["chosen"] == row["rejected"]
+            raise SkipRow("chosen and rejected are identical" + ("" if same else " after truncation to max_length"))
         return example
 
 
@@ -297,21 +384,26 @@ def sharegpt_to_messages(conversations: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _prompt_and_answer(tokenizer: Tokenizer, row: Mapping[str, Any], answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the answer that follows it, for plain or chat rows."""
+def _prompt_and_answer(
+    tokenizer: Tokenizer, row: Mapping[str, Any], answer: str, clip: Callable[[str], str] = lambda text: text
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the answer that follows it, for plain or chat rows
+    (texts first clipped by ``clip``)."""
     prompt = row["prompt"]
     if not isinstance(prompt, str | list):
         raise FormatError("prompt", f"expected a string or a list of messages, got {type(prompt).__name__}.")
     if isinstance(prompt, str):
+        prompt, answer_text = clip(prompt), clip(_string(row, answer))
         # Tokenize the joined text, as the model will see it at inference: encoding the answer
         # alone would, with sentencepiece, start it with a spurious word-start token.
         prompt_ids = tokenizer.encode_text(prompt)
-        joined = tokenizer.encode_text(prompt + _string(row, answer))
+        joined = tokenizer.encode_text(prompt + answer_text)
         if joined[: len(prompt_ids)] == prompt_ids:
             return prompt_ids, [*joined[len(prompt_ids) :], tokenizer.eos_id]
         # A token spans the boundary: keep the prompt's own tokens and encode the answer alone.
-        return prompt_ids, [*tokenizer.encode(_string(row, answer)), tokenizer.eos_id]
-    prompt_messages, answer_messages = _messages(row, "prompt"), _messages(row, answer)
+        return prompt_ids, [*tokenizer.encode(answer_text), tokenizer.eos_id]
+    prompt_messages = _clip_messages(_messages(row, "prompt"), clip)
+    answer_messages = _clip_messages(_messages(row, answer), clip)
     tools = _tools(row)
     prompt_ids, _ = tokenizer.encode_chat(prompt_messages, tools=tools, add_generation_prompt=True)
     full_ids, _ = tokenizer.encode_chat([*prompt_messages, *answer_messages], tools=tools)
@@ -335,13 +427,57 @@ def _messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
     value = row[field]
     if not isinstance(value, list) or not value:
         raise FormatError(field, f"expected a non-empty list of messages, got {type(value).__name__}.")
+    messages = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise FormatError(f"{field}[{i}]", "expected a message object with a string 'role'.")
+        if message["role"] not in CHAT_ROLES:
+            raise FormatError(
+                f"{field}[{i}].role",
+                f"unknown role {message['role']!r}; the known roles are {list(CHAT_ROLES)} "
+                "(map the dataset's names to them first, e.g. 'bot' or 'gpt' to 'assistant').",
+            )
+        message = dict(message)
+        if message.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(message["tool_calls"], f"{field}[{i}].tool_calls")
         content = message.get("content")
         if not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
             raise FormatError(f"{field}[{i}].content", f"expected a string, got {type(content).__name__}.")
-    return [dict(m) for m in value]
+        messages.append(message)
+    return messages
+
+
+def _tool_calls(calls: Any, field: str) -> list[dict[str, Any]]:
+    """A message's tool calls, checked: a list (or a JSON string of one) of
+    ``{"type": "function", "function": {"name", "arguments"}}`` whose arguments are a JSON
+    object (a dict, or a string holding one)."""
+    if isinstance(calls, str):  # stored as a JSON string, as some datasets do
+        calls = _json(calls, field)
+    if not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls):
+        raise FormatError(field, f"expected a list of tool-call objects, got {type(calls).__name__}.")
+    for j, call in enumerate(calls):
+        function = call.get("function", call)
+        where = f"{field}[{j}]" + (".function" if "function" in call else "")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise FormatError(where, "expected {'name': str, 'arguments': {...}}.")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            arguments = _json(arguments, f"{where}.arguments")
+        if arguments is not None and not isinstance(arguments, Mapping):
+            raise FormatError(f"{where}.arguments", f"expected a JSON object, got {type(arguments).__name__}.")
+    return [dict(c) for c in calls]
+
+
+def _json(text: str, field: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FormatError(field, f"not valid JSON ({error.msg} at column {error.colno}): {text[:80]!r}.") from None
+
+
+def _clip_messages(messages: list[dict[str, Any]], clip: Callable[[str], str]) -> list[dict[str, Any]]:
+    """``messages`` with each string content clipped."""
+    return [{**m, "content": clip(m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
 
 
 def _tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -349,12 +485,7 @@ def _tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     if tools is None:
         return None
     if isinstance(tools, str):  # tools stored as a JSON string, as some datasets do
-        import json
-
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as error:
-            raise FormatError("tools", f"not valid JSON ({error.msg}).") from None
+        tools = _json(tools, "tools")
     if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
         raise FormatError("tools", "expected a list of tool (JSON schema) objects.")
     return [dict(t) for t in tools]

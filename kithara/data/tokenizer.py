@@ -98,7 +98,18 @@ class Tokenizer:
                     if (source / name).exists():
                         (epath.Path(tmp) / name).write_bytes((source / name).read_bytes())
                 local = tmp
-            backend = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+            try:  # never code from the directory (auto_map), whatever a prompt is answered
+                backend = transformers.AutoTokenizer.from_pretrained(
+                    local, local_files_only=True, trust_remote_code=False
+                )
+            except ValueError as error:
+                if "trust_remote_code" not in str(error):
+                    raise
+                raise ValueError(
+                    f"{os.fspath(path)!r} names custom tokenizer code (auto_map in tokenizer_config.json or "
+                    "config.json), which kithara never runs: set tokenizer_class to a transformers tokenizer "
+                    "class and remove auto_map."
+                ) from error
         return cls(backend, chat_template=chat_template)
 
     @classmethod
@@ -179,6 +190,49 @@ class Tokenizer:
             return ids, mask
         return self._encode_chat_pieces(list(messages), tools_list, add_generation_prompt, template)
 
+    def apply_chat_template(
+        self,
+        conversation: Messages,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+    ) -> str | list[int]:
+        """The conversation through the chat template, as ``transformers``' method of that name
+        (this subset of its arguments): the rendered text with ``tokenize=False``, else its
+        token ids (those of ``encode_chat``).
+
+        Example:
+            >>> prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """
+        if tokenize:
+            return self.encode_chat(conversation, tools=tools, add_generation_prompt=add_generation_prompt)[0]
+        if not self.chat_template:
+            raise ValueError("This tokenizer has no chat template; pass chat_template= to Tokenizer.")
+        tools_list = list(tools) if tools else None
+        template = self.chat_templates.get("tool_use", self.chat_template) if tools_list else self.chat_template
+        if self._is_hf:
+            return str(
+                self.backend.apply_chat_template(
+                    list(conversation),
+                    tools=tools_list,
+                    chat_template=template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                )
+            )
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = cast(Any, render_jinja_template)(
+            [list(conversation)],
+            tools=tools_list,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._special_text(self.bos_id),
+            eos_token=self._special_text(self.eos_id),
+        )
+        return str(rendered[0])
+
     def _encode_chat_pieces(
         self, messages: list[Any], tools: list[Any] | None, add_generation_prompt: bool, template: str | None
     ) -> tuple[list[int], list[bool]]:
@@ -257,6 +311,18 @@ class Tokenizer:
     def __repr__(self) -> str:
         kind = type(self.backend).__name__
         return f"Tokenizer({kind}, vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def as_tokenizer(tokenizer: Any) -> Tokenizer | None:
+    """A ``kithara.Tokenizer`` from one, from a ``transformers`` tokenizer (wrapped), or None."""
+    if tokenizer is None or isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "eos_token_id"):
+        return Tokenizer(tokenizer)
+    raise TypeError(
+        f"Expected a kithara.Tokenizer or a transformers tokenizer, got {type(tokenizer).__name__}; build one with "
+        "kithara.Tokenizer.from_pretrained(dir) or Tokenizer.from_keras_hub(preset)."
+    )
 
 
 def _is_local(path: epath.Path) -> bool:

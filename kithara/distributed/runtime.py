@@ -103,6 +103,17 @@ def initialize(
             "already started them (jax.devices(), building a model, a jitted call...). Call it first thing in "
             "the program."
         )
+    # A process that never connects (killed, failed to start) leaves the others waiting the whole
+    # initialization timeout, after which JAX aborts the process (DEADLINE_EXCEEDED) without a
+    # Python exception to add to: so say before waiting which setting bounds the wait.
+    logger.info(
+        "Waiting up to %d s for %s to connect to the coordinator%s (distributed.initialization_timeout, "
+        "DistributedTimeouts.initialization); a process that does not start makes the others abort with "
+        "DEADLINE_EXCEEDED after that long.",
+        timeouts.initialization,
+        f"{num_processes} processes" if num_processes else "all processes",
+        f" at {coordinator_address}" if coordinator_address else "",
+    )
     jax.distributed.initialize(
         coordinator_address,
         num_processes,

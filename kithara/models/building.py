@@ -85,7 +85,82 @@ def backbone_from_config(
     kwargs = {**spec.defaults, **spec.backbone_args(arch), **backbone_kwargs}
     keras.utils.set_random_seed(seed)
     with host_device():
-        return backbone_class(dtype=keras_policy(precision), **kwargs)
+        backbone = backbone_class(dtype=keras_policy(precision), **kwargs)
+    match_layers_to_backbone(backbone)
+    return backbone
+
+
+# keras-hub's attention layers that read ``query_head_dim_normalize`` (Gemma, Gemma 2, Gemma 3),
+# and its norm layers whose epsilon is not always the backbone's ``layer_norm_epsilon``.
+_SCALED_ATTENTION = ("CachedGemmaAttention", "CachedGemma3Attention")
+_NORMS = ("Qwen3LayerNorm", "RMSNormalization")
+
+
+def match_layers_to_backbone(backbone: keras.Model) -> None:
+    """Gives ``backbone``'s layers the settings it was built with, which keras-hub (0.32)
+    drops on the way down, so the model computes what its config (and a Hugging Face
+    export of it) says:
+
+    - Gemma and Gemma 3 decoder blocks build their attention with
+      ``query_head_dim_normalize=True`` whatever the backbone was given, so a backbone built
+      with ``False`` (Gemma 2/3 27B: queries scaled by ``1/sqrt(hidden_dim / num_heads)``)
+      computed ``1/sqrt(head_dim)``;
+    - Qwen 3's query/key norms fix epsilon at 1e-5 (Gemma's final and query/key norms at
+      1e-6) instead of ``layer_norm_epsilon``.
+
+    The layers read these when called, so setting them on the built layers is enough.
+    """
+    normalize = getattr(backbone, "query_head_dim_normalize", None)
+    epsilon = getattr(backbone, "layer_norm_epsilon", None)
+    vision = getattr(backbone, "vision_encoder", None)
+    skip = {id(layer) for layer in vision._flatten_layers()} if vision is not None else set()
+    for layer in backbone._flatten_layers(include_self=False):
+        kind = type(layer).__name__
+        if id(layer) in skip:
+            continue
+        if kind in _SCALED_ATTENTION and normalize is not None:
+            layer.query_head_dim_normalize = bool(normalize)
+        elif kind in _NORMS and epsilon is not None:
+            layer.epsilon = epsilon
+
+
+# Layer attributes kithara sets on built layers (``match_layers_to_backbone`` and, for Hugging
+# Face checkpoints, ``hf.config.apply_to_layers``) that a backbone's ``get_config`` does not carry.
+_LAYER_SETTINGS = ("epsilon", "query_head_dim_normalize", "rope_wavelength", "max_wavelength")
+
+
+def copy_layer_settings(source: keras.Model, target: keras.Model) -> None:
+    """Gives ``target``, a backbone rebuilt from ``source.get_config()``, the settings set on
+    ``source``'s built layers (norm epsilons, Gemma query scale and rope theta), which the
+    rebuild would otherwise reset to keras-hub's hard-coded values."""
+    source_layers = list(source._flatten_layers(include_self=False))
+    target_layers = list(target._flatten_layers(include_self=False))
+    if [type(layer) for layer in source_layers] != [type(layer) for layer in target_layers]:
+        raise ValueError(
+            f"copy_layer_settings: the {type(target).__name__} was not rebuilt from the {type(source).__name__}'s "
+            "config (their layers differ); rebuild it with type(source).from_config(source.get_config())."
+        )
+    for theirs, ours in zip(source_layers, target_layers, strict=True):
+        for attr in _LAYER_SETTINGS:
+            if hasattr(theirs, attr):
+                setattr(ours, attr, getattr(theirs, attr))
+
+
+def query_head_dim_normalize(backbone: keras.Model) -> bool:
+    """Whether ``backbone``'s attention layers scale queries by ``1/sqrt(head_dim)`` (else by
+    ``1/sqrt(hidden_dim // num_heads)``): what they compute, which may differ from the
+    backbone's own setting if ``match_layers_to_backbone`` was not applied."""
+    flags = {
+        bool(layer.query_head_dim_normalize)
+        for layer in backbone._flatten_layers(include_self=False)
+        if type(layer).__name__ in _SCALED_ATTENTION
+    }
+    if len(flags) > 1:
+        raise ValueError(
+            f"{type(backbone).__name__}'s attention layers scale queries differently (query_head_dim_normalize "
+            "varies by layer), which no Hugging Face config can express; set it the same on every layer."
+        )
+    return flags.pop() if flags else bool(getattr(backbone, "query_head_dim_normalize", True))
 
 
 def check_model_kwargs(backbone_kwargs: Mapping[str, Any], builder: Any, backbone_class: type, where: str) -> None:

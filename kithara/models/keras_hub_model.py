@@ -26,6 +26,7 @@ from kithara.models.building import (
     backbone_from_config,
     host_device,
     keyword_only,
+    match_layers_to_backbone,
     transformer_flops,
 )
 from kithara.models.families import Architecture, get_family, layer_layout
@@ -191,6 +192,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             kwargs["preprocessor"] = None
         with host_device():
             causal_lm = keras_hub.models.CausalLM.from_preset(handle, dtype=keras_policy(precision), **kwargs)
+        match_layers_to_backbone(causal_lm.backbone)
         return cls(causal_lm, sharding=sharding, lora=lora)
 
     @property
@@ -301,7 +303,8 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         time; in a multi-process run every process must call this, and process 0 writes.
 
         Args:
-            path: a local directory (created if needed; earlier weight files in it are replaced).
+            path: a local directory (created if needed; earlier weight files in it are replaced), or a
+                ``gs://`` URL (written locally first, then copied; needs the ``gcs`` extra).
             max_shard_size: the largest safetensors file to write.
             dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the written tensors.
             tokenizer: a kithara ``Tokenizer`` whose files go next to the weights.

@@ -13,7 +13,7 @@ import keras_hub
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
-from kithara.models.building import backbone_from_config, host_device, transformer_flops
+from kithara.models.building import backbone_from_config, copy_layer_settings, host_device, transformer_flops
 from kithara.models.families import Architecture, layer_layout
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.keras_variables import KerasVariables
@@ -210,6 +210,7 @@ class ScalarHeadModel(KerasVariables):
         values = {**source.trainable, **source.non_trainable}
         with host_device():
             backbone = type(model.backbone).from_config(model.backbone.get_config())
+        copy_layer_settings(model.backbone, backbone)
         copy = cls.__new__(cls)
         copy._setup(
             backbone,

@@ -13,7 +13,7 @@ the adapter mode is causal only (see docs/cycle.md).
 from __future__ import annotations
 
 import functools
-import math
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
@@ -24,7 +24,7 @@ import optax
 
 from kithara import sharding as sharding_lib
 from kithara.callbacks import Callback, Checkpointer, Profiler
-from kithara.data.tokenizer import Tokenizer
+from kithara.data.tokenizer import Tokenizer, as_tokenizer
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import ModelVariables
 from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
@@ -36,6 +36,7 @@ from kithara.trainer.losses import LossOutput, next_token_cross_entropy
 from kithara.trainer.state import TrainState
 from kithara.trainer.trainer import DataPlan, Trainer
 
+logger = logging.getLogger(__name__)
 Row = tuple[list[int], list[bool]]  # token ids and which of them are supervised
 Metrics = Callable[[str, list[str], list[str], list[str]], Mapping[str, float]]
 OTHER = {"A": "B", "B": "A"}
@@ -56,7 +57,8 @@ class CycleTrainer(Trainer):
             ``KerasHubModel`` or seq2seq ``KerasHubSeq2SeqModel``: BART, T5Gemma; one mesh), or one
             ``KerasHubModel`` with LoRA (adapters ``"A"`` and ``"B"`` over one frozen base).
         tokenizers: one ``kithara.Tokenizer`` or ``{"A": ..., "B": ...}``.
-        train_dataset_A / train_dataset_B: non-parallel texts of each language.
+        train_dataset_A / train_dataset_B: non-parallel texts of each language: lists of
+            strings, or rows with a ``"text"`` field (a ``datasets.Dataset``, a list of dicts).
         eval_dataset_A / eval_dataset_B: texts of each language, or ``(source, reference)``
             pairs (source in that language). Texts give ``cycle_loss_<side>`` (the training
             objective on held-out text); pairs give the supervised ``loss_<side>`` and
@@ -65,7 +67,9 @@ class CycleTrainer(Trainer):
             default: ``args``'s AdamW and schedule for each side.
         compute_metrics: ``f(side, sources, generations, references) -> {name: value}``.
         args: a ``CycleConfig``: ``batch_size_per_side`` (texts per side per step),
-            ``max_length`` (tokens per training row; longer rows are cut at the end),
+            ``max_length`` (tokens per training row; longer rows are cut at the end, and rows
+            left with no supervised token are counted in ``rows_without_targets`` and logged;
+            a step or evaluation with none left is refused),
             ``max_new_tokens`` (per synthetic translation), ``separator`` (between source and
             target), ``generation_kwargs`` (sampling of synthetic text), and the base
             ``TrainingConfig`` (``max_steps`` / ``num_train_epochs``: cycle steps, an epoch
@@ -106,13 +110,22 @@ class CycleTrainer(Trainer):
             raise ValueError("The adapter (one-model) mode is causal only; pass {'A': model_a, 'B': model_b}.")
         pair: CyclePair = TwoAdapters(models) if isinstance(models, KerasHubModel) else TwoModels(models)
         self.pair = pair
-        self.tokenizers = {s: tokenizers for s in SIDES} if isinstance(tokenizers, Tokenizer) else dict(tokenizers)
+        given: Mapping[str, Any] = tokenizers if isinstance(tokenizers, Mapping) else dict.fromkeys(SIDES, tokenizers)
+        self.tokenizers: dict[str, Tokenizer] = {}
+        for side, tok in given.items():
+            wrapped = as_tokenizer(tok)
+            if wrapped is None:
+                raise ValueError(f"tokenizers[{side!r}] is None; pass a kithara.Tokenizer or a transformers tokenizer.")
+            self.tokenizers[side] = wrapped
         if set(self.tokenizers) != set(SIDES):
             raise ValueError(
                 f"tokenizers must be one Tokenizer or {{'A': ..., 'B': ...}}, got {sorted(self.tokenizers)}."
             )
-        self.train_texts = {"A": list(train_dataset_A), "B": list(train_dataset_B)}
-        self.eval_data = {"A": list(eval_dataset_A or ()), "B": list(eval_dataset_B or ())}
+        self.train_texts = {"A": cycle_texts(train_dataset_A, "train_dataset_A"),
+                            "B": cycle_texts(train_dataset_B, "train_dataset_B")}  # fmt: skip
+        self.eval_data = {"A": cycle_texts(eval_dataset_A, "eval_dataset_A", pairs=True),
+                          "B": cycle_texts(eval_dataset_B, "eval_dataset_B", pairs=True)}  # fmt: skip
+        self.rows_without_targets = dict.fromkeys(SIDES, 0)  # training rows cut to no supervised token
         batch_size, max_length, max_new_tokens = config.batch_size_per_side, config.max_length, config.max_new_tokens
         per_epoch = min(len(t) for t in self.train_texts.values()) // batch_size
         if per_epoch == 0:
@@ -214,6 +227,7 @@ class CycleTrainer(Trainer):
             other = OTHER[side]
             synthetic = self.translate(state.model, other, batch[other], seed=2 * step + (side == "B"))
             rows = self.prepare_cycle_inputs(synthetic, batch[other], side)
+            self._check_targets_left(rows, side, f"cycle step {step}", count=True)
             arrays = self._rows_to_arrays(rows)
             state, side_metrics = self.jitted_train_step(state, {side: {k: v[None] for k, v in arrays.items()}})
             metrics.update({f"{k}_{side}": v for k, v in side_metrics.items()})
@@ -323,18 +337,80 @@ class CycleTrainer(Trainer):
             out["label_mask"][i, :k] = supervised[1:]
         return sharding_lib.global_arrays(out, self.pair.mesh)
 
+    def _check_targets_left(
+        self, rows: Sequence[Row] | Sequence[Seq2SeqRow], side: str, where: str, *, count: bool = False
+    ) -> int:
+        """Logs the rows that the cut to ``max_length`` leaves without a supervised token (they
+        add nothing to the loss; with ``count``, adds them to ``rows_without_targets``);
+        refuses when no row keeps one."""
+        empty = sum(not any(row[-1][1 : self.max_length + 1]) for row in rows)
+        if count:
+            self.rows_without_targets[side] += empty
+        if not empty:
+            return 0
+        fix = (
+            f"the source part (up to max_new_tokens={self.max_new_tokens} generated tokens and the separator) "
+            f"leaves no room for the target within max_length={self.max_length}; raise max_length or lower "
+            "max_new_tokens (or shorten the texts)"
+        )
+        if empty == len(rows):
+            raise ValueError(f"{where}: none of model {side!r}'s {len(rows)} rows keeps a supervised token: {fix}.")
+        logger.warning("%s: %d of model %r's %d rows keep no supervised token and are left out of the loss: %s.",
+                       where, empty, side, len(rows), fix)  # fmt: skip
+        return empty
+
     def _translate_all(self, variables: ModelVariables, side: str, texts: Sequence[str]) -> list[str]:
         size = self.rows_per_step  # one batch bucket for every call
         return [t for i in range(0, len(texts), size) for t in self.translate(variables, side, texts[i : i + size])]
 
     def _eval_loss(self, variables: ModelVariables, side: str, sources: list[str], targets: list[str]) -> float:
         rows = self.prepare_cycle_inputs(sources, targets, side)
+        self._check_targets_left(rows, side, f"evaluate(), model {side!r}")
         total = weight = 0.0
         for i in range(0, len(rows), self.rows_per_step):
             arrays = self._rows_to_arrays(rows[i : i + self.rows_per_step])
             out = jax.device_get(self.jitted_eval_step(variables, {side: arrays}))
             total, weight = total + float(out.total), weight + float(out.weight)
-        return total / max(weight, 1.0) if weight else math.nan
+        return total / max(weight, 1.0)
+
+
+def cycle_texts(data: Any, name: str, *, pairs: bool = False) -> list[Any]:
+    """The texts of a dataset argument (or, with ``pairs``, texts and ``(source, reference)``
+    pairs): a list of strings, or rows with a ``"text"`` field (a ``datasets.Dataset``, dicts)."""
+    if data is None:
+        return []
+    if isinstance(data, str | bytes):
+        raise ValueError(f"{name} is one string; pass a list of texts.")
+    column_names = getattr(data, "column_names", None)
+    if column_names is not None and type(data).__module__.split(".")[0] == "datasets":
+        if isinstance(column_names, Mapping):
+            raise ValueError(
+                f"{name} is a DatasetDict; pass one split, such as {name}=data[{next(iter(column_names))!r}]."
+            )
+        if "text" not in column_names:
+            raise ValueError(
+                f"{name} is a datasets.Dataset with columns {list(column_names)} and no 'text' column, which "
+                f"CycleTrainer reads: rename yours (dataset.rename_column({next(iter(column_names))!r}, 'text')) or "
+                "pass a list of strings."
+            )
+        data = data["text"]
+    texts: list[Any] = []
+    for i, item in enumerate(data):
+        if isinstance(item, Mapping):
+            if "text" not in item:
+                raise ValueError(
+                    f"{name}[{i}] is a row with fields {sorted(item)} and no 'text' field, which CycleTrainer "
+                    "reads; rename the field or pass a list of strings."
+                )
+            item = item["text"]
+        if isinstance(item, str):
+            texts.append(item)
+        elif pairs and isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            texts.append(tuple(item))
+        else:
+            wanted = "a string or a (source, reference) pair of strings" if pairs else "a string"
+            raise ValueError(f"{name}[{i}] is {type(item).__name__}; expected {wanted}.")
+    return texts
 
 
 def _side_of_batch(batch: Mapping[str, Any]) -> str:

@@ -9,7 +9,7 @@ summed completion log-probs, plus lengths and the chosen NLL) returning one loss
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +124,25 @@ LOSSES: dict[str, PairLoss] = {
 }
 
 
-def loss_weights(loss_type: str | Mapping[str, float], *, beta: float, label_smoothing: float) -> dict[str, float]:
-    """Validates a loss type (a name, or ``{name: weight}``) and returns ``{name: weight}``."""
-    weights = {loss_type: 1.0} if isinstance(loss_type, str) else {str(k): float(v) for k, v in loss_type.items()}
+def loss_weights(
+    loss_type: str | Sequence[str] | Mapping[str, float], *, beta: float, label_smoothing: float
+) -> dict[str, float]:
+    """Validates a loss type (a name, a list of names weighted 1.0 each, or ``{name: weight}``)
+    and returns ``{name: weight}``. TRL's ``loss_weights`` list goes through
+    ``DPOConfig.loss_weight_map``."""
+    if isinstance(loss_type, str):
+        weights = {loss_type: 1.0}
+    elif isinstance(loss_type, Mapping):
+        weights = {str(k): float(v) for k, v in loss_type.items()}
+    elif isinstance(loss_type, Sequence) and all(isinstance(n, str) for n in loss_type):
+        if len(set(loss_type)) != len(loss_type):
+            raise ValueError(f"loss_type {list(loss_type)} names a loss more than once; give each loss once.")
+        weights = dict.fromkeys(loss_type, 1.0)
+    else:
+        raise ValueError(
+            "loss_type must be a loss name ('sigmoid'), a list of names (weighted with DPOConfig.loss_weights) "
+            f"or a {{name: weight}} mapping; got {loss_type!r}."
+        )
     if not weights:
         raise ValueError("loss_type is empty; give a name such as 'sigmoid' or a {name: weight} mapping.")
     unknown = sorted(set(weights) - set(LOSSES))

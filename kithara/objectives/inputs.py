@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kithara.data import tokenizer as tokenizer_lib
 from kithara.data.dataloader import Dataloader
 from kithara.data.formats import Dataset
 from kithara.data.sources import Source, load_source
@@ -45,13 +46,12 @@ def resolve_model(
 
 def as_tokenizer(tokenizer: Any) -> Tokenizer | None:
     """A ``kithara.Tokenizer`` from one, a ``transformers`` tokenizer, or None."""
-    if tokenizer is None or isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    if hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "eos_token_id"):
-        return Tokenizer(tokenizer)
-    raise TypeError(
-        f"processing_class must be a kithara.Tokenizer or a transformers tokenizer, got {type(tokenizer).__name__}."
-    )
+    try:
+        return tokenizer_lib.as_tokenizer(tokenizer)
+    except TypeError:
+        raise TypeError(
+            f"processing_class must be a kithara.Tokenizer or a transformers tokenizer, got {type(tokenizer).__name__}."
+        ) from None
 
 
 def lora_config(peft_config: Any) -> LoraConfig | None:

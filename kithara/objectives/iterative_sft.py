@@ -3,6 +3,7 @@ score, filter, train), with the base Trainer's jitted step, checkpoints and logg
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -13,10 +14,12 @@ import optax
 from kithara.callbacks import Callback, Checkpointer, Profiler
 from kithara.data.packing import empty_row
 from kithara.models.model import Model
+from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
 from kithara.objectives.configs import IterativeSFTConfig
 from kithara.objectives.inputs import lora_config, resolve_model
 from kithara.trainer.trainer import Trainer
 
+logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # a label that takes no part in the loss, as in Hugging Face
 
 
@@ -74,6 +77,13 @@ class IterativeSFTTrainer(Trainer):
         model, tokenizer = resolve_model(
             model, processing_class or tokenizer, lora=lora_config(peft_config), precision=config.precision
         )
+        if isinstance(model, KerasHubSeq2SeqModel):
+            raise ValueError(
+                "IterativeSFTTrainer trains causal LMs (each row is one token sequence); a KerasHubSeq2SeqModel "
+                "needs encoder and decoder inputs. Train it with kithara.Trainer on batches of encoder_token_ids, "
+                "encoder_padding_mask, decoder_token_ids, decoder_padding_mask, labels and label_mask "
+                "(docs/models.md), or use a causal model here."
+            )
         super().__init__(
             model, optimizer, None, profiler=profiler, checkpointer=checkpointer, callbacks=callbacks, args=config
         )
@@ -97,7 +107,8 @@ class IterativeSFTTrainer(Trainer):
         texts_labels: Sequence[str] | None = None,
     ) -> dict[str, float]:
         """Trains on this process's rows; returns the stats (the mean over the optimizer
-        steps these rows made, with ``steps`` and the last ``step``).
+        steps these rows made, with ``steps``, the last ``step`` and ``dropped_rows``: rows
+        that truncation to ``max_length`` left without a loss token, which are logged too).
 
         Give either token ids or texts:
 
@@ -112,13 +123,23 @@ class IterativeSFTTrainer(Trainer):
         pairs = self._rows(input_ids, attention_mask, labels, texts, texts_labels)
         if not pairs:
             raise ValueError("step() got no rows.")
-        rows = [r for r in (self._truncate(ids, lab) for ids, lab in pairs) if r is not None]
+        truncated = [self._truncate(ids, lab) for ids, lab in pairs]
+        rows = [r for r in truncated if r is not None]
+        dropped = [i for i, r in enumerate(truncated) if r is None]
         if not rows:
-            raise ValueError("No row has a loss token left after truncation; nothing to train on.")
+            raise ValueError(
+                f"No row has a loss token left after truncation to max_length={self.max_length} "
+                f"(truncation_mode={self.truncation_mode!r}; {len(pairs)} rows); nothing to train on. Raise "
+                "max_length, shorten the prompts, or use truncation_mode='keep_end'."
+            )
+        if dropped:
+            logger.warning("step(): dropped %d of %d rows (rows %s) left without a loss token by truncation to "
+                           "max_length=%d (truncation_mode=%r).", len(dropped), len(pairs), dropped[:10],
+                           self.max_length, self.truncation_mode)  # fmt: skip
         per_step = self.rows_per_micro_batch * self.gradient_accumulation_steps
         stats = [self.run_step(self._batch(rows[i : i + per_step])) for i in range(0, len(rows), per_step)]
         mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0] if k != "step"}
-        return {**mean, "step": stats[-1]["step"], "steps": float(len(stats))}
+        return {**mean, "step": stats[-1]["step"], "steps": float(len(stats)), "dropped_rows": float(len(dropped))}
 
     # Rows -------------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ import optax
 
 from kithara import sharding as sharding_lib
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
+from kithara.callbacks.base import check_hooks, hook
 from kithara.data.dataloader import DataIterator, Dataloader, pad_length
 from kithara.distributed.consistency import check_same_on_all_processes
 from kithara.models.model import Model, ModelVariables
-from kithara.trainer import setup
+from kithara.trainer import setup, validation
 from kithara.trainer import step as step_lib
 from kithara.trainer.arguments import (
     KITHARA_ARGUMENTS,
@@ -180,13 +181,8 @@ class Trainer:
             loaders={"train": train_dataloader, "eval": eval_dataloader},
             where=type(self).__name__,
         )
-        for name, loader in (("train_dataloader", train_dataloader), ("eval_dataloader", eval_dataloader)):
-            if loader is not None and loader.packing and not model.supports_packing:
-                raise ValueError(
-                    f"The {name} packs several examples per row, but {type(model).__name__} cannot keep their "
-                    "attention apart (supports_packing is False); training would leak attention across "
-                    "examples. Build the loader with packing=False."
-                )
+        loaders = {"train_dataloader": train_dataloader, "eval_dataloader": eval_dataloader}
+        validation.check_setup(model, getattr(self, "tokenizer", None), loaders)
         self.model = model
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
@@ -250,6 +246,8 @@ class Trainer:
             raise ValueError("Pass at most one Checkpointer (checkpointer= or among callbacks=).")
         self.checkpointer = found[0] if found else None
 
+        # The steps the trainer's own learning-rate schedule spans: a resumed run must match.
+        self._schedule_steps = self.total_steps if optimizer is None and config.needs_total_steps else None
         if optimizer is None:
             if self.total_steps == 0 and config.needs_total_steps:
                 raise ValueError(
@@ -485,6 +483,8 @@ class Trainer:
             if source is not self.checkpointer:
                 source.close()
         restored = int(jax.device_get(state.step))
+        saved = self._restored_data_state.pop("trainer", None) if self._restored_data_state else None
+        self._check_resumable(saved, f"checkpoint of step {restored} in {source.save_dir!r}")
         own = self.checkpointer
         later = [s for s in (own.all_steps() if own is not None else []) if s > restored]
         if own is not None and later:
@@ -496,6 +496,38 @@ class Trainer:
         self.restored_step = restored
         logger.info("Restored step %d from %s", self.restored_step, source.save_dir)
         return state
+
+    def _checkpoint_data_state(self) -> dict[str, Any]:
+        """``data_state()`` and the settings a resumed run must share (``_check_resumable``)."""
+        settings = {"steps": self.total_steps, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "lr_schedule_steps": self._schedule_steps}  # fmt: skip
+        return {**self.data_state(), "trainer": settings}
+
+    def _check_resumable(self, saved: Mapping[str, Any] | None, where: str) -> None:
+        """Refuses a checkpoint saved with another ``gradient_accumulation_steps``, or with
+        another ``max_steps`` when this trainer's learning-rate schedule spans them (another
+        step count is fine otherwise: a run can be extended)."""
+        if saved is None:  # saved by a kithara that did not record them
+            return
+        problems = []
+        k = self.gradient_accumulation_steps
+        if saved.get("gradient_accumulation_steps", k) != k:
+            problems.append(
+                f"gradient_accumulation_steps: checkpoint {saved['gradient_accumulation_steps']}, this run {k} "
+                "(each step would average other batches)"
+            )
+        before, now = saved.get("lr_schedule_steps"), self._schedule_steps
+        if before is not None and now is not None and before != now:
+            problems.append(
+                f"max_steps: checkpoint {before}, this run {now} (the learning-rate schedule spans max_steps, "
+                "so every remaining step would get another learning rate; pass your own optimizer to extend "
+                "a run on purpose)"
+            )
+        if problems:
+            raise ValueError(
+                f"The {where} cannot be resumed exactly: {'; '.join(problems)}. Resume with the checkpoint's "
+                "settings, or start a new run in another output_dir / save_dir."
+            )
 
     def _live_state(self) -> TrainState:
         """The state being trained (``_begin`` restores or creates it)."""
@@ -519,12 +551,12 @@ class Trainer:
             log_dir=self.tensorboard_dir,
             error=self.error,
             _state=lambda: self.train_state,
-            _data_state=self.data_state,
+            _data_state=self._checkpoint_data_state,
         )
 
     def _notify(self, event: str, info: StepInfo) -> None:
         for cb in self.callbacks:
-            getattr(cb, event)(info)
+            hook(cb, event)(info)
         if info.stop_reason is not None:
             self._stop_reason = info.stop_reason
             self.preempted = self.preempted or info.stop_reason == "preempted"
@@ -728,13 +760,7 @@ def check_signatures(trainer: Trainer) -> None:
                 "frozen), host_step(state, batch). See docs/trainer.md, 'Writing an objective'."
             )
     for callback in trainer.callbacks:
-        for event in ("on_train_begin", "on_step_end", "on_eval_end", "on_train_end"):
-            parameters = inspect.signature(getattr(callback, event)).parameters.values()
-            if not any(p.kind is p.VAR_POSITIONAL for p in parameters) and len(parameters) != 1:
-                raise TypeError(
-                    f"{type(callback).__name__}.{event} takes {len(parameters)} arguments; callbacks now get one "
-                    f"kithara.StepInfo: def {event}(self, info). See docs/trainer.md, 'Callbacks'."
-                )
+        check_hooks(callback)
 
 
 def _fmt(values: Mapping[str, float]) -> str:

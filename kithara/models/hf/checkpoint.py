@@ -40,6 +40,29 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def shard_path(directory: Path, name: str) -> Path:
+    """``directory / name`` for a weights file named by ``model.safetensors.index.json``,
+    refusing names that lead out of ``directory``: absolute paths, ``..`` and symlinks to
+    files elsewhere. One exception: the Hugging Face hub cache links each file of
+    ``snapshots/<revision>/`` to ``../../blobs/``, and those links are followed."""
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise ValueError(
+            f"{directory / _INDEX} names the weights file {name!r}, outside the checkpoint directory; "
+            "shards must be files inside it (fix the index's weight_map)."
+        )
+    path = directory / name
+    allowed = [directory.resolve()]
+    if directory.parent.name == "snapshots" and (directory.parent.parent / "blobs").is_dir():
+        allowed.append((directory.parent.parent / "blobs").resolve())
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in allowed):
+        raise ValueError(
+            f"{path} links to {target}, outside the checkpoint directory {directory}; kithara reads weights "
+            "only from files inside it. Copy the file into the directory instead of linking it."
+        )
+    return path
+
+
 class SafetensorReader(contextlib.ExitStack):
     """Reads named tensors from ``model.safetensors`` or the shards an index lists."""
 
@@ -52,6 +75,8 @@ class SafetensorReader(contextlib.ExitStack):
         if (self.path / _INDEX).is_file():
             with open(self.path / _INDEX) as f:
                 self.files: dict[str, str] = json.load(f)["weight_map"]
+            for name in set(self.files.values()):  # refuse a bad index before reading anything
+                shard_path(self.path, name)
         elif (self.path / _SINGLE).is_file():
             with self._open_file(_SINGLE) as f:
                 self.files = dict.fromkeys(f.keys(), _SINGLE)
@@ -63,10 +88,11 @@ class SafetensorReader(contextlib.ExitStack):
         return list(self.files)
 
     def _open_file(self, name: str) -> Any:
+        path = shard_path(self.path, name)
         try:
-            return self._safe_open(str(self.path / name), framework="np")
+            return self._safe_open(str(path), framework="np")
         except Exception as error:  # safetensors raises its own error types for damaged headers
-            raise ValueError(f"{self.path / name} is not a readable safetensors file ({error}).") from error
+            raise ValueError(f"{path} is not a readable safetensors file ({error}).") from error
 
     def get(self, key: str) -> np.ndarray:
         if key not in self.files:

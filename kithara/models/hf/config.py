@@ -13,6 +13,8 @@ from typing import Any
 
 import keras
 
+from kithara.models.building import match_layers_to_backbone, query_head_dim_normalize
+
 Config = Mapping[str, Any]
 
 # model_type -> (keras-hub backbone class, causal LM class, HF architecture)
@@ -79,6 +81,16 @@ def _plain_rope(config: Config) -> dict[str, Any]:
     raise _refuse(config, "rope_parameters", f"rope_type {params['rope_type']!r} (only default and linear)")
 
 
+def _derived_head_dim(config: Config) -> None:
+    """Refuses a ``head_dim`` other than hidden_size / num_attention_heads, for backbones
+    that derive it (Llama3Backbone, QwenBackbone)."""
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise _refuse(
+            config, "head_dim", "this keras-hub backbone derives head_dim as hidden_size / num_attention_heads"
+        )
+
+
 def _no_sliding(config: Config) -> None:
     if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
         raise _refuse(config, "use_sliding_window", "keras-hub has no per-layer sliding window for this family")
@@ -86,6 +98,7 @@ def _no_sliding(config: Config) -> None:
 
 def _llama(config: Config) -> dict[str, Any]:
     _no_sliding(config)
+    _derived_head_dim(config)
     params = rope(config)
     args = {**_common(config), "tie_word_embeddings": config.get("tie_word_embeddings", False)}
     args["rope_max_wavelength"] = params["rope_theta"]
@@ -117,6 +130,7 @@ def _mistral(config: Config) -> dict[str, Any]:
 
 def _qwen2(config: Config) -> dict[str, Any]:
     _no_sliding(config)
+    _derived_head_dim(config)
     return {**_common(config), **_plain_rope(config), "tie_word_embeddings": config.get("tie_word_embeddings", False)}
 
 
@@ -154,8 +168,8 @@ def _check_layer_types(config: Config, sliding: Callable[[int], bool]) -> None:
 
 def _gemma(config: Config) -> dict[str, Any]:
     _plain_rope_theta_only(config)
-    args = _gemma_common(config)
-    args.pop("query_head_dim_normalize", None)
+    # transformers' Gemma (1) scales queries by head_dim, whatever query_pre_attn_scalar says.
+    args = _gemma_common({k: v for k, v in config.items() if k != "query_pre_attn_scalar"})
     return {**args, "intermediate_dim": 2 * config["intermediate_size"]}
 
 
@@ -228,8 +242,10 @@ def backbone_args(config: Config) -> tuple[str, str, dict[str, Any]]:
 
 def apply_to_layers(backbone: keras.Model, config: Config) -> None:
     """Settings keras-hub hard-codes inside layers, applied to the built layers: RMSNorm
-    epsilons (Qwen3's q/k norms fix 1e-5, Gemma's final and q/k norms 1e-6) and Gemma's rope
-    theta (fixed at 1e4; 1e4/1e6 in Gemma 3)."""
+    epsilons (Qwen3's q/k norms fix 1e-5, Gemma's final and q/k norms 1e-6), Gemma's rope
+    theta (fixed at 1e4; 1e4/1e6 in Gemma 3) and Gemma 2/3's query scale (see
+    ``building.match_layers_to_backbone``)."""
+    match_layers_to_backbone(backbone)
     model_type = config["model_type"]
     for layer in backbone._flatten_layers(include_self=False):
         kind = type(layer).__name__
@@ -298,12 +314,15 @@ def hf_config_from_backbone(backbone: keras.Model) -> dict[str, Any]:
 
 def _gemma_config(b: keras.Model, kind: str) -> dict[str, Any]:
     head_dim = b.head_dim
+    # The scale the attention layers compute with, which is not always the backbone's
+    # setting (see ``building.match_layers_to_backbone``).
+    by_head_dim = query_head_dim_normalize(b)
     config: dict[str, Any] = {
         "head_dim": head_dim,
         "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": True,
-        "query_pre_attn_scalar": head_dim if b.query_head_dim_normalize else b.hidden_dim // b.num_query_heads,
+        "query_pre_attn_scalar": head_dim if by_head_dim else b.hidden_dim // b.num_query_heads,
     }
     if kind == "Gemma3Backbone":
         if b.vision_encoder is not None:
@@ -320,6 +339,12 @@ def _gemma_config(b: keras.Model, kind: str) -> dict[str, Any]:
         intermediate_size=b.intermediate_dim // 2, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
     )
     if not b.use_post_ffw_norm:
+        if config["query_pre_attn_scalar"] != head_dim:
+            raise UnsupportedConfig(
+                "GemmaBackbone without post-norms (Gemma 1) and query_head_dim_normalize=False: transformers' "
+                "Gemma always scales queries by head_dim. Build it with query_head_dim_normalize=True or with "
+                "head_dim = hidden_dim / num_heads."
+            )
         return {**config, "model_type": "gemma"}
     return {**config, **_windowed(b, "gemma2", lambda i: i % 2 == 0)}
 

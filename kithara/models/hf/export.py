@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +30,7 @@ _DTYPES = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_COPY_CHUNK = 16 * 2**20  # bytes per read when copying a written checkpoint to a URL
 
 
 def parse_size(size: int | str) -> int:
@@ -91,6 +95,18 @@ def save_in_hf_format(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if "://" in os.fspath(path):  # gs:// and other URLs: write locally, then copy the files there
+        with tempfile.TemporaryDirectory(prefix="kithara-hf-") as local:
+            save_in_hf_format(
+                model, local, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer, config=config
+            )
+            if jax.process_index() == 0:
+                _upload(Path(local), os.fspath(path))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"kithara save_in_hf_format upload {os.fspath(path)}")
+        return
     np_dtype = _DTYPES[dtype] or _bfloat16()
     limit = parse_size(max_shard_size)
     if config is None:
@@ -161,6 +177,26 @@ def _finish(
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)
     logger.info("Wrote %s: %d tensors in %d safetensors file(s).", out, sum(map(len, names)), len(written))
+
+
+def _upload(local: Path, remote: str) -> None:
+    """Copies the checkpoint directory ``local`` to ``remote`` (a URL epath opens, such as
+    ``gs://``), streaming each file, and deletes weight files of an earlier export there."""
+    from etils import epath
+
+    dest = epath.Path(remote)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    names = {p.relative_to(local).as_posix() for p in files}
+    for stale in dest.glob("model*.safetensors*"):
+        if stale.name not in names:
+            stale.unlink()
+    for file in files:
+        target = dest / file.relative_to(local).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+    logger.info("Copied %d file(s) to %s.", len(files), remote)
 
 
 def _write_shard(out: Path, i: int, tensors: dict[str, np.ndarray], writer: bool) -> Path:
