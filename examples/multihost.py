@@ -1,7 +1,7 @@
 """One training script for one process, for every host of a multi-host job, or for Ray.
 
 Run:
-    python examples/multihost.py                      # one process, 8 CPU devices (100 steps, about 50 s of CPU time)
+    python examples/multihost.py                      # one process, 8 CPU devices (100 steps: 26 s wall measured)
     python examples/multihost.py --tiny               # a smoke run: 10 steps, about 30 s of CPU time
     # two processes on this machine, 4 CPU devices each (one shell each):
     python examples/multihost.py --coordinator 127.0.0.1:1234 --num-processes 2 --process-id 0

@@ -3,7 +3,7 @@
 Builds a small list of chats in memory, trains a tiny model on the assistant replies only
 (``assistant_only_loss=True``), evaluates before and after, and shows a greedy reply.
 
-Run: python examples/sft_chat_template.py          (about a minute on 2 CPU cores)
+Run: python examples/sft_chat_template.py          (about 20 s on 2 CPU cores: 21 s measured)
      python examples/sft_chat_template.py --tiny   (32 chats, one epoch, nothing checked; about 30 s of CPU time)
 """
 

@@ -131,6 +131,16 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
     assert "vocab_size" in str(caught.value)
 
 
+def test_iterative_sft_and_cycle_refuse_a_tokenizer_larger_than_the_vocabulary():
+    with pytest.raises(ValueError, match=r"19 ids .*vocabulary of 8"):
+        kithara.IterativeSFTTrainer(tiny_model(vocab_size=8), tokenizer=word_tokenizer(), max_length=8)
+    texts = ["hi how are you"] * 4
+    models = {"A": tiny_model(vocab_size=32), "B": tiny_model(vocab_size=8)}
+    with pytest.raises(ValueError, match=r"19 ids .*vocabulary of 8"):
+        kithara.CycleTrainer(models, word_tokenizer(), train_dataset_A=texts, train_dataset_B=texts,
+                             batch_size_per_side=2, max_length=8, max_new_tokens=4, max_steps=1)  # fmt: skip
+
+
 def test_cli_model_vocab_size_smaller_than_the_tokenizer_is_refused():
     config = load_config(None, [*BASE, "model.vocab_size=8"])
     with pytest.raises(ValueError, match=r"model.vocab_size=8 .* 19 "):

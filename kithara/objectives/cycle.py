@@ -32,6 +32,7 @@ from kithara.objectives.configs import CycleConfig
 from kithara.objectives.cycle_models import SIDES, CyclePair, SideModel, TwoAdapters, TwoModels, on_side, per_side
 from kithara.objectives.cycle_seq2seq import Seq2SeqRow, seq2seq_arrays, seq2seq_rows, source_ids
 from kithara.trainer import step as step_lib
+from kithara.trainer import validation
 from kithara.trainer.losses import LossOutput, next_token_cross_entropy
 from kithara.trainer.state import TrainState
 from kithara.trainer.trainer import DataPlan, Trainer
@@ -133,6 +134,7 @@ class CycleTrainer(Trainer):
         self.batch_size_per_side, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
         for side in SIDES:
             model = pair.side_model(side)
+            validation.check_vocabulary(model, self.tokenizers[side])
             if not isinstance(model, KerasHubSeq2SeqModel) or model.max_sequence_length is None:
                 continue
             limit = model.max_sequence_length

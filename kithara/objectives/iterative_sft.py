@@ -17,6 +17,7 @@ from kithara.models.model import Model
 from kithara.models.seq2seq_model import KerasHubSeq2SeqModel
 from kithara.objectives.configs import IterativeSFTConfig
 from kithara.objectives.inputs import lora_config, resolve_model
+from kithara.trainer import validation
 from kithara.trainer.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class IterativeSFTTrainer(Trainer):
                 "encoder_padding_mask, decoder_token_ids, decoder_padding_mask, labels and label_mask "
                 "(docs/models.md), or use a causal model here."
             )
+        validation.check_vocabulary(model, tokenizer)  # the base class checks only self.tokenizer, set below
         super().__init__(
             model, optimizer, None, profiler=profiler, checkpointer=checkpointer, callbacks=callbacks, args=config
         )
