@@ -160,19 +160,14 @@ class Tokenizer:
         ``assistant_mask[i]`` is true for tokens the template wraps in ``{% generation %}``
         (the assistant's replies); it is all false unless ``assistant_mask=True``.
         """
-        if not self.chat_template:
-            raise ValueError(
-                "This tokenizer has no chat template; pass chat_template= to Tokenizer or add one to the "
-                "tokenizer directory (tokenizer_config.json or chat_template.jinja)."
-            )
+        tools_list = list(tools) if tools else None
+        template = self._template_for(tools_list)
         if assistant_mask and not self.has_generation_markers:
             raise ValueError(
                 "assistant-only loss needs a chat template that wraps assistant replies in "
                 "{% generation %} ... {% endgeneration %}; this tokenizer's template has no such markers. "
                 "Pass a template that has them (chat_template=...) or turn assistant-only loss off."
             )
-        tools_list = list(tools) if tools else None
-        template = self.chat_templates.get("tool_use", self.chat_template) if tools_list else self.chat_template
         if assistant_mask and not _GENERATION_TAG.search(template or ""):
             raise ValueError("The tool_use chat template has no {% generation %} markers for assistant-only loss.")
         if self._is_hf:
@@ -207,10 +202,8 @@ class Tokenizer:
         """
         if tokenize:
             return self.encode_chat(conversation, tools=tools, add_generation_prompt=add_generation_prompt)[0]
-        if not self.chat_template:
-            raise ValueError("This tokenizer has no chat template; pass chat_template= to Tokenizer.")
         tools_list = list(tools) if tools else None
-        template = self.chat_templates.get("tool_use", self.chat_template) if tools_list else self.chat_template
+        template = self._template_for(tools_list)
         if self._is_hf:
             return str(
                 self.backend.apply_chat_template(
@@ -232,6 +225,15 @@ class Tokenizer:
             eos_token=self._special_text(self.eos_id),
         )
         return str(rendered[0])
+
+    def _template_for(self, tools: list[Any] | None) -> str:
+        """The chat template to render with: the ``tool_use`` one when tools are given and it exists."""
+        if not self.chat_template:
+            raise ValueError(
+                "This tokenizer has no chat template; pass chat_template= to Tokenizer or add one to the "
+                "tokenizer directory (tokenizer_config.json or chat_template.jinja)."
+            )
+        return self.chat_templates.get("tool_use", self.chat_template) if tools else self.chat_template
 
     def _encode_chat_pieces(
         self, messages: list[Any], tools: list[Any] | None, add_generation_prompt: bool, template: str | None
