@@ -238,7 +238,7 @@ class PromptCompletionDataset(Dataset):
     def encode(self, row: Mapping[str, Any]) -> Example | None:
         if row["prompt"] == "" and row["completion"] == "":
             raise SkipRow("empty prompt and completion")
-        prompt, completion = _prompt_and_answer(self.tokenizer, row, "completion", self.clip)
+        prompt, completion = prompt_and_answer(self.tokenizer, row, "completion", self.clip)
         targets = [not self.completion_only_loss] * len(prompt) + [True] * len(completion)
         return self.sequence(prompt + completion, targets)
 
@@ -293,7 +293,7 @@ class PreferenceDataset(Dataset):
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
         pairs = {
-            answer: _prompt_and_answer(self.tokenizer, row, answer, self.clip) for answer in ("chosen", "rejected")
+            answer: prompt_and_answer(self.tokenizer, row, answer, self.clip) for answer in ("chosen", "rejected")
         }
         if self.truncation_mode == "keep_end":
             # Cut the same prompt tokens from both, so chosen and rejected keep the same context.
@@ -384,7 +384,7 @@ def sharegpt_to_messages(conversations: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _prompt_and_answer(
+def prompt_and_answer(
     tokenizer: Tokenizer, row: Mapping[str, Any], answer: str, clip: Callable[[str], str] = lambda text: text
 ) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the answer that follows it, for plain or chat rows

@@ -10,7 +10,6 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import keras
-import numpy as np
 import optax
 
 from kithara.callbacks import Callback, Checkpointer, Profiler
@@ -18,11 +17,10 @@ from kithara.data.dataloader import Dataloader
 from kithara.data.formats import PreferenceDataset
 from kithara.data.sources import Source
 from kithara.data.tokenizer import Tokenizer
-from kithara.models.adapters import adapter_off, frozen_copy, has_lora
 from kithara.models.model import Model, ModelVariables
-from kithara.objectives import dpo_losses
+from kithara.objectives import dpo_losses, reference
 from kithara.objectives.configs import DPOConfig
-from kithara.objectives.inputs import as_loader, check_ready_data, lora_config, resolve_model
+from kithara.objectives.inputs import as_loader, check_ready_data, data_argument, lora_config, resolve_model
 from kithara.trainer.config import TrainingConfig
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.trainer import Trainer
@@ -116,13 +114,8 @@ class DPOTrainer(Trainer):
     ) -> None:
         if isinstance(optimizer, Model) and ref_model is None:  # TRL's positional order: (model, ref_model, ...)
             ref_model, optimizer = optimizer, None
-        if ref_model is model:
-            raise ValueError(
-                "ref_model is the model being trained; pass a separate frozen copy, or leave ref_model=None to use "
-                "the model with its LoRA adapters off, a frozen copy of its weights, or precomputed log-probs."
-            )
-        train_name, train_data = _data_argument("train", train_dataset, train_dataloader)
-        eval_name, eval_data = _data_argument("eval", eval_dataset, eval_dataloader)
+        train_name, train_data = data_argument("train", train_dataset, train_dataloader)
+        eval_name, eval_data = data_argument("eval", eval_dataset, eval_dataloader)
         if train_data is None:
             raise ValueError(
                 "DPOTrainer needs train_dataloader or train_dataset: preference data (prompt / chosen / rejected)."
@@ -177,26 +170,11 @@ class DPOTrainer(Trainer):
             if eval_data is None
             else loader(eval_data, eval_name, config.eval_batch_size, shuffle=False, drop_remainder=False)
         )
-        if ref_model is not None and ref_model.mesh != model.mesh:
-            raise ValueError("ref_model must be placed on the same device mesh as the model being trained.")
         self.ref_model = ref_model
         self.ref_apply_model: Model = ref_model if ref_model is not None else model
-        if ref_model is not None or config.precompute_ref_log_probs:
-            self.reference = "precomputed" if config.precompute_ref_log_probs else "ref_model"
-        else:
-            self.reference = "adapters_off" if has_lora(model) else "frozen_copy"
-        self._reference_variables: ModelVariables | None = None
-        if self.reference == "ref_model" and ref_model is not None:
-            self._reference_variables = ref_model.variables
-        elif self.reference == "frozen_copy":
-            logger.info(
-                "DPO reference: a frozen copy of the model's starting weights (%d parameters more in memory); "
-                "give the model LoRA adapters or set precompute_ref_log_probs=True to avoid it.",
-                model.num_params,
-            )
-            self._reference_variables = frozen_copy(model)
-        else:
-            logger.info("DPO reference: %s.", self.reference.replace("_", " "))
+        self.reference, self._reference_variables = reference.select_reference(
+            model, ref_model, config.precompute_ref_log_probs, who="DPO"
+        )
         super().__init__(
             model,
             cast(optax.GradientTransformation | keras.optimizers.Optimizer | None, optimizer),
@@ -226,51 +204,20 @@ class DPOTrainer(Trainer):
         """Reference summed completion log-probs ``(chosen, rejected)`` of a batch: from
         ``ref_variables`` (of ``ref_model``, or a frozen copy of the policy) when given, else
         from ``variables`` with the adapters off (the model as it is, without adapters)."""
-        inputs = pair_inputs(batch)
-        if ref_variables is not None:
-            model, ref_vars = self.ref_apply_model, ref_variables
-        else:
-            model, ref_vars = self.model, adapter_off(variables)
-        logits, _ = model.apply(jax.lax.stop_gradient(ref_vars), inputs, training=False)
-        logps, _, _ = dpo_losses.sequence_logps(logits, inputs["labels"], inputs["label_mask"])
-        logps = jax.lax.stop_gradient(logps)
+        logps = reference.reference_logps(self.model, self.ref_model, variables, pair_inputs(batch), ref_variables)
         half = batch["chosen_token_ids"].shape[0]
         return logps[:half], logps[half:]
 
     def precompute_reference(self, loader: Dataloader, chunk: int = 8) -> None:
         """Stores reference log-probs in each of the loader's examples (per-example fields
         that reach every batch), so training runs no reference forward pass."""
-        if jax.process_count() > 1:
-            # Each process holds a different number of examples, so per-process passes over
-            # globally sharded weights would not line up; live references work everywhere.
-            raise ValueError(
-                "precompute_ref_log_probs runs on a single process only; with several processes use a live "
-                "reference (ref_model, or LoRA adapters off)."
-            )
         variables = self.model.variables
-        fn = jax.jit(self.reference_logps)
         ref_variables = self.ref_model.variables if self.ref_model is not None else None
-        examples = loader.examples
-        length = loader.max_length
-        keys = [
-            f"{s}_{n}" for s in ("chosen", "rejected") for n in ("token_ids", "padding_mask", "labels", "label_mask")
-        ]
-        for start in range(0, len(examples), chunk):
-            rows = examples[start : start + chunk]
-            batch = {}
-            for key in keys:
-                arrays = []
-                for ex in rows + [rows[0]] * (chunk - len(rows)):
-                    value = ex.get(key)
-                    if value is None:  # padding_mask: the token ids' own length
-                        value = np.ones(len(ex[key.replace("padding_mask", "token_ids")]), bool)
-                    arrays.append(np.pad(np.asarray(value), (0, length - len(value))))
-                batch[key] = jnp.asarray(np.stack(arrays))
-            chosen, rejected = jax.device_get(fn(variables, batch, ref_variables))
-            for i, ex in enumerate(rows):
-                ex["ref_chosen_logps"] = np.asarray(chosen[i], np.float32)
-                ex["ref_rejected_logps"] = np.asarray(rejected[i], np.float32)
-        loader.extras.update({k: np.zeros((), np.float32) for k in REF_KEYS})
+
+        def score(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            return dict(zip(REF_KEYS, self.reference_logps(variables, batch, ref_variables), strict=True))
+
+        reference.precompute(loader, jax.jit(score), ("chosen_", "rejected_"), chunk)
 
     # The loss ---------------------------------------------------------------------------
 
@@ -316,17 +263,3 @@ class DPOTrainer(Trainer):
         }
         out = LossOutput(total=total(per_pair), weight=valid.sum().astype(jnp.float32), sums=sums)
         return out, non_trainable
-
-
-def _data_argument(kind: str, dataset: Any, dataloader: Any) -> tuple[str, Any]:
-    """(argument name, data) of ``{kind}_dataset`` or ``{kind}_dataloader`` (at most one)."""
-    if dataset is not None and dataloader is not None:
-        raise ValueError(f"Pass {kind}_dataset or {kind}_dataloader, not both.")
-    if dataloader is not None:
-        if not isinstance(dataloader, Dataloader):
-            raise TypeError(
-                f"{kind}_dataloader takes a kithara.Dataloader, got {type(dataloader).__name__}; pass raw rows, "
-                f"files or datasets as {kind}_dataset=."
-            )
-        return f"{kind}_dataloader", dataloader
-    return f"{kind}_dataset", dataset

@@ -116,3 +116,17 @@ def check_ready_data(
             f"{name} is a ready {type(data).__name__}, which would ignore {', '.join(ignored)}: set "
             f"{'them' if len(ignored) > 1 else 'it'} when building it, or pass the raw data instead."
         )
+
+
+def data_argument(kind: str, dataset: Any, dataloader: Any) -> tuple[str, Any]:
+    """(argument name, data) of ``{kind}_dataset`` or ``{kind}_dataloader`` (at most one)."""
+    if dataset is not None and dataloader is not None:
+        raise ValueError(f"Pass {kind}_dataset or {kind}_dataloader, not both.")
+    if dataloader is not None:
+        if not isinstance(dataloader, Dataloader):
+            raise TypeError(
+                f"{kind}_dataloader takes a kithara.Dataloader, got {type(dataloader).__name__}; pass raw rows, "
+                f"files or datasets as {kind}_dataset=."
+            )
+        return f"{kind}_dataloader", dataloader
+    return f"{kind}_dataset", dataset

@@ -1,0 +1,5 @@
+"""Small utilities shared by objectives."""
+
+from kithara.utils.running_moments import Moments, RunningMoments, batch_moments, merge
+
+__all__ = ["Moments", "RunningMoments", "batch_moments", "merge"]
