@@ -17,7 +17,7 @@ if keras.backend.backend() != "jax":
         "Set KERAS_BACKEND=jax (or unset it) before importing keras."
     )
 
-from kithara import data, distributed
+from kithara import data, distributed, judges, utils
 from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
 from kithara.data import Dataloader, Tokenizer
 from kithara.logs import set_verbosity
@@ -31,16 +31,25 @@ from kithara.models import (
     ScalarHeadModel,
 )
 from kithara.objectives import (
+    BCOTrainer,
+    CPOTrainer,
     CycleTrainer,
     DPOTrainer,
     GRPOTrainer,
     IterativeSFTTrainer,
+    KTOTrainer,
+    ORPOTrainer,
     PPOTrainer,
+    PRMTrainer,
+    RewardTrainer,
     RLOOTrainer,
     SFTTrainer,
 )
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
+from kithara.objectives.preference_configs import CPOConfig, ORPOConfig
+from kithara.objectives.reward_configs import PRMConfig, RewardConfig
 from kithara.objectives.rl_configs import GRPOConfig, PPOConfig, RLOOConfig, RolloutConfig
+from kithara.objectives.unpaired_configs import BCOConfig, KTOConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer import (
     LossOutput,
@@ -56,6 +65,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Architecture",
+    "BCOConfig",
+    "BCOTrainer",
+    "CPOConfig",
+    "CPOTrainer",
     "Callback",
     "Checkpointer",
     "CycleConfig",
@@ -67,18 +80,26 @@ __all__ = [
     "GRPOTrainer",
     "IterativeSFTConfig",
     "IterativeSFTTrainer",
+    "KTOConfig",
+    "KTOTrainer",
     "KerasHubModel",
     "KerasHubSeq2SeqModel",
     "LoraConfig",
     "LossOutput",
     "Model",
     "ModelVariables",
+    "ORPOConfig",
+    "ORPOTrainer",
     "PPOConfig",
     "PPOTrainer",
+    "PRMConfig",
+    "PRMTrainer",
     "Profiler",
     "ProgressBar",
     "RLOOConfig",
     "RLOOTrainer",
+    "RewardConfig",
+    "RewardTrainer",
     "RolloutConfig",
     "SFTConfig",
     "SFTTrainer",
@@ -93,6 +114,8 @@ __all__ = [
     "__version__",
     "data",
     "distributed",
+    "judges",
     "optimizers",
     "set_verbosity",
+    "utils",
 ]

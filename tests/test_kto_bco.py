@@ -61,15 +61,24 @@ def test_unpaired_rows_and_trls_kl_rotation():
     assert completion(examples[0]) == [W["are"], W["you"], W["</s>"]]
 
 
-def test_paired_rows_are_unpaired_as_trl_does():
+def test_paired_rows_are_unpaired_into_mixed_mismatched_neighbours():
     pairs = [
         {"prompt": "hi", "chosen": " fine", "rejected": " bye"},
-        {"prompt": "ok", "chosen": " ok", "rejected": " no"},
+        {"prompt": "ok", "chosen": " ok", "rejected": " thanks"},
+        {"prompt": "how", "chosen": " are", "rejected": " you"},
     ]
-    ds = UnpairedPreferenceDataset(pairs, word_tokenizer(), max_length=8)
-    assert len(ds) == 4 and ds.sequences == ("",)
-    got = [(int(ds[i]["token_ids"][1]), bool(ds[i]["label"])) for i in range(4)]
-    assert got == [(W["hi"], True), (W["ok"], True), (W["hi"], False), (W["ok"], False)]
+    ds = UnpairedPreferenceDataset(pairs, word_tokenizer(), max_length=8, kl_batch_size=2)
+    assert len(ds) == 6 and ds.sequences == ("", "kl_")
+    got = [(int(ds[i]["token_ids"][1]), bool(ds[i]["label"]), int(ds[i]["labels"][1])) for i in range(6)]
+    # Every answer once, with its own prompt and label; labels alternate along the rows.
+    assert got == [
+        (W["hi"], True, W["fine"]), (W["ok"], False, W["thanks"]), (W["how"], True, W["are"]),
+        (W["hi"], False, W["bye"]), (W["ok"], True, W["ok"]), (W["how"], False, W["you"]),
+    ]  # fmt: skip
+    for i in range(6):  # each KL row pairs the prompt with another prompt's completion
+        partner = ds.kl_partner(i)
+        assert ds.locate(partner)[0] != ds.locate(i)[0]
+        assert ds[i]["kl_labels"][1] == ds[partner]["labels"][1]
 
 
 def test_conversational_rows_go_through_the_chat_template():

@@ -257,3 +257,31 @@ def test_wrong_inputs_are_refused(model):
     with pytest.raises(TypeError, match="KerasHubModel"):
         ScalarHeadModel.from_causal_lm(model.backbone)
     assert isinstance(model.backbone, keras_hub.models.Backbone)
+
+
+def test_num_labels_gives_a_score_per_label(model):
+    classes = ScalarHeadModel.from_causal_lm(model, seed=2, num_labels=3, task="token_classification")
+    assert classes.num_labels == 3 and classes.task == "token_classification" and model.num_labels == 1
+    assert model.task == "sequence_classification"
+    head = np.asarray(classes.variables.trainable["score/kernel"])
+    assert head.shape == (TINY["hidden_dim"], 3)
+    inputs = batch()
+    scores = np.asarray(jax.jit(lambda v, x: classes.apply(v, x, training=False)[0])(classes.variables, inputs))
+    assert scores.shape == (3, 7, 3) and scores.dtype == np.float32
+    hidden = np.asarray(jax.jit(lambda v, x: classes.hidden_states(v, x, training=False)[0])(classes.variables, inputs))
+    np.testing.assert_allclose(scores, hidden @ head, rtol=1e-5, atol=1e-6)
+    picked = np.asarray(classes.score(classes.variables, inputs))
+    assert picked.shape == (3, 3)
+    eager = np.asarray(classes.apply(classes.variables, inputs, training=False)[0])
+    np.testing.assert_array_equal(picked, eager[np.arange(3), LENGTHS - 1])
+    empty = {"token_ids": inputs["token_ids"], "padding_mask": np.zeros_like(inputs["padding_mask"])}
+    np.testing.assert_array_equal(np.asarray(classes.score(classes.variables, empty)), np.zeros((3, 3), np.float32))
+    # The head's two extra columns are all that differ in FLOPs (6 per parameter when training).
+    assert classes.flops_per_token(16) - model.flops_per_token(16) == 6 * 2 * TINY["hidden_dim"]
+    built = scalar_model(num_labels=2, seed=1)
+    assert built.num_labels == 2 and built.variables.trainable["score/kernel"].shape == (TINY["hidden_dim"], 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_labels"):
+            ScalarHeadModel.from_causal_lm(model, num_labels=bad)
+    with pytest.raises(ValueError, match="task must be one of"):
+        ScalarHeadModel.from_causal_lm(model, task="regression")

@@ -2,8 +2,12 @@
 
 Rows are ``{"prompt", "completion", "label"}`` (``label`` a bool), strings or chat message
 lists as ``PreferenceDataset`` takes them. Paired rows (``prompt`` / ``chosen`` /
-``rejected``) are unpaired as TRL's ``unpair_preference_dataset`` does: ``2 n`` rows, the
-``n`` chosen answers (``label=True``) first, then the ``n`` rejected ones (``label=False``).
+``rejected``) are unpaired into ``2 n`` rows: a first pass over the pairs takes pair ``i``'s
+chosen answer (``label=True``) for even ``i`` and its rejected one for odd ``i``, a second
+pass the other answer of each pair. Neighbouring rows then alternate labels and have
+different prompts, so KTO's sequential batches mix desirable and undesirable rows and each
+KL row is a mismatched pair. (TRL's ``unpair_preference_dataset`` puts all chosen answers
+first: with KTO's sequential sampler every batch is one-sided unless the data is shuffled.)
 
 With ``kl_batch_size`` every example also holds a mismatched sequence, prefixed ``kl_``: its
 own prompt followed by the completion of the previous row of its chunk of ``kl_batch_size``
@@ -67,7 +71,8 @@ class UnpairedPreferenceDataset(Dataset):
         if not self.paired:
             return index, "completion"
         n = len(self.source)
-        return (index, "chosen") if index < n else (index - n, "rejected")
+        row, second_pass = index % n, index >= n
+        return row, "chosen" if (row % 2 == 0) != second_pass else "rejected"
 
     def kl_partner(self, index: int) -> int:
         """The row whose completion follows ``index``'s prompt in its KL row."""

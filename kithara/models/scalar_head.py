@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import keras
 import keras_hub
+import numpy as np
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
@@ -19,46 +20,24 @@ from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.keras_variables import KerasVariables
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
+from kithara.models.scalar_head_hf import HuggingFaceClassifier
+from kithara.models.score_head import HEAD_NAME, INPUTS, TASKS, ScoreHead, check_inputs, last_token_scores
 
-# The head's layer name: its kernel is ``score/kernel``, as Hugging Face's
-# ``*ForSequenceClassification`` call theirs ``score.weight`` (transposed: [1, hidden] there).
-HEAD_NAME = "score"
-_INPUTS = ("token_ids", "padding_mask")
+__all__ = ["HEAD_NAME", "TASKS", "ScalarHeadModel", "ScoreHead", "last_token_scores"]
 
-
-class ScoreHead(keras.layers.Layer):
-    """``hidden @ kernel`` with a ``[hidden, 1]`` kernel and no bias, computed in float32.
-
-    The kernel is stored in the layer's variable dtype (the backbone's precision) and
-    initialised ``normal(0, stddev)``; the matmul always runs in float32 so scores are float32
-    whatever the compute dtype.
-    """
-
-    def __init__(self, stddev: float, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(autocast=False, **kwargs)  # autocast would round the kernel to bf16 on read
-        self.stddev = float(stddev)
-        self.seed = int(seed)
-
-    def build(self, input_shape: Any) -> None:
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(int(input_shape[-1]), 1),
-            initializer=keras.initializers.RandomNormal(mean=0.0, stddev=self.stddev, seed=self.seed),
-        )
-
-    def call(self, hidden: Any) -> Any:
-        return keras.ops.matmul(keras.ops.cast(hidden, "float32"), keras.ops.cast(self.kernel, "float32"))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
+logger = logging.getLogger(__name__)
 
 
-class ScalarHeadModel(KerasVariables):
-    """A keras-hub backbone (no LM head) plus a scalar linear head: one score per position.
+class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
+    """A keras-hub backbone (no LM head) plus a linear head: ``num_labels`` scores per position.
 
-    ``apply`` returns ``scores_BxLx1`` (float32) for every position; ``score`` picks each
-    row's score at its last non-padding token. Used as PPO's value model and as a reward
-    model. The head is a ``[hidden, 1]`` kernel named ``score/kernel`` with no bias (as
+    ``apply`` returns ``scores_BxLxN`` (float32, ``N = num_labels``) for every position;
+    ``score`` picks each row's scores at its last non-padding token: ``[B]`` when
+    ``num_labels == 1`` (a reward or value), ``[B, num_labels]`` otherwise (class logits).
+    Used as PPO's value model, as a reward model, and as a sequence or token classifier
+    (``task``; ``from_preset`` loads and ``save_pretrained`` writes Hugging Face's
+    ``*ForSequenceClassification`` / ``*ForTokenClassification``). The head is a
+    ``[hidden, num_labels]`` kernel named ``score/kernel`` with no bias (as
     Hugging Face's llama/qwen/gemma ``score`` layer), initialised ``normal(0, std)`` with
     ``std = 1 / sqrt(hidden + 1)`` by default (TRL's value/reward head init; pass
     ``head_init_std=0.02`` for Hugging Face's ``initializer_range``, ``0`` for a zero head).
@@ -78,6 +57,12 @@ class ScalarHeadModel(KerasVariables):
             ``1 / sqrt(hidden_dim + 1)``).
         family: the family name (defaults to the backbone class name).
         seed: seed of the head's initialisation.
+        num_labels: scores per position (the head's output width); 1 for a reward or value model.
+        task: ``"sequence_classification"`` (default: one score per sequence, read at its last
+            token) or ``"token_classification"`` (a label per token, e.g. a process reward
+            model); only the exported Hugging Face architecture depends on it.
+        head_bias: give the head a ``[num_labels]`` bias (token classification only: Hugging
+            Face's token classifiers have one by default, its sequence classifiers never).
 
     Example:
         >>> value = ScalarHeadModel.from_causal_lm(policy)          # PPO: start from the policy
@@ -94,9 +79,21 @@ class ScalarHeadModel(KerasVariables):
         head_init_std: float | None = None,
         family: str | None = None,
         seed: int = 0,
+        num_labels: int = 1,
+        task: str = "sequence_classification",
+        head_bias: bool = False,
     ) -> None:
         self._setup(
-            backbone, sharding=sharding, lora=lora, head_init_std=head_init_std, family=family, seed=seed, initial=None
+            backbone,
+            sharding=sharding,
+            lora=lora,
+            head_init_std=head_init_std,
+            family=family,
+            seed=seed,
+            num_labels=num_labels,
+            task=task,
+            head_bias=head_bias,
+            initial=None,
         )
 
     def _setup(
@@ -108,10 +105,16 @@ class ScalarHeadModel(KerasVariables):
         head_init_std: float | None,
         family: str | None,
         seed: int,
+        num_labels: int,
+        task: str,
+        head_bias: bool = False,
         initial: Mapping[str, jax.Array] | None,
+        head: Mapping[str, Any] | None = None,
+        hf_config: Mapping[str, Any] | None = None,
     ) -> None:
-        """Builds the model; ``initial`` holds backbone values (already on their shardings) to
-        set before placement, so copying a model does not place its weights twice."""
+        """Builds the model; ``initial`` holds backbone values (already on their shardings) and
+        ``head`` the head's (``kernel``, ``bias``) to set before placement, so copying or
+        loading a model does not place its weights twice."""
         if isinstance(backbone, keras_hub.models.CausalLM):
             raise TypeError(
                 f"ScalarHeadModel takes a keras-hub Backbone, got the task model {type(backbone).__name__}: pass "
@@ -125,10 +128,23 @@ class ScalarHeadModel(KerasVariables):
         std = 1.0 / math.sqrt(hidden_dim + 1) if head_init_std is None else float(head_init_std)
         if not math.isfinite(std) or std < 0:
             raise ValueError(f"head_init_std must be a finite number >= 0, got {head_init_std!r}.")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be an integer >= 1 (1 for a reward or value model), got {num_labels!r}.")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+        if head_bias and task != "token_classification":
+            raise ValueError(
+                "head_bias=True needs task='token_classification': Hugging Face's sequence classifiers "
+                "(and reward models) have a score layer without bias."
+            )
         self.backbone = backbone
         self.family = family or type(backbone).__name__
         self.lora = lora
         self.head_init_std = std
+        self.num_labels = num_labels
+        self.task = task
+        # config.json of the Hugging Face checkpoint the backbone came from, reused on export.
+        self.hf_config: dict[str, Any] | None = dict(hf_config) if hf_config is not None else None
         self.strategy = sharding_lib.as_strategy(sharding)
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
@@ -142,9 +158,12 @@ class ScalarHeadModel(KerasVariables):
             for variable in backbone.variables:
                 variable.assign(initial[variable.path])
         with host_device():
-            self.head = ScoreHead(std, seed, name=HEAD_NAME, dtype=backbone.dtype_policy)
-            inputs = {name: backbone.input[name] for name in _INPUTS}
+            self.head = ScoreHead(std, seed, num_labels, head_bias, name=HEAD_NAME, dtype=backbone.dtype_policy)
+            inputs = {name: backbone.input[name] for name in INPUTS}
             self.keras_model = keras.Model(inputs=inputs, outputs=self.head(backbone(inputs)), name="scalar_head_model")
+            for name, value in (head or {}).items():
+                variable = getattr(self.head, name)
+                variable.assign(np.asarray(value).astype(keras.backend.standardize_dtype(variable.dtype)))
         head_path = self.head.kernel.path
         if head_path != f"{HEAD_NAME}/kernel" or not self.head.kernel.trainable:
             raise ValueError(
@@ -169,6 +188,9 @@ class ScalarHeadModel(KerasVariables):
         lora: LoraConfig | None = None,
         head_init_std: float | None = None,
         seed: int = 0,
+        num_labels: int = 1,
+        task: str = "sequence_classification",
+        head_bias: bool = False,
         **backbone_kwargs: Any,
     ) -> ScalarHeadModel:
         """A randomly initialised backbone of ``family`` (the families of
@@ -183,7 +205,17 @@ class ScalarHeadModel(KerasVariables):
         backbone = backbone_from_config(
             family, arch, precision=precision, seed=seed, builder=cls.from_config, where=cls.__name__, **backbone_kwargs
         )
-        return cls(backbone, sharding=sharding, lora=lora, head_init_std=head_init_std, family=family, seed=seed)
+        return cls(
+            backbone,
+            sharding=sharding,
+            lora=lora,
+            head_init_std=head_init_std,
+            family=family,
+            seed=seed,
+            num_labels=num_labels,
+            task=task,
+            head_bias=head_bias,
+        )
 
     @classmethod
     def from_causal_lm(
@@ -192,8 +224,10 @@ class ScalarHeadModel(KerasVariables):
         *,
         head_init_std: float | None = None,
         seed: int = 0,
+        num_labels: int = 1,
+        task: str = "sequence_classification",
     ) -> ScalarHeadModel:
-        """A new model whose backbone is a copy of ``model``'s, with a fresh head (PPO's usual
+        """A new model whose backbone is a copy of ``model``'s, with a fresh ``[hidden, num_labels]`` head (PPO's usual
         value-model initialisation from the policy or reward checkpoint).
 
         The copy has the same architecture, precision, family, sharding strategy (so the
@@ -219,7 +253,10 @@ class ScalarHeadModel(KerasVariables):
             head_init_std=head_init_std,
             family=model.family,
             seed=seed,
+            num_labels=num_labels,
+            task=task,
             initial=_Copies(values),
+            hf_config=getattr(model, "hf_config", None),
         )
         return copy
 
@@ -230,12 +267,12 @@ class ScalarHeadModel(KerasVariables):
     def apply(
         self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Pure forward pass: ``(scores_BxLx1, new_non_trainable)``, scores in float32.
+        """Pure forward pass: ``(scores_BxLxN, new_non_trainable)``, ``N = num_labels``, scores in float32.
 
         ``inputs`` needs ``token_ids`` and ``padding_mask`` (``[batch, length]``); packed
         batches (``segment_ids``) are not supported.
         """
-        model_inputs = _check_inputs(inputs)
+        model_inputs = check_inputs(inputs)
         trainable = [variables.trainable[p] for p in self._trainable_paths]
         non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
         scores, new_non_trainable = self.keras_model.stateless_call(
@@ -248,7 +285,7 @@ class ScalarHeadModel(KerasVariables):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``, the
         final-norm hidden states the head reads (as ``KerasHubModel.hidden_states``)."""
-        model_inputs = _check_inputs(inputs)
+        model_inputs = check_inputs(inputs)
         with keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope:
             hidden_BxLxH = self.backbone(model_inputs, training=training)
             new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
@@ -262,57 +299,28 @@ class ScalarHeadModel(KerasVariables):
         )
 
     def score(self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool = False) -> jax.Array:
-        """``scores_B``: each row's score at its last non-padding token (float32).
+        """Each row's scores at its last non-padding token (float32): ``scores_B`` when
+        ``num_labels == 1``, ``scores_BxN`` otherwise.
 
         Pure and jittable. Works for right- and left-padded rows; a row with no token at all
         scores 0.
         """
-        scores, _ = self.apply(variables, inputs, training=training)
-        return last_token_scores(scores[..., 0], inputs["padding_mask"])
+        scores_BxLxN, _ = self.apply(variables, inputs, training=training)
+        if self.num_labels == 1:
+            return last_token_scores(scores_BxLxN[..., 0], inputs["padding_mask"])
+        return last_token_scores(scores_BxLxN, inputs["padding_mask"])
 
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
-        """As ``KerasHubModel.flops_per_token`` with the ``[hidden, 1]`` head in place of the LM head."""
-        # The head's [hidden, 1] kernel is one of the "/kernel" paths, and trains under LoRA.
+        """As ``KerasHubModel.flops_per_token`` with the ``[hidden, num_labels]`` head in place of the LM head."""
+        # The head's kernel is one of the "/kernel" paths, and trains under LoRA.
         return transformer_flops(
             self.backbone,
             self._by_path,
             sequence_length,
             training=training,
             lora=self.lora is not None,
-            trained_head_params=int(self.backbone.hidden_dim),
+            trained_head_params=int(self.backbone.hidden_dim) * self.num_labels,
         )
-
-
-def last_token_scores(scores_BxL: jax.Array, padding_mask: jax.Array) -> jax.Array:
-    """``scores_BxL`` at each row's last position where ``padding_mask`` is set; 0 for empty rows."""
-    mask = jnp.asarray(padding_mask).astype(bool)
-    length = mask.shape[1]
-    last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-    picked = jnp.take_along_axis(scores_BxL, last[:, None], axis=1)[:, 0]
-    return jnp.where(mask.any(axis=1), picked, jnp.zeros_like(picked))
-
-
-def _check_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(inputs, Mapping):
-        raise TypeError(
-            "ScalarHeadModel inputs must be a mapping with 'token_ids' and 'padding_mask', "
-            f"got {type(inputs).__name__}."
-        )
-    missing = [name for name in _INPUTS if name not in inputs]
-    if missing:
-        raise ValueError(
-            f"ScalarHeadModel inputs lack {missing}: it needs 'token_ids' and 'padding_mask' ([batch, length]); "
-            "the padding mask says which token each row's score is read at."
-        )
-    if "segment_ids" in inputs:
-        raise ValueError("ScalarHeadModel does not support packed sequences (segment_ids); set packing off.")
-    token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
-    if len(token_ids.shape) != 2 or tuple(padding_mask.shape) != tuple(token_ids.shape):
-        raise ValueError(
-            f"token_ids and padding_mask must both be [batch, length]; got shapes {tuple(token_ids.shape)} and "
-            f"{tuple(padding_mask.shape)}."
-        )
-    return {"token_ids": token_ids, "padding_mask": padding_mask}
 
 
 class _Copies(Mapping[str, jax.Array]):

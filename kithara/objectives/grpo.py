@@ -111,7 +111,13 @@ class GRPOTrainer(Trainer):
         if tok is None:
             raise ValueError(f"{type(self).__name__} needs processing_class= (a tokenizer) to read prompts.")
         self.tokenizer = tok
-        self.reward_funcs = rollouts.reward_functions(reward_funcs, reward_processing_classes, tok)
+        self.reward_funcs = rollouts.reward_functions(
+            reward_funcs,
+            reward_processing_classes,
+            tok,
+            sharding=policy.strategy,
+            precision=config.precision or policy.backbone.dtype_policy.name,
+        )
         self.reward_names = [rollouts.reward_name(f) for f in self.reward_funcs]
         weights = config.reward_weights or (1.0,) * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):

@@ -14,13 +14,16 @@ import base64
 import dataclasses
 import io
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from kithara import sharding as sharding_lib
+from kithara.data.reward_data import reward_tokens
 from kithara.data.source import RowError, Source
 from kithara.data.tokenizer import Tokenizer
 from kithara.models.generation import bucket
@@ -109,22 +112,40 @@ def read_prompts(source: Source, indices: Sequence[int], tokenizer: Tokenizer, m
     return [read_prompt(source[int(i)], source.describe(int(i)), tokenizer, max_prompt_length) for i in indices]
 
 
-def reward_functions(funcs: Any, tokenizers: Any, tokenizer: Tokenizer) -> list[Any]:
+def reward_functions(
+    funcs: Any,
+    tokenizers: Any,
+    tokenizer: Tokenizer,
+    *,
+    sharding: sharding_lib.ShardingStrategy | str | None = None,
+    precision: str = "float32",
+) -> list[Any]:
     """``reward_funcs`` as a list of callables: Python functions as they are, reward models
     (``kithara.Model``s with ``score``) wrapped in ``ModelReward`` with their entry of
     ``tokenizers`` (``reward_processing_classes``: one per reward model, or one for all) or
-    the policy's ``tokenizer``."""
+    the policy's ``tokenizer``.
+
+    A string (or path) is a local Hugging Face sequence-classification directory, as TRL
+    takes a model id: loaded with ``ScalarHeadModel.from_preset`` on ``sharding`` (the
+    policy's strategy) in ``precision``, and read with its ``tokenizers`` entry, else the
+    directory's own tokenizer when it has one, else the policy's."""
     funcs = list(funcs) if isinstance(funcs, list | tuple) else [funcs]
     if not funcs:
         raise ValueError("reward_funcs is empty: give at least one reward function or reward model.")
-    models = [f for f in funcs if isinstance(f, Model)]
+    models = [f for f in funcs if isinstance(f, Model | str | os.PathLike)]
     given = list(tokenizers) if isinstance(tokenizers, list | tuple) else [tokenizers] * len(models)
     if tokenizers is not None and len(given) != len(models):
         raise ValueError(f"reward_processing_classes has {len(given)} entries for {len(models)} reward models.")
     scorers = iter(given)
     out = []
     for f in funcs:
-        if isinstance(f, Model):
+        if isinstance(f, str | os.PathLike):
+            entry = as_tokenizer(next(scorers)) if tokenizers is not None else None
+            model = _load_reward_model(f, sharding, precision)
+            reward = ModelReward(model, entry or _directory_tokenizer(f) or tokenizer)
+            reward.__name__ = Path(f).name  # as TRL names a reward model by its id's last part
+            out.append(reward)
+        elif isinstance(f, Model):
             scorer_tokenizer = as_tokenizer(next(scorers)) if tokenizers is not None else tokenizer
             if scorer_tokenizer is None:
                 raise ValueError("reward_processing_classes has None for a reward model; give its tokenizer.")
@@ -133,10 +154,34 @@ def reward_functions(funcs: Any, tokenizers: Any, tokenizer: Tokenizer) -> list[
             out.append(f)
         else:
             raise TypeError(
-                "reward_funcs entries are callables or reward models (kithara.ScalarHeadModel), got "
-                f"{type(f).__name__}."
+                "reward_funcs entries are callables, reward models (kithara.ScalarHeadModel) or paths to "
+                f"Hugging Face sequence-classification directories, got {type(f).__name__}."
             )
     return out
+
+
+def _load_reward_model(path: str | os.PathLike[str], sharding: Any, precision: str) -> Model:
+    from kithara.models.scalar_head import ScalarHeadModel
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"reward_funcs names {os.fspath(path)!r}, which is not a local directory: a string reward is a "
+            "Hugging Face sequence-classification checkpoint directory (models are not downloaded)."
+        )
+    model = ScalarHeadModel.from_preset(os.fspath(path), sharding=sharding, precision=precision)
+    if model.hf_config is not None and model.hf_config.get("architectures", [""])[0].endswith("ForCausalLM"):
+        raise ValueError(
+            f"reward_funcs names {os.fspath(path)!r}, a causal LM: a reward model must be a trained "
+            "*ForSequenceClassification checkpoint (a causal LM would get an untrained head)."
+        )
+    return model
+
+
+def _directory_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | None:
+    """The tokenizer saved with a reward model, if its directory has one."""
+    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    return Tokenizer.from_pretrained(path)
 
 
 def reward_name(func: Any) -> str:
@@ -147,7 +192,8 @@ def reward_name(func: Any) -> str:
 class ModelReward:
     """A sequence-scoring model (``score(variables, inputs) -> [rows]``, e.g. a
     ``ScalarHeadModel``) as a reward function of ``(prompts, completions)``: each pair is
-    encoded with ``tokenizer`` (text joined, or the chat template over the conversation)
+    encoded with ``tokenizer`` as ``RewardTrainer`` encodes its rows (text joined and ended
+    with EOS, or the chat template over the conversation)
     and scored in one jitted program on the model's mesh (rows and length in buckets).
 
     A reward model is a global program: every process scores every row.
@@ -161,6 +207,13 @@ class ModelReward:
                 f"A reward model needs score(variables, inputs) -> one score per row; {type(model).__name__} has none. "
                 "Use a kithara.ScalarHeadModel, or pass a Python function."
             )
+        labels = getattr(model, "num_labels", 1)
+        if labels != 1:
+            raise ValueError(
+                f"A reward model needs one score per completion, but this {type(model).__name__} has num_labels="
+                f"{labels}. Use a num_labels=1 model (a reward model), or wrap it in a function of (prompts, "
+                "completions) that turns its scores into one reward."
+            )
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.__name__ = getattr(model, "name", None) or type(model).__name__
         mesh = model.mesh
@@ -171,11 +224,14 @@ class ModelReward:
         )
 
     def encode(self, prompt: str | list[dict[str, Any]], completion: str | list[dict[str, Any]]) -> list[int]:
-        if isinstance(prompt, str) and isinstance(completion, str):
-            return self.tokenizer.encode_text(prompt + completion)
-        messages = [*(prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])]
-        messages += completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        return self.tokenizer.encode_chat(messages)[0]
+        """The ids ``RewardTrainer`` trains on (``kithara.data.reward_data.reward_tokens``):
+        ``[BOS] prompt + completion EOS`` for text, the chat template over the conversation
+        for chat, so a trained reward model scores rollouts exactly as it saw its data."""
+        if isinstance(prompt, str) and isinstance(completion, list):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list) and isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return reward_tokens(self.tokenizer, prompt, completion)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
         rows = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,12 @@ def load_causal_lm(
     Returns the model and the checkpoint's ``config.json`` (kept for export).
     """
     config = read_config(path)
+    architecture = (config.get("architectures") or [""])[0]
+    if architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        raise ValueError(
+            f"{path} holds a {architecture} (a classifier or reward model), not a causal LM; load it with "
+            "kithara.ScalarHeadModel.from_preset."
+        )
     check_activation(config)
     backbone_class, causal_lm_class, kwargs = backbone_args(config)
     backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
@@ -124,13 +131,29 @@ def load_causal_lm(
     return causal_lm, config
 
 
-def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]) -> None:
+def load_weights(
+    backbone: keras.Model,
+    path: str | Path,
+    config: dict[str, Any],
+    *,
+    skip: Collection[str] = (),
+    extra: Collection[str] = (),
+) -> dict[str, np.ndarray]:
     """Fills ``backbone`` from the safetensors at ``path`` without rounding, and applies the
-    config values keras-hub hard-codes in layers (see ``config.apply_to_layers``)."""
+    config values keras-hub hard-codes in layers (see ``config.apply_to_layers``).
+
+    ``skip`` names Hugging Face tensors left out even where the backbone has a variable for
+    them (a classifier's absent LM head); ``extra`` names tensors outside the backbone (a
+    classifier's ``score`` layer), returned as they are when the checkpoint has them.
+    """
     by_path = {v.path: v for v in backbone.weights}
     with SafetensorReader(path) as reader:
-        used = set()
+        names = set(reader.names())
+        found = {key: reader.get(key) for key in extra if key in names}
+        used = set(found)
         for entry in weight_map(backbone, config):
+            if entry.hf_key in skip:
+                continue
             variable = by_path[entry.variable_path]
             try:
                 value = entry.to_keras(reader.get(entry.hf_key))
@@ -138,10 +161,11 @@ def load_weights(backbone: keras.Model, path: str | Path, config: dict[str, Any]
                 raise ValueError(f"{path}: {e}") from e
             variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
             used.add(entry.hf_key)
-        unused = sorted(k for k in reader.names() if k not in used and not k.endswith("rotary_emb.inv_freq"))
+        unused = sorted(k for k in names if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if unused and unused != ["lm_head.weight"]:  # a tied model may still store its head
             raise ValueError(
                 f"{path} holds {len(unused)} tensors its config.json does not account for (e.g. {unused[:3]}): "
                 "the weights and config disagree (more layers than num_hidden_layers, or another architecture)."
             )
     apply_to_layers(backbone, config)
+    return found

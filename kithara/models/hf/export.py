@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,13 @@ import numpy as np
 from kithara.models.hf.weight_map import weight_map
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from kithara.models.keras_hub_model import KerasHubModel
+    from kithara.models.scalar_head import ScalarHeadModel
+
+    # Anything with a keras-hub ``backbone`` (LoRA adapters, if any, on it).
+    BackboneModel: TypeAlias = KerasHubModel | ScalarHeadModel
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ def host_value(value: jax.Array) -> np.ndarray:
     return np.asarray(value)
 
 
-def _merged_kernels(model: KerasHubModel) -> dict[str, tuple[str, str, float]]:
+def _merged_kernels(model: BackboneModel) -> dict[str, tuple[str, str, float]]:
     """kernel path -> (lora_kernel_a path, lora_kernel_b path, alpha / rank) for adapted layers."""
     merged = {}
     for layer in model.backbone._flatten_layers(include_self=False):
@@ -67,11 +73,16 @@ def _merged_kernels(model: KerasHubModel) -> dict[str, tuple[str, str, float]]:
     return merged
 
 
-def hf_tensors(model: KerasHubModel, config: Mapping[str, Any], dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(name, tensor)`` in Hugging Face layout, one at a time, LoRA adapters merged."""
+def hf_tensors(
+    model: BackboneModel, config: Mapping[str, Any], dtype: Any, *, skip: tuple[str, ...] = ()
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(name, tensor)`` of the backbone in Hugging Face layout, one at a time, LoRA
+    adapters merged; tensors named in ``skip`` are left out."""
     by_path = {v.path: v for v in model.backbone.weights}
     lora = _merged_kernels(model)
     for entry in weight_map(model.backbone, config):
+        if entry.hf_key in skip:
+            continue
         value = host_value(by_path[entry.variable_path].value).astype(np.float32)
         if entry.variable_path in lora:
             a_path, b_path, scale = lora[entry.variable_path]
@@ -81,24 +92,32 @@ def hf_tensors(model: KerasHubModel, config: Mapping[str, Any], dtype: Any) -> I
 
 
 def save_in_hf_format(
-    model: KerasHubModel,
+    model: BackboneModel,
     path: str | Path,
     *,
     max_shard_size: int | str = "5GB",
     dtype: str = "float32",
     tokenizer: Any = None,
     config: Mapping[str, Any] | None = None,
+    tensors: Callable[[Mapping[str, Any], Any], Iterator[tuple[str, np.ndarray]]] | None = None,
 ) -> None:
     """Writes ``model`` (adapters merged) as a Hugging Face checkpoint in directory ``path``.
 
-    See ``KerasHubModel.save_in_hf_format``.
+    See ``KerasHubModel.save_in_hf_format``. ``tensors(config, dtype)`` yields the tensors to
+    write (default: the causal LM's, ``hf_tensors``).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     if "://" in os.fspath(path):  # gs:// and other URLs: write locally, then copy the files there
         with tempfile.TemporaryDirectory(prefix="kithara-hf-") as local:
             save_in_hf_format(
-                model, local, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer, config=config
+                model,
+                local,
+                max_shard_size=max_shard_size,
+                dtype=dtype,
+                tokenizer=tokenizer,
+                config=config,
+                tensors=tensors,
             )
             if jax.process_index() == 0:
                 _upload(Path(local), os.fspath(path))
@@ -110,7 +129,7 @@ def save_in_hf_format(
     np_dtype = _DTYPES[dtype] or _bfloat16()
     limit = parse_size(max_shard_size)
     if config is None:
-        config = model.hf_config
+        config = getattr(model, "hf_config", None)
     if config is None:
         from kithara.models.hf.config import hf_config_from_backbone
 
@@ -127,7 +146,8 @@ def save_in_hf_format(
     # Shards are written as they fill; their final names (model-0000i-of-0000n) are only
     # known at the end, so they are written under temporary names and renamed then.
     written: list[Path] = []
-    for name, tensor in hf_tensors(model, config, np_dtype):
+    named_tensors = tensors(config, np_dtype) if tensors is not None else hf_tensors(model, config, np_dtype)
+    for name, tensor in named_tensors:
         if size and size + tensor.nbytes > limit:
             written.append(_write_shard(out, len(written), current, writer))
             current, size = {}, 0

@@ -24,6 +24,7 @@ from kithara.models.hf.export import host_value
 from kithara.models.hf.weight_map import Entry, weight_map
 
 if TYPE_CHECKING:
+    from kithara.models.hf.export import BackboneModel
     from kithara.models.keras_hub_model import KerasHubModel
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,11 +51,23 @@ def peft_factors(entry: Entry, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray
     return lora_a, lora_b
 
 
-def save_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping[str, Any] | None = None) -> None:
-    """Writes the model's LoRA adapters alone, for ``peft.PeftModel.from_pretrained(base, path)``."""
+def save_peft_adapter(
+    model: BackboneModel,
+    path: str | Path,
+    *,
+    config: Mapping[str, Any] | None = None,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> None:
+    """Writes the model's LoRA adapters alone, for ``peft.PeftModel.from_pretrained(base, path)``.
+
+    ``modules_to_save`` maps a Hugging Face module name to its full tensors (by parameter
+    name), written whole next to the adapters, as PEFT writes its ``modules_to_save`` (a
+    classifier's trained ``score`` layer, with ``task_type="SEQ_CLS"``).
+    """
     if model.lora is None:
         raise ValueError("The model has no LoRA adapters to save; build it with lora=LoraConfig(...).")
-    config = config or model.hf_config or _config_from_backbone(model)
+    config = config or getattr(model, "hf_config", None) or _config_from_backbone(model)
     by_path = {v.path: v for v in model.backbone.weights}
     adapted = {
         layer._kernel.path: layer
@@ -77,15 +90,18 @@ def save_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping
         name = module.rsplit(".", 1)[-1]
         ranks[name] = lora_a.shape[0]
         alphas[name] = layer.lora_alpha / layer.lora_rank * lora_a.shape[0]
+    for module, params in (modules_to_save or {}).items():
+        for name, value in params.items():
+            tensors[f"base_model.model.{module}.{name}"] = value
     if jax.process_index() != 0:
         return
     from safetensors.numpy import save_file
 
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = next(alphas[name] for name in ranks if ranks[name] == rank)
-    adapter_config = {
+    adapter_config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "r": rank,
         "lora_alpha": alpha,
         "target_modules": sorted(ranks),
@@ -99,6 +115,8 @@ def save_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping
         "inference_mode": True,
         "base_model_name_or_path": None,
     }
+    if modules_to_save:
+        adapter_config["modules_to_save"] = sorted(modules_to_save)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -211,7 +229,7 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, A
     return load_file(str(adapter_dir / ADAPTER_WEIGHTS)), adapter_config
 
 
-def _config_from_backbone(model: KerasHubModel) -> dict[str, Any]:
+def _config_from_backbone(model: BackboneModel) -> dict[str, Any]:
     from kithara.models.hf.config import hf_config_from_backbone
 
     return hf_config_from_backbone(model.backbone)
