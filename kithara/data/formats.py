@@ -292,9 +292,7 @@ class PreferenceDataset(Dataset):
     supports_packing = False
 
     def encode(self, row: Mapping[str, Any]) -> Example | None:
-        pairs = {
-            answer: prompt_and_answer(self.tokenizer, row, answer, self.clip) for answer in ("chosen", "rejected")
-        }
+        pairs = {answer: prompt_and_answer(self.tokenizer, row, answer, self.clip) for answer in ("chosen", "rejected")}
         if self.truncation_mode == "keep_end":
             # Cut the same prompt tokens from both, so chosen and rejected keep the same context.
             longest = max(len(p) + len(a) for p, a in pairs.values())
