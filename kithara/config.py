@@ -28,6 +28,8 @@ from omegaconf.errors import OmegaConfBaseException
 from kithara.models.lora import LoraConfig
 from kithara.naming import check_names, suggest
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
+from kithara.objectives.preference_configs import CPOConfig, ORPOConfig
+from kithara.objectives.unpaired_configs import BCOConfig, KTOConfig
 from kithara.sharding import ShardingStrategy
 from kithara.trainer.config import TrainingConfig
 from kithara.trainer.validation import check_heads
@@ -40,6 +42,10 @@ DEMO_CONFIG = PACKAGE / "configs" / "demo.yaml"
 OBJECTIVES: Mapping[str, type[TrainingConfig]] = {
     "sft": SFTConfig,
     "dpo": DPOConfig,
+    "orpo": ORPOConfig,
+    "cpo": CPOConfig,
+    "kto": KTOConfig,
+    "bco": BCOConfig,
     "iterative_sft": IterativeSFTConfig,
     "cycle": CycleConfig,
 }
@@ -127,7 +133,7 @@ class DistributedConfig:
 class Sections:
     """Every section but ``args`` (the OmegaConf schema that type-checks them)."""
 
-    objective: str = "sft"  # sft | dpo | iterative_sft | cycle
+    objective: str = "sft"  # sft | dpo | orpo | cpo | kto | bco | iterative_sft | cycle
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -18,10 +18,14 @@ from kithara.data.sources import load_source
 from kithara.data.tokenizer import Tokenizer
 from kithara.logs import set_verbosity
 from kithara.models.keras_hub_model import KerasHubModel
-from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
+from kithara.objectives.bco import BCOTrainer
+from kithara.objectives.configs import CycleConfig, IterativeSFTConfig, SFTConfig
+from kithara.objectives.cpo import CPOTrainer
 from kithara.objectives.cycle import CycleTrainer
 from kithara.objectives.dpo import DPOTrainer
 from kithara.objectives.iterative_sft import IterativeSFTTrainer
+from kithara.objectives.kto import KTOTrainer
+from kithara.objectives.orpo import ORPOTrainer
 from kithara.objectives.sft import SFTTrainer
 from kithara.sharding import ShardingStrategy
 from kithara.trainer.trainer import Trainer
@@ -211,19 +215,27 @@ def run_sft(config: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     return _train(config, trainer, model, tokenizer, rows, cast(SFTConfig, config.args).max_length)
 
 
-def run_dpo(config: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    train, evaluation = read_source(config, "train_file"), read_source(config, "eval_file")
-    model = build_model(config, tokenizer.vocab_size)
-    trainer = DPOTrainer(
-        model,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        args=cast(DPOConfig, config.args),
-        processing_class=tokenizer,
-        peft_config=config.lora.build(),
-    )
-    rows = eval_rows(evaluation, "chosen", config.generation_eval.max_samples)  # greedy answer == chosen
-    return _train(config, trainer, model, tokenizer, rows, cast(DPOConfig, config.args).max_length)
+def preference_run(trainer_class: type[Trainer]) -> Callable[[RunConfig, Tokenizer], dict[str, Any]]:
+    """The run of a preference objective (DPO, ORPO, CPO, KTO, BCO): ``trainer_class`` on
+    ``data.train_file`` (``prompt`` / ``chosen`` / ``rejected`` rows; KTO and BCO also take
+    unpaired ``prompt`` / ``completion`` / ``label`` rows); exact match on the chosen answers."""
+
+    def run_preference(config: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+        train, evaluation = read_source(config, "train_file"), read_source(config, "eval_file")
+        model = build_model(config, tokenizer.vocab_size)
+        trainer = trainer_class(
+            model,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            args=config.args,
+            processing_class=tokenizer,
+            peft_config=config.lora.build(),
+        )
+        rows = eval_rows(evaluation, "chosen", config.generation_eval.max_samples)  # greedy answer == chosen
+        return _train(config, trainer, model, tokenizer, rows, cast(Any, config.args).max_length)
+
+    run_preference.__name__ = f"run_{trainer_class.__name__}"
+    return run_preference
 
 
 def _train(
@@ -395,7 +407,11 @@ def _losses(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 OBJECTIVE_RUNS: Mapping[str, Callable[[RunConfig, Tokenizer], dict[str, Any]]] = {
     "sft": run_sft,
-    "dpo": run_dpo,
+    "dpo": preference_run(DPOTrainer),
+    "orpo": preference_run(ORPOTrainer),
+    "cpo": preference_run(CPOTrainer),
+    "kto": preference_run(KTOTrainer),
+    "bco": preference_run(BCOTrainer),
     "iterative_sft": run_iterative_sft,
     "cycle": run_cycle,
 }
