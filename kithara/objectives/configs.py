@@ -63,12 +63,12 @@ class SFTConfig(TrainingConfig):
 
     def _normalise(self) -> None:
         super()._normalise()
-        _normalise_length(self)
+        normalise_length(self)
         _normalise_buckets(self)
 
     def _validate(self) -> None:
         super()._validate()
-        _check_length(self, minimum=1)
+        check_length(self, minimum=1)
         if self.dataset_format is not None and self.dataset_format not in SFT_DATASET_FORMATS:
             check_names([self.dataset_format], SFT_DATASET_FORMATS, "dataset_format", what="format", error=ValueError)
         if not self.dataset_text_field:
@@ -130,7 +130,7 @@ class DPOConfig(TrainingConfig):
 
     def _normalise(self) -> None:
         super()._normalise()
-        _normalise_length(self)
+        normalise_length(self)
         if isinstance(self.loss_type, str):
             self._set("loss_type", (self.loss_type,))
         elif isinstance(self.loss_type, Sequence):
@@ -140,7 +140,7 @@ class DPOConfig(TrainingConfig):
 
     def _validate(self) -> None:
         super()._validate()
-        _check_length(self, minimum=1)
+        check_length(self, minimum=1)
         if not self.loss_type:
             raise ValueError("loss_type is empty; give a name such as 'sigmoid' or a list of names.")
         repeated = sorted({n for n in self.loss_type if self.loss_type.count(n) > 1})
@@ -189,12 +189,12 @@ class IterativeSFTConfig(TrainingConfig):
 
     def _normalise(self) -> None:
         super()._normalise()
-        _normalise_length(self)
+        normalise_length(self)
         _normalise_buckets(self)
 
     def _validate(self) -> None:
         super()._validate()
-        _check_length(self, minimum=2)
+        check_length(self, minimum=2)
         _check_buckets(self, minimum=2)
 
 
@@ -232,7 +232,7 @@ class CycleConfig(TrainingConfig):
                 f"batch_size_per_side and max_new_tokens must be >= 1, got {self.batch_size_per_side}, "
                 f"{self.max_new_tokens}."
             )
-        _check_length(self, minimum=4)
+        check_length(self, minimum=4)
         for name, default in (
             ("per_device_train_batch_size", 1),
             ("per_device_eval_batch_size", None),
@@ -257,14 +257,16 @@ class CycleConfig(TrainingConfig):
         )
 
 
-def _check_length(config: Any, minimum: int) -> None:
+def check_length(config: Any, minimum: int) -> None:
+    """Refuses ``max_length`` below ``minimum`` and an unknown ``truncation_mode``."""
     if config.max_length < minimum:
         raise ValueError(f"max_length must be >= {minimum}, got {config.max_length}.")
     if getattr(config, "truncation_mode", TRUNCATIONS[0]) not in TRUNCATIONS:
         raise ValueError(f"truncation_mode must be one of {TRUNCATIONS}, got {config.truncation_mode!r}.")
 
 
-def _normalise_length(config: Any) -> None:
+def normalise_length(config: Any) -> None:
+    """Refuses ``max_length=None``: rows have a fixed length."""
     if config.max_length is None:
         raise ValueError(
             f"{type(config).__name__}: max_length=None (TRL: no truncation) is not supported; kithara's rows have "

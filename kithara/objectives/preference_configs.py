@@ -9,8 +9,8 @@ import math
 from collections.abc import Mapping
 from typing import ClassVar
 
-from kithara.data.formats import TRUNCATIONS
 from kithara.naming import check_names
+from kithara.objectives.configs import check_length, normalise_length
 from kithara.objectives.ref_free_losses import AVERAGED_LOSSES, CPO_LOSSES, SMOOTHED_LOSSES
 from kithara.trainer.config import TrainingConfig
 
@@ -50,18 +50,11 @@ class PairwiseConfig(TrainingConfig):
 
     def _normalise(self) -> None:
         super()._normalise()
-        if self.max_length is None:
-            raise ValueError(
-                f"{type(self).__name__}: max_length=None (TRL: 512 with a warning) is not supported; kithara's rows "
-                "have a fixed length, so give a number of tokens."
-            )
+        normalise_length(self)
 
     def _validate(self) -> None:
         super()._validate()
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
-        if self.truncation_mode not in TRUNCATIONS:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATIONS}, got {self.truncation_mode!r}.")
+        check_length(self, minimum=1)
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ValueError(f"beta must be a positive number, got {self.beta}.")
 

@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
-from kithara.data.formats import TRUNCATIONS
 from kithara.naming import check_names
 from kithara.objectives import unpaired_losses
+from kithara.objectives.configs import check_length, normalise_length
 from kithara.trainer.config import TrainingConfig
 
 SAMPLING_STRATEGIES = ("sequential", "random")
@@ -37,18 +37,11 @@ class _UnpairedConfig(TrainingConfig):
 
     def _normalise(self) -> None:
         super()._normalise()
-        if self.max_length is None:
-            raise ValueError(
-                f"{type(self).__name__}: max_length=None (TRL: no truncation) is not supported; kithara's rows have "
-                "a fixed length, so give a number of tokens."
-            )
+        normalise_length(self)
 
     def _validate(self) -> None:
         super()._validate()
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
-        if self.truncation_mode not in TRUNCATIONS:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATIONS}, got {self.truncation_mode!r}.")
+        check_length(self, minimum=1)
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
