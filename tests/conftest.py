@@ -6,10 +6,30 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
 import kithara
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Many tests build the same tiny model and trainer again (a resume test runs three identical
+    trainers), and XLA's compile dominates their time on CPU. A compilation cache for this
+    session only (a fresh directory, removed at the end) lets an identical program compile
+    once; nothing carries over between runs, and the jit caches (``compilations``) are
+    unaffected. Only in the pytest process: workers and examples that import this module, and
+    subprocesses (doc blocks, the CLI), run as users do."""
+    import jax  # after kithara, whose import first notes how logging was left
+
+    directory = tempfile.mkdtemp(prefix="kithara-test-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 TINY = dict(vocab_size=64, num_layers=2, hidden_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
 

@@ -81,7 +81,7 @@ def test_bad_input_exits_2_naming_the_key_and_the_fix(capsys, tmp_path):
     assert "args (SFTConfig, for objective sft): unknown argument 'max_seq_length'; did you mean 'max_length'?" in (
         error("args.max_seq_length=8")
     )
-    assert "'beta' is a setting of objective dpo, not sft" in error("args.beta=0.1")
+    assert "'beta' is a setting of objective dpo / orpo / cpo / kto / bco, not sft" in error("args.beta=0.1")
     assert "data: unknown key 'train_files'; did you mean 'train_file'?" in error("data.train_files=x.jsonl")
     assert "args.max_steps" in error("trainer.steps=3")  # the earlier schema's keys say where they went
     assert "args.max_length" in error("data.max_length=8")
@@ -228,7 +228,8 @@ def test_kithara_train_dpo_on_preference_data(capsys, tmp_path):
     assert cli.main(["train", str(sft), *sets(*common)]) == 2
     assert "Cannot tell the format of train_dataset" in flat(capsys.readouterr().out)
     assert cli.main([*args, "--set", "objective=ppo"]) == 2
-    assert "objective must be one of sft, dpo, iterative_sft, cycle" in flat(capsys.readouterr().out)
+    expected = "objective must be one of sft, dpo, orpo, cpo, kto, bco, iterative_sft, cycle"
+    assert expected in flat(capsys.readouterr().out)
 
 
 def _docs_section(title: str) -> str:

@@ -93,3 +93,21 @@ def test_rl_addition_example_grpo_reward_rises_well_above_its_start(tmp_path):
     first, last = map(float, re.search(r"GRPO: exact-match reward ([0-9.]+) .*-> ([0-9.]+)", out).groups())
     assert last > 1.5 * first and last > first + 0.05, out
     assert any((tmp_path / "runs" / "grpo").iterdir()), "no TensorBoard events"
+
+
+@pytest.mark.slow
+def test_preference_family_example_every_objective_raises_the_held_out_preference(tmp_path):
+    """examples/preference_family.py in full (about 40 s): the reward model's and each policy
+    objective's held-out pairwise accuracy and the policies' log-prob margins rise."""
+    work, out = tmp_path / "cwd", tmp_path / "out"
+    work.mkdir()
+    text = run_example("preference_family.py", "--output-dir", str(out), cwd=work)
+    rows = dict(
+        (name.strip(), (float(a), float(b)))
+        for name, a, b in re.findall(r"^  (\w[\w ]*?)\s+([-0-9.]+) ->\s+([-0-9.]+)$", text, re.M)
+    )
+    names = ["reward model", "ORPO", "SimPO", "KTO", "BCO"]
+    assert set(names) | {f"{n} margin" for n in names[1:]} == set(rows), text
+    assert all(after > before for before, after in rows.values()), text
+    assert all(rows[n][1] > 0.8 for n in names), text  # from about 0.6: clearly learnt
+    assert not any(work.iterdir()), f"wrote into the working directory: {list(work.iterdir())}"
