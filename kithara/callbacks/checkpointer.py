@@ -340,6 +340,17 @@ def _ignore_abandoned_event_loop_errors() -> None:
 
     hook._kithara_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_abandoned_read_filter)
+
+
+def _abandoned_read_filter(record: logging.LogRecord) -> bool:
+    """Drops asyncio's "Task exception was never retrieved" report of a tensorstore read
+    (its error names a ``tensorstore_spec``) or of the closed loop: the sibling reads of a
+    failed restore, which fail the same way after the real error has been raised."""
+    if not record.getMessage().startswith("Task exception was never retrieved") or not record.exc_info:
+        return True
+    error = record.exc_info[1]
+    return not ("tensorstore_spec" in str(error) or str(error) == "Event loop is closed")
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
