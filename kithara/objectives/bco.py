@@ -82,7 +82,8 @@ class BCOTrainer(UnpairedPreferenceTrainer):
             raise ValueError("BCO's UDM classifier is fitted on one process only; run it single-process.")
         config = cast(BCOConfig, self.args)
         loader = self.train_dataloader
-        assert loader is not None
+        if loader is None:
+            raise ValueError("fit_udm needs the trainer's train data: the classifier is fitted on its prompts.")
         labels = np.asarray([bool(ex["label"]) for ex in loader.examples])
         if labels.all() or not labels.any():
             raise ValueError("UDM needs desirable and undesirable rows in the train data to fit its classifier.")
