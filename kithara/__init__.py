@@ -18,7 +18,22 @@ if keras.backend.backend() != "jax":
     )
 
 from kithara import data, distributed, judges, utils
-from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
+from kithara.callbacks import (
+    BEMACallback,
+    Callback,
+    Checkpointer,
+    LogCompletionsCallback,
+    MergeModelCallback,
+    MLflowLogger,
+    Profiler,
+    ProgressBar,
+    RichProgressCallback,
+    StepInfo,
+    SyncRefModelCallback,
+    TensorBoardLogger,
+    WandbLogger,
+    WinRateCallback,
+)
 from kithara.data import Dataloader, Tokenizer
 from kithara.logs import set_verbosity
 from kithara.models import (
@@ -38,14 +53,18 @@ from kithara.objectives import (
     GRPOTrainer,
     IterativeSFTTrainer,
     KTOTrainer,
+    NashMDTrainer,
+    OnlineDPOTrainer,
     ORPOTrainer,
     PPOTrainer,
     PRMTrainer,
     RewardTrainer,
     RLOOTrainer,
     SFTTrainer,
+    XPOTrainer,
 )
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
+from kithara.objectives.online_configs import NashMDConfig, OnlineDPOConfig, XPOConfig
 from kithara.objectives.preference_configs import CPOConfig, ORPOConfig
 from kithara.objectives.reward_configs import PRMConfig, RewardConfig
 from kithara.objectives.rl_configs import GRPOConfig, PPOConfig, RLOOConfig, RolloutConfig
@@ -67,6 +86,7 @@ __all__ = [
     "Architecture",
     "BCOConfig",
     "BCOTrainer",
+    "BEMACallback",
     "CPOConfig",
     "CPOTrainer",
     "Callback",
@@ -84,12 +104,19 @@ __all__ = [
     "KTOTrainer",
     "KerasHubModel",
     "KerasHubSeq2SeqModel",
+    "LogCompletionsCallback",
     "LoraConfig",
     "LossOutput",
+    "MLflowLogger",
+    "MergeModelCallback",
     "Model",
     "ModelVariables",
+    "NashMDConfig",
+    "NashMDTrainer",
     "ORPOConfig",
     "ORPOTrainer",
+    "OnlineDPOConfig",
+    "OnlineDPOTrainer",
     "PPOConfig",
     "PPOTrainer",
     "PRMConfig",
@@ -100,17 +127,23 @@ __all__ = [
     "RLOOTrainer",
     "RewardConfig",
     "RewardTrainer",
+    "RichProgressCallback",
     "RolloutConfig",
     "SFTConfig",
     "SFTTrainer",
     "ScalarHeadModel",
     "ShardingStrategy",
     "StepInfo",
+    "SyncRefModelCallback",
     "TensorBoardLogger",
     "Tokenizer",
     "TrainState",
     "Trainer",
     "TrainingConfig",
+    "WandbLogger",
+    "WinRateCallback",
+    "XPOConfig",
+    "XPOTrainer",
     "__version__",
     "data",
     "distributed",

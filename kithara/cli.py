@@ -1,9 +1,10 @@
-"""Command line: ``kithara train CONFIG.yaml [--set key=value ...]``, ``kithara demo`` and
-``kithara config [CONFIG.yaml]`` (see docs/cli.md)."""
+"""Command line: ``kithara train CONFIG.yaml [--set key=value ...]``, ``kithara demo``,
+``kithara config [CONFIG.yaml]`` and ``kithara serve MODEL_DIR`` (see docs/cli.md, docs/serve.md)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -39,11 +40,66 @@ def _parser() -> argparse.ArgumentParser:
             "relative to the working directory",
         )
         p.add_argument("--log-level", default="INFO")
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from kithara.serve.config import ServeConfig
+
+    default = ServeConfig("")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (see docs/serve.md)")
+    p.add_argument(
+        "model_dir", help="a Hugging Face or keras-hub model directory, or a training checkpoint (with --base)"
+    )
+    p.add_argument(
+        "--base", help="for a training checkpoint: the model directory it was trained from, or the run's YAML config"
+    )
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer directory (default: MODEL_DIR's, else --base's)")
+    p.add_argument("--model-name", help="the model id clients pass (default: MODEL_DIR's directory name)")
+    p.add_argument("--host", default=default.host)
+    p.add_argument("--port", type=int, default=default.port)
+    p.add_argument("--max-batch-size", type=int, default=default.max_batch_size, help="rows per generate call")
+    p.add_argument("--max-model-len", type=int, help="prompt + completion tokens at most")
+    p.add_argument("--default-max-tokens", type=int, default=default.default_max_tokens)
+    p.add_argument("--batch-wait-ms", type=float, default=default.batch_wait_ms)
+    p.add_argument(
+        "--stream-segment-tokens",
+        type=int,
+        default=default.stream_segment_tokens,
+        help="a streamed completion is generated this many tokens at a time",
+    )
+    p.add_argument("--precision", default=default.precision)
+    p.add_argument("--sharding", help="sharding strategy of the model's mesh (dp, fsdp, fsdp_tp)")
+    p.add_argument("--log-requests", action="store_true", help="log each request's prompt")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``kithara serve``: plain log lines (a server's log is read as a file, not a terminal)."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    set_verbosity(args.log_level)
+    for noisy in ("jax._src.xla_bridge", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from kithara.serve import ServeConfig, serve
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.name != "model_dir"}
+    try:
+        serve(ServeConfig(args.model_dir, **fields))
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as error:
+        logging.getLogger(__name__).debug("Stopped by a configuration error.", exc_info=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     # force: importing kithara (orbax, through absl) already gave the root logger a WARNING-level
     # handler, which would make this call a no-op and hide every INFO line.
     logging.basicConfig(

@@ -169,7 +169,7 @@ def test_trl_spellings_of_values_are_normalised():
             "unknown option 'num_cycle'; did you mean 'num_cycles'",
         ),
         (dict(adam_beta2=1.0), ValueError, r"adam_beta2 must be in \[0, 1\)"),
-        (dict(report_to="wandb"), ValueError, "kithara writes TensorBoard only"),
+        (dict(report_to="wandbb"), ValueError, "did you mean 'wandb'"),
         (dict(report_to="none", logging_dir="runs/x"), ValueError, "logging_dir='runs/x' is a TensorBoard directory"),
         (dict(profile_start_step=5), ValueError, "profiles go to the TensorBoard directory and there is none"),
     ],

@@ -162,6 +162,6 @@ def test_seed_001_iterative_sft_quickstart_and_usage(model_dir, tmp_path, monkey
     with pytest.raises(TypeError, match="model_init_kwargs"):
         IterativeSFTConfig(model_init_kwargs={"torch_dtype": "bfloat16"})
     with pytest.raises(ValueError, match="report_to"):
-        IterativeSFTConfig(report_to="wandb")
+        IterativeSFTConfig(report_to="wandbb")
     with pytest.raises(TypeError, match="did you mean 'max_length'"):
         IterativeSFTConfig(max_seq_length=512)

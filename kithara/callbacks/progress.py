@@ -117,3 +117,18 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class RichProgressCallback(ProgressBar):
+    """TRL's name for the progress bar: ``ProgressBar`` under the name TRL users know (a
+    live rich bar of steps, loss and tokens/s on a terminal, plain lines elsewhere; eval
+    metrics printed as they come). The Trainer already shows one unless ``progress_bar=False``
+    (or ``args.disable_tqdm``); add this one instead to choose ``every`` or the console.
+
+    Args:
+        every: steps between plain lines off a terminal; ``None``: about 20 lines a run.
+        console: where to write (default: a rich ``Console`` on stdout).
+
+    Example:
+        >>> trainer = Trainer(..., progress_bar=False, callbacks=[RichProgressCallback()])
+    """

@@ -9,6 +9,8 @@ from kithara.objectives.dpo import DPOTrainer
 from kithara.objectives.grpo import GRPOTrainer
 from kithara.objectives.iterative_sft import IterativeSFTTrainer
 from kithara.objectives.kto import KTOTrainer, UnpairedPreferenceTrainer
+from kithara.objectives.nash_md import NashMDTrainer
+from kithara.objectives.online_dpo import OnlineDPOTrainer
 from kithara.objectives.orpo import ORPOTrainer
 from kithara.objectives.pairwise import PairwiseTrainer
 from kithara.objectives.ppo import PPOTrainer
@@ -16,6 +18,7 @@ from kithara.objectives.prm import PRMTrainer
 from kithara.objectives.reward import RewardTrainer
 from kithara.objectives.rloo import RLOOTrainer
 from kithara.objectives.sft import SFTTrainer
+from kithara.objectives.xpo import XPOTrainer
 
 __all__ = [
     "BCOTrainer",
@@ -25,7 +28,9 @@ __all__ = [
     "GRPOTrainer",
     "IterativeSFTTrainer",
     "KTOTrainer",
+    "NashMDTrainer",
     "ORPOTrainer",
+    "OnlineDPOTrainer",
     "PPOTrainer",
     "PRMTrainer",
     "PairwiseTrainer",
@@ -35,6 +40,7 @@ __all__ = [
     "TwoAdapters",
     "TwoModels",
     "UnpairedPreferenceTrainer",
+    "XPOTrainer",
     "dpo_losses",
     "ref_free_losses",
     "reward_losses",

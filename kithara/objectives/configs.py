@@ -95,6 +95,13 @@ class DPOConfig(TrainingConfig):
         max_length: TRL. Tokens per chosen or rejected row (``None`` is refused).
         truncation_mode: TRL. ``"keep_end"`` (TRL: ``"keep_start"``) cuts the same prompt
             tokens from the front of both rows; ``"keep_start"`` cuts the end of each row.
+        sync_ref_model: TRL. TR-DPO: every ``ref_model_sync_steps`` steps, move the reference
+            toward the policy (``kithara.callbacks.SyncRefModelCallback``). Needs a reference
+            of its own (``ref_model``, or the frozen copy of a model without LoRA adapters);
+            refused with LoRA adapters and with ``precompute_ref_log_probs``, as in TRL.
+        ref_model_mixup_alpha: TRL. TR-DPO's alpha, in [0, 1]:
+            ``ref = alpha * policy + (1 - alpha) * ref``.
+        ref_model_sync_steps: TRL. TR-DPO's tau: sync on every multiple of this step.
 
     See ``TrainingConfig`` for the rest.
 
@@ -122,6 +129,9 @@ class DPOConfig(TrainingConfig):
     precompute_ref_log_probs: bool = False
     max_length: int = 1024
     truncation_mode: str = "keep_end"
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def loss_weight_map(self) -> dict[str, float]:
         """``{loss name: weight}``, the form ``DPOTrainer`` and ``dpo_losses.combined_loss`` take."""
@@ -160,6 +170,25 @@ class DPOConfig(TrainingConfig):
                 f"{len(self.loss_type)} loss types {list(self.loss_type)}."
             )
         dpo_losses.loss_weights(self.loss_weight_map(), beta=self.beta, label_smoothing=self.label_smoothing)
+        self._check_sync_ref()
+
+    def _check_sync_ref(self) -> None:
+        """TR-DPO's settings: in range, and refused (not ignored) without ``sync_ref_model``."""
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}.")
+        steps = self.ref_model_sync_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"ref_model_sync_steps must be an int >= 1, got {steps!r}.")
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ValueError(
+                "sync_ref_model=True with precompute_ref_log_probs=True: precomputed log-probs assume a fixed "
+                "reference, and syncing would make them stale. Set one of them to False (TRL refuses this too)."
+            )
+        if not self.sync_ref_model:
+            defaults = type(self).defaults()
+            changed = [n for n in ("ref_model_mixup_alpha", "ref_model_sync_steps") if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(f"{' and '.join(changed)} set but sync_ref_model=False; set sync_ref_model=True.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,10 +13,12 @@ import keras
 import optax
 
 from kithara.callbacks import Callback, Checkpointer, Profiler
+from kithara.callbacks.sync_ref import SyncRefModelCallback
 from kithara.data.dataloader import Dataloader
 from kithara.data.formats import PreferenceDataset
 from kithara.data.sources import Source
 from kithara.data.tokenizer import Tokenizer
+from kithara.models.adapters import has_lora
 from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses, reference
 from kithara.objectives.configs import DPOConfig
@@ -49,6 +51,8 @@ class DPOTrainer(Trainer):
     ``ref_model`` if given, else from the model as it is) and stored with the examples; for a
     model with LoRA adapters, the same model with its adapters switched off (no second copy
     of the weights); otherwise a frozen on-device copy of the model's starting weights.
+    With ``sync_ref_model`` (TR-DPO) a ``SyncRefModelCallback`` moves that reference
+    toward the policy every ``ref_model_sync_steps`` steps.
 
     Settings come from a ``DPOConfig`` (``args=``, TRL's names: ``beta``, ``loss_type`` and
     ``loss_weights``, ``label_smoothing``, ``precompute_ref_log_probs``, ``max_length``,
@@ -172,6 +176,13 @@ class DPOTrainer(Trainer):
         )
         self.ref_model = ref_model
         self.ref_apply_model: Model = ref_model if ref_model is not None else model
+        if config.sync_ref_model and has_lora(model):
+            raise ValueError(
+                "sync_ref_model=True with a LoRA model: its reference is the model with its adapters off (or a "
+                "ref_model), and mixing the adapters' two factors is not mixing the adapted weights, so TR-DPO "
+                "cannot update it (TRL refuses sync_ref_model with PEFT too). Train without LoRA adapters, or set "
+                "sync_ref_model=False."
+            )
         self.reference, self._reference_variables = reference.select_reference(
             model, ref_model, config.precompute_ref_log_probs, who="DPO"
         )
@@ -189,6 +200,12 @@ class DPOTrainer(Trainer):
             for data in (self.train_dataloader, self.eval_dataloader):
                 if data is not None:
                     self.precompute_reference(data)
+        if config.sync_ref_model:  # TR-DPO
+            self.add_callback(
+                SyncRefModelCallback(
+                    self, config.ref_model_mixup_alpha, config.ref_model_sync_steps, ref_model=self.ref_model
+                )
+            )
 
     def frozen_variables(self) -> ModelVariables | None:
         """The reference weights passed to the steps: ``ref_model``'s, or a frozen copy of the

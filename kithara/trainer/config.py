@@ -8,6 +8,7 @@ fields with the closest known name, checks types and ranges when built, and is f
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -43,7 +44,14 @@ ADAMW_NAMES = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf")  # all A
 OPTIMIZERS = (*ADAMW_NAMES, "sgd")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps")
-REPORT_TO = ("none", "tensorboard", "all")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
+# Integrations with an optional package: report_to name -> (module, kithara extra).
+OPTIONAL_INTEGRATIONS: Mapping[str, tuple[str, str]] = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+# transformers' other report_to integrations, which kithara has no logger for.
+_OTHER_INTEGRATIONS = (
+    "azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "neptune",
+    "swanlab", "trackio",
+)  # fmt: skip
 _ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon")
 
 # TRL / transformers options kithara has no field for, and what to do instead.
@@ -123,8 +131,16 @@ class TrainingConfig:
         fp16: TRL. Not supported yet (float16 needs loss scaling); must stay ``False``.
         gradient_checkpointing: TRL. Not supported yet; must stay ``False`` (TRL: ``True``).
         seed: TRL. Seed of data shuffling and the step RNG (TRL: 42).
-        report_to: TRL. ``"tensorboard"`` (TRL: ``"none"``), ``"all"`` (the same: TensorBoard
-            is the only integration) or ``"none"``.
+        report_to: TRL. Where metrics go: ``"tensorboard"`` (TRL: ``"none"``), ``"wandb"``
+            (Weights & Biases, the ``wandb`` extra), ``"mlflow"`` (the ``mlflow`` extra), a list
+            of them, ``"all"`` (TensorBoard and every other integration that is installed) or
+            ``"none"``. Every logger gets the same names (``train/loss``, ``eval/loss``, ...)
+            against the optimizer step; only process 0 writes. An integration that is asked for
+            by name but not installed is refused here, with its ``pip install`` line.
+        run_name: TRL. The run's name in Weights & Biases and MLflow; ``None`` lets them pick one.
+        project: TRL (transformers 5, for Trackio there). The Weights & Biases project and the
+            MLflow experiment; ``None`` reads ``WANDB_PROJECT`` (else ``"kithara"``) and
+            ``MLFLOW_EXPERIMENT_NAME`` (else MLflow's default experiment).
         logging_dir: kithara (transformers 4). TensorBoard directory; ``None`` is
             ``{output_dir}/runs`` when there is an ``output_dir``.
         disable_tqdm: TRL. Hide the progress bar.
@@ -176,6 +192,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     report_to: str | Sequence[str] = "tensorboard"
+    run_name: str | None = None
+    project: str | None = None
     logging_dir: str | None = None
     disable_tqdm: bool = False
     profile_start_step: int | None = None
@@ -517,14 +535,23 @@ class TrainingConfig:
             )
 
     def _validate_outputs(self) -> None:
-        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        others = [n for n in names if n not in REPORT_TO]
-        if others:
-            raise ValueError(
-                f"report_to={self.report_to!r}: kithara writes TensorBoard only; use 'tensorboard' or 'none'."
-            )
+        names = self._report_to_names
+        for name in names:
+            if name in _OTHER_INTEGRATIONS:
+                raise NotImplementedError(
+                    f"report_to={self.report_to!r}: kithara has no {name} logger; choose from {list(REPORT_TO)}, "
+                    "or write a kithara.Callback that logs info.metrics."
+                )
+        check_names(names, REPORT_TO, "report_to", what="integration", error=ValueError)
         if "none" in names and len(names) > 1:
             raise ValueError(f"report_to={self.report_to!r} mixes 'none' with integrations.")
+        for name in names:
+            if name in OPTIONAL_INTEGRATIONS and not integration_installed(name):
+                module, extra = OPTIONAL_INTEGRATIONS[name]
+                raise ImportError(
+                    f"report_to={self.report_to!r} needs the {module} package, which is not installed: "
+                    f'pip install "kithara[{extra}]".'
+                )
         if self.logging_dir is not None and not self._reports_tensorboard:
             raise ValueError(
                 f"logging_dir={self.logging_dir!r} is a TensorBoard directory, but report_to={self.report_to!r}."
@@ -536,9 +563,35 @@ class TrainingConfig:
             )
 
     @property
+    def report_integrations(self) -> tuple[str, ...]:
+        """The integrations ``report_to`` asks for, in the order ``tensorboard``, ``wandb``,
+        ``mlflow``: ``"all"`` is TensorBoard (a core dependency) plus each optional one that
+        is installed, as transformers' ``"all"`` is every installed integration."""
+        names = self._report_to_names
+        if "all" in names:
+            wanted = {"tensorboard", *(n for n in OPTIONAL_INTEGRATIONS if integration_installed(n))}
+        else:
+            wanted = set(names) - {"none"}
+        return tuple(n for n in REPORT_TO if n in wanted)
+
+    @property
+    def _report_to_names(self) -> list[str]:
+        return [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+
+    @property
     def _reports_tensorboard(self) -> bool:
-        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        names = self._report_to_names
         return "tensorboard" in names or "all" in names
+
+
+def integration_installed(name: str) -> bool:
+    """Whether the package of the optional ``report_to`` integration ``name`` can be imported
+    (looked up without importing it: wandb and mlflow take seconds to import)."""
+    module = OPTIONAL_INTEGRATIONS[name][0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module in sys.modules without a spec (set to None: import blocked)
+        return False
 
 
 _DEFAULT_CONFIGS: dict[type, TrainingConfig] = {}

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import keras
@@ -19,8 +19,9 @@ import numpy as np
 import optax
 
 from kithara import sharding as sharding_lib
-from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo, TensorBoardLogger
+from kithara.callbacks import Callback, Checkpointer, Profiler, ProgressBar, StepInfo
 from kithara.callbacks.base import check_hooks, hook
+from kithara.callbacks.loggers import reporting_callbacks
 from kithara.data.dataloader import DataIterator, Dataloader, pad_length
 from kithara.distributed.consistency import check_same_on_all_processes
 from kithara.models.model import Model, ModelVariables
@@ -109,7 +110,7 @@ class Trainer:
         checkpointer: a ``kithara.Checkpointer`` (or ``args.output_dir``: checkpoints every
             ``save_steps`` in ``{output_dir}/checkpoints``); ``train()`` resumes from its
             latest checkpoint.
-        callbacks: more ``Callback`` objects.
+        callbacks: more ``Callback`` objects (``add_callback`` adds them later).
         args: a ``kithara.TrainingConfig`` (an objective takes its own config class).
         train_dataset / eval_dataset: TRL's names: a ``Dataloader``, a ``kithara.data``
             dataset or example rows, batched with ``args.per_device_train_batch_size`` /
@@ -234,8 +235,7 @@ class Trainer:
                 config.checkpoint_dir, config.save_steps, config.save_total_limit, resume=config.resume
             )
         self.callbacks: list[Callback] = [cb for cb in (checkpointer, profiler) if cb is not None]
-        if self.tensorboard_dir is not None:
-            self.callbacks.append(TensorBoardLogger(self.tensorboard_dir, every=config.logging_steps))
+        self.callbacks.extend(reporting_callbacks(config))
         if not config.disable_tqdm:
             self.callbacks.append(ProgressBar())
         self.callbacks.extend(callbacks)
@@ -283,6 +283,7 @@ class Trainer:
         self._peak_flops: float | None = None
         self._epoch = 0
         self._manual = False  # run_step() has begun the callbacks and finish() has not ended them
+        self._training = False  # train() is running (its callbacks have begun)
         self._sealed = True
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -441,8 +442,54 @@ class Trainer:
 
     @property
     def frozen(self) -> Any:
-        """The frozen variables passed to the steps (``frozen_variables()``'s result)."""
+        """The frozen variables passed to the steps (``frozen_variables()``'s result, or what
+        was last assigned).
+
+        Assigning replaces them (a reference model moved toward the policy, say) without
+        recompiling: the new value must have the same tree structure, shapes and dtypes, and
+        is placed on the shardings the steps were compiled with (arrays already there are
+        not copied, except those sharing memory with the train state, which the next step
+        donates). The old arrays are dropped. ``SyncRefModelCallback`` assigns it.
+
+        Example:
+            >>> trainer.frozen = jax.tree.map(lambda r: 0.5 * r, trainer.frozen)
+        """
         return self._programs.frozen
+
+    @frozen.setter
+    def frozen(self, variables: Any) -> None:
+        current = self._programs.frozen
+        if current is None:
+            raise ValueError(
+                f"{type(self).__name__} passes no frozen variables to its steps (frozen_variables() returned None: "
+                "say, a reference that is the model with its LoRA adapters off, or precomputed log-probs), so "
+                "there is nothing to replace."
+            )
+        old, treedef = jax.tree_util.tree_flatten_with_path(current)
+        new, new_treedef = jax.tree_util.tree_flatten_with_path(variables)
+        treedef, new_treedef = cast(Any, treedef), cast(Any, new_treedef)
+        if new_treedef != treedef:
+            old_paths = [jax.tree_util.keystr(p) for p, _ in old]
+            new_paths = [jax.tree_util.keystr(p) for p, _ in new]
+            missing = sorted(set(old_paths) - set(new_paths), key=old_paths.index)
+            extra = sorted(set(new_paths) - set(old_paths), key=new_paths.index)
+            detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else "another container"
+            raise ValueError(
+                f"The new frozen variables must have the tree structure of the current ones ({len(old)} arrays); "
+                f"got {len(new)} arrays, {detail}. Build them from trainer.frozen (jax.tree.map)."
+            )
+        live = _buffers(self.train_state) if self.train_state is not None else set()
+        placed = []
+        for (path, was), (_, value) in zip(old, new, strict=True):
+            shape, dtype = tuple(np.shape(value)), np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
+            if shape != tuple(was.shape) or dtype != was.dtype:
+                raise ValueError(
+                    f"Frozen variable {jax.tree_util.keystr(path)}: got {dtype.name}{list(shape)}, the steps were "
+                    f"compiled for {np.dtype(was.dtype).name}{list(was.shape)}; cast or reshape it to match."
+                )
+            aliased = isinstance(value, jax.Array) and not _buffers(value).isdisjoint(live)
+            placed.append(jax.device_put(value, was.sharding, may_alias=False if aliased else None))
+        self._programs.frozen = jax.tree_util.tree_unflatten(treedef, placed)
 
     # State ------------------------------------------------------------------------------
 
@@ -540,6 +587,63 @@ class Trainer:
 
     # Callbacks --------------------------------------------------------------------------
 
+    def add_callback(self, callback: Callback | type[Callback]) -> None:
+        """Adds a callback after construction (transformers' ``Trainer.add_callback``): an
+        instance, or a class to build with no arguments. It runs after those already there.
+
+        Checked as at construction (``on_*`` methods that are not hooks are refused). Allowed
+        before ``train()`` or the first ``run_step()`` and between runs, not while one runs.
+        A ``Checkpointer`` is refused when the trainer has one (``checkpointer=``,
+        ``args.output_dir``) or already holds a state (it restores the state training starts
+        from).
+
+        Example:
+            >>> trainer.add_callback(kithara.callbacks.BEMACallback(update_freq=50))
+        """
+        self._check_callbacks_idle("add_callback")
+        if isinstance(callback, type):
+            callback = callback()
+        check_hooks(callback)
+        if isinstance(callback, Checkpointer):
+            if self.checkpointer is not None:
+                raise ValueError(
+                    f"{type(self).__name__} already has a Checkpointer (saving to {self.checkpointer.save_dir!r}, "
+                    "from checkpointer=, callbacks= or args.output_dir); a trainer has at most one. Remove it "
+                    "first (pop_callback(kithara.Checkpointer)) or pass the one you want at construction."
+                )
+            if self.train_state is not None:
+                raise ValueError(
+                    "A Checkpointer restores the state training starts from, and this trainer already holds one; "
+                    "add it before the first train() / run_step(), or pass it at construction."
+                )
+            self.checkpointer = callback
+        self.callbacks.append(callback)
+
+    def pop_callback(self, callback: Callback | type[Callback]) -> Callback | None:
+        """Removes and returns the first callback that is ``callback`` (or an instance of
+        it, when a class is given); None when there is none (transformers' name). Not while
+        ``train()`` or ``run_step()`` runs."""
+        self._check_callbacks_idle("pop_callback")
+        for found in self.callbacks:
+            if found is callback or (isinstance(callback, type) and isinstance(found, callback)):
+                self.callbacks.remove(found)
+                if found is self.checkpointer:
+                    self.checkpointer = None
+                return found
+        return None
+
+    def remove_callback(self, callback: Callback | type[Callback]) -> None:
+        """``pop_callback`` without the result (transformers' name)."""
+        self.pop_callback(callback)
+
+    def _check_callbacks_idle(self, what: str) -> None:
+        if self._training or self._manual:
+            raise RuntimeError(
+                f"{what}() while {'train()' if self._training else 'run_step() (until finish())'} runs: the "
+                "callbacks have begun, so a change now would miss or break their hooks. Change the callbacks "
+                "before training starts, or between runs."
+            )
+
     def _info(self, step: int, metrics: Mapping[str, float] | None = None) -> StepInfo:
         return StepInfo(
             step=step,
@@ -595,7 +699,12 @@ class Trainer:
             self.steps_per_epoch,
             f"resuming at step {self.start_step}" if self.start_step else "from scratch",
         )
-        self._notify("on_train_begin", self._info(self.start_step))
+        self._training = True  # add_callback / pop_callback are refused until train() returns
+        try:
+            self._notify("on_train_begin", self._info(self.start_step))
+        except BaseException:
+            self._training = False
+            raise
         try:
             self._run()
         except BaseException as error:
@@ -603,7 +712,10 @@ class Trainer:
             raise
         finally:
             self.model.variables = self._live_model_variables()
-            self._notify("on_train_end", self._info(self._final_step()))
+            try:
+                self._notify("on_train_end", self._info(self._final_step()))
+            finally:
+                self._training = False
         self._exit_if_preempted(self._final_step())
         return self.history
 
@@ -765,3 +877,13 @@ def check_signatures(trainer: Trainer) -> None:
 
 def _fmt(values: Mapping[str, float]) -> str:
     return "  ".join(f"{k}={v:.4g}" for k, v in values.items())
+
+
+def _buffers(tree: Any) -> set[int]:
+    """The device buffers (addresses of this process's shards) of a pytree's arrays."""
+    return {
+        shard.data.unsafe_buffer_pointer()
+        for leaf in jax.tree.leaves(tree)
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted()
+        for shard in leaf.addressable_shards
+    }

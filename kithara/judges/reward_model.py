@@ -1,54 +1,17 @@
-"""Judges: which of two completions of a prompt is better (TRL's judge API).
-
-``BasePairwiseJudge`` is TRL's pairwise-judge interface; ``RewardModelJudge`` plays the role of
-TRL's ``PairRMJudge`` with a kithara reward model (a ``ScalarHeadModel``): the completion with
-the higher reward wins.
-"""
+"""A reward model as a pairwise judge: the completion with the higher reward wins (the role of
+TRL's ``PairRMJudge``, with a kithara ``ScalarHeadModel``)."""
 
 from __future__ import annotations
 
-import abc
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kithara.data.tokenizer import Tokenizer, as_tokenizer
+from kithara.judges.base import BasePairwiseJudge, check_pairs
 from kithara.models.scalar_head import ScalarHeadModel
 from kithara.objectives.rollouts import ModelReward
-
-
-class BaseJudge(abc.ABC):
-    """A judge of completions; subclasses implement ``judge`` (TRL's ``BaseJudge``)."""
-
-    @abc.abstractmethod
-    def judge(self, prompts: list[Any], completions: list[Any], shuffle_order: bool = True) -> list[Any]:
-        """One verdict per prompt."""
-
-
-class BasePairwiseJudge(BaseJudge):
-    """A judge of completion pairs (TRL's ``BasePairwiseJudge``): ``judge`` returns, per
-    prompt, the index (0 or 1) of the better completion of its pair, or -1 where the judge
-    could not decide (a failed call to an external model, say).
-
-    Example:
-        >>> class Shorter(BasePairwiseJudge):
-        ...     def judge(self, prompts, completions, shuffle_order=True):
-        ...         return [int(len(b) < len(a)) for a, b in completions]
-        >>> Shorter().judge(["hi"], [["hello there", "hey"]])
-        [1]
-    """
-
-    @abc.abstractmethod
-    def judge(self, prompts: list[Any], completions: list[list[Any]], shuffle_order: bool = True) -> list[int]:
-        """Per prompt, the index of the better of its two completions.
-
-        Args:
-            prompts: the prompts (strings, or chat message lists).
-            completions: one pair ``[first, second]`` per prompt.
-            shuffle_order: present each pair in a random order, against position bias.
-        """
 
 
 class RewardModelJudge(BasePairwiseJudge):
@@ -78,6 +41,10 @@ class RewardModelJudge(BasePairwiseJudge):
         >>> judge.judge(["sort cab ="], [[" abc", " cba"]], return_scores=True)
         [0.93...]
     """
+
+    # A global program on the model's mesh: every process scores every pair (online trainers
+    # and rollouts read this, as they do for ``ModelReward``).
+    runs_on_every_row = True
 
     def __init__(self, model: ScalarHeadModel | str | os.PathLike, tokenizer: Any = None, *, batch_size: int = 64):
         tokenizer = as_tokenizer(tokenizer)
@@ -114,14 +81,7 @@ class RewardModelJudge(BasePairwiseJudge):
         """Per prompt, the index of the better completion (ties: 0), or with ``return_scores``
         the probability that the first is better."""
         del shuffle_order  # scores are per completion: the order of a pair cannot bias them
-        if len(prompts) != len(completions):
-            raise ValueError(f"judge got {len(prompts)} prompts and {len(completions)} completion pairs.")
-        for i, pair in enumerate(completions):
-            if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
-                raise ValueError(
-                    f"completions[{i}] must be a pair [first, second] (RewardModelJudge, as PairRM, compares two "
-                    f"completions per prompt), got {pair!r}."
-                )
+        check_pairs(prompts, completions, "RewardModelJudge")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not prompts:
