@@ -349,20 +349,46 @@ class PolicyRecorder(Recorder):
 
 
 def test_sync_ref_callback_works_for_kto():
+    """KTOConfig's TR-DPO fields (TRL has them) add the callback, as DPOConfig's do."""
     from test_kto_bco import ROWS as KTO_ROWS
     from test_kto_bco import tiny
 
     trainer = kithara.KTOTrainer(
         tiny(), train_dataset=KTO_ROWS * 2, processing_class=word_tokenizer(), max_length=10, max_steps=3,
         per_device_train_batch_size=1, learning_rate=1e-2, progress_bar=False,
+        sync_ref_model=True, ref_model_mixup_alpha=0.3, ref_model_sync_steps=1,
     )  # fmt: skip
+    sync = trainer.callbacks[-1]
+    assert isinstance(sync, SyncRefModelCallback) and (sync.alpha, sync.sync_steps) == (0.3, 1)
     recorder = PolicyRecorder(trainer)
-    sync = SyncRefModelCallback(trainer, ref_model_mixup_alpha=0.3, ref_model_sync_steps=1)
-    for cb in (recorder, sync):
+    trainer.pop_callback(sync)
+    for cb in (recorder, sync):  # the recorder first: it sees each step's reference before the sync
         trainer.add_callback(cb)
     trainer.train()
     check_synced(trainer, sync, recorder, 3)
     assert sync.synced_steps == [1, 2, 3] and trainer.compilations["train_step"] == 1
+
+
+def test_rollout_configs_sync_the_reference_as_trl_grpo_and_rloo_do():
+    from rl_worker import PROMPTS, target_share
+
+    rows = [{"prompt": p} for p in PROMPTS]
+    settings = dict(num_generations=2, per_device_train_batch_size=2, max_prompt_length=8, max_completion_length=4)
+    trainer = kithara.GRPOTrainer(
+        tiny_model(), target_share, train_dataset=rows, processing_class=word_tokenizer(),
+        args=kithara.GRPOConfig(beta=0.1, sync_ref_model=True, ref_model_sync_steps=7, **settings),
+    )  # fmt: skip
+    sync = trainer.callbacks[-1]
+    assert isinstance(sync, SyncRefModelCallback) and (sync.alpha, sync.sync_steps) == (0.6, 7)
+    with pytest.raises(ValueError, match="sync_ref_model=True with beta=0"):
+        kithara.RLOOConfig(beta=0.0, sync_ref_model=True)
+    with pytest.raises(ValueError, match="ref_model_mixup_alpha set but sync_ref_model=False"):
+        kithara.GRPOConfig(beta=0.1, ref_model_mixup_alpha=0.5)
+    with pytest.raises(ValueError, match="no frozen reference"):
+        kithara.GRPOTrainer(
+            tiny_model(lora=kithara.LoraConfig(rank=2, targets=("query",))), target_share, train_dataset=rows,
+            processing_class=word_tokenizer(), args=kithara.GRPOConfig(beta=0.1, sync_ref_model=True, **settings),
+        )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -253,8 +253,10 @@ def test_configs_take_trls_names_and_refuse_what_kithara_lacks():
     KTOConfig(train_sampling_strategy="random", loss_type="apo_zero_unpaired")
     with pytest.raises(ValueError, match="loss type"):
         KTOConfig(loss_type="sigmoid")
-    with pytest.raises(TypeError, match="TR-DPO"):
-        KTOConfig(sync_ref_model=True)
+    with pytest.raises(ValueError, match="ref_model_sync_steps set but sync_ref_model=False"):
+        KTOConfig(ref_model_sync_steps=8)
+    with pytest.raises(ValueError, match="precomputed log-probs assume a fixed reference"):
+        BCOConfig(sync_ref_model=True, precompute_ref_log_probs=True)
     assert (BCOConfig().prompt_sample_size, BCOConfig().min_density_ratio, BCOConfig().max_density_ratio) == (
         1024, 0.5, 10.0)  # fmt: skip
     with pytest.raises(ValueError, match="min_density_ratio <= max_density_ratio"):

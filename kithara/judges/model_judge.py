@@ -17,13 +17,12 @@ from kithara import sharding as sharding_lib
 from kithara.data.tokenizer import Tokenizer, as_tokenizer
 from kithara.judges.base import BasePairwiseJudge, check_pairs
 from kithara.judges.prompts import PAIRWISE_SYSTEM_PROMPT, pairwise_request, parse_pairwise, shuffled_pairs, unflip
-from kithara.models.generation import MAX_STOP_TOKENS, bucket
+from kithara.models.generation import bucket, default_stop_ids
 from kithara.models.keras_hub_model import KerasHubModel
 
 logger = logging.getLogger(__name__)
 
 # End-of-turn markers of common chat templates: a reply ends at them, as at EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 class ModelPairwiseJudge(BasePairwiseJudge):
@@ -218,15 +217,3 @@ def choice_logits(model: Any, variables: Any, inputs: Mapping[str, jax.Array], c
     last_Bx1xH = jnp.take_along_axis(hidden_BxLxH, last_B[:, None, None], axis=1)
     logits_BxV = model.lm_head(variables, last_Bx1xH)[:, 0]
     return logits_BxV[:, choice_ids].astype(jnp.float32)
-
-
-def default_stop_ids(tokenizer: Tokenizer, generation_config: dict[str, Any] | None) -> list[int]:
-    """EOS, the ``eos_token_id`` of ``generation_config.json`` (one or a list), and the
-    tokenizer's end-of-turn tokens that are single special tokens (``<|im_end|>``, ...)."""
-    ids = [tokenizer.eos_id]
-    configured = (generation_config or {}).get("eos_token_id")
-    ids += configured if isinstance(configured, list) else [] if configured is None else [configured]
-    backend = tokenizer.backend
-    specials = set(getattr(backend, "all_special_tokens", []) or [])
-    ids += [int(backend.convert_tokens_to_ids(token)) for token in END_OF_TURN_TOKENS if token in specials]
-    return list(dict.fromkeys(int(i) for i in ids if i is not None))[:MAX_STOP_TOKENS]

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 # Stop ids travel as a fixed-size array (-1 = unused): stop sets of any size up to this share a program.
 MAX_STOP_TOKENS = 8
+# Chat templates' end-of-turn tokens: a reply ends at them (when they are single special tokens).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 # (index, token ids, keras-hub cache, rows done, rng) carried through the decode loop.
 _Carry = tuple[jax.Array, jax.Array, Any, jax.Array, jax.Array]
 
@@ -259,7 +261,7 @@ class Generator(DecodePrograms):
         mapping = self.model.state_mapping(variables)
         batch, total = token_ids_BxT.shape
         with keras.StatelessScope(state_mapping=mapping):
-            cache = _seed_cache(causal_lm, token_ids_BxT)
+            cache = seed_cache(causal_lm, token_ids_BxT)
 
         def body(carry: _Carry) -> _Carry:
             index, ids_BxT, cache, done_B, rng = carry
@@ -286,7 +288,7 @@ class Generator(DecodePrograms):
         return jax.lax.while_loop(cond, body, carry)[1]
 
 
-def _seed_cache(causal_lm: keras_hub.models.CausalLM, token_ids_BxT: jax.Array) -> Any:
+def seed_cache(causal_lm: keras_hub.models.CausalLM, token_ids_BxT: jax.Array) -> Any:
     """keras-hub's cache, filled by one forward pass over the padded prompts. Gemma 3's
     ``_build_cache`` takes its (here absent) vision inputs as well."""
     if isinstance(causal_lm, keras_hub.models.Gemma3CausalLM):
@@ -299,3 +301,15 @@ def put_rows(array: np.ndarray, mesh: Mesh, *, by_row: bool) -> jax.Array:
     (shared with ``seq2seq_generation``)."""
     sharding = sharding_lib.batch_sharding(mesh) if by_row else sharding_lib.replicated(mesh)
     return jax.make_array_from_callback(array.shape, sharding, array.__getitem__)
+
+
+def default_stop_ids(tokenizer: Any, generation_config: dict[str, Any] | None) -> list[int]:
+    """EOS, the ``eos_token_id`` of ``generation_config.json`` (one or a list), and the
+    tokenizer's end-of-turn tokens that are single special tokens (``<|im_end|>``, ...)."""
+    ids = [tokenizer.eos_id]
+    configured = (generation_config or {}).get("eos_token_id")
+    ids += configured if isinstance(configured, list) else [] if configured is None else [configured]
+    backend = tokenizer.backend
+    specials = set(getattr(backend, "all_special_tokens", []) or [])
+    ids += [int(backend.convert_tokens_to_ids(token)) for token in END_OF_TURN_TOKENS if token in specials]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))[:MAX_STOP_TOKENS]

@@ -22,6 +22,27 @@ _TRL_ONLY_DPO_LOSSES = {
 CYCLE_GENERATION_OPTIONS = ("temperature", "top_k", "top_p", "stop_token_ids")
 
 
+def check_sync_ref(config: Any) -> None:
+    """TR-DPO's settings (``sync_ref_model``, ``ref_model_mixup_alpha``,
+    ``ref_model_sync_steps``, on DPO, KTO/BCO and the rollout configs): in range, and refused
+    (not ignored) without ``sync_ref_model`` or with precomputed reference log-probs."""
+    if not 0.0 <= config.ref_model_mixup_alpha <= 1.0:
+        raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {config.ref_model_mixup_alpha}.")
+    steps = config.ref_model_sync_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ref_model_sync_steps must be an int >= 1, got {steps!r}.")
+    if config.sync_ref_model and getattr(config, "precompute_ref_log_probs", False):
+        raise ValueError(
+            "sync_ref_model=True with precompute_ref_log_probs=True: precomputed log-probs assume a fixed "
+            "reference, and syncing would make them stale. Set one of them to False (TRL refuses this too)."
+        )
+    if not config.sync_ref_model:
+        defaults = type(config).defaults()
+        changed = [n for n in ("ref_model_mixup_alpha", "ref_model_sync_steps") if getattr(config, n) != defaults[n]]
+        if changed:
+            raise ValueError(f"{' and '.join(changed)} set but sync_ref_model=False; set sync_ref_model=True.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTConfig(TrainingConfig):
     """Settings of ``SFTTrainer``: ``TrainingConfig``'s, plus the data's.
@@ -170,25 +191,7 @@ class DPOConfig(TrainingConfig):
                 f"{len(self.loss_type)} loss types {list(self.loss_type)}."
             )
         dpo_losses.loss_weights(self.loss_weight_map(), beta=self.beta, label_smoothing=self.label_smoothing)
-        self._check_sync_ref()
-
-    def _check_sync_ref(self) -> None:
-        """TR-DPO's settings: in range, and refused (not ignored) without ``sync_ref_model``."""
-        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
-            raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}.")
-        steps = self.ref_model_sync_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"ref_model_sync_steps must be an int >= 1, got {steps!r}.")
-        if self.sync_ref_model and self.precompute_ref_log_probs:
-            raise ValueError(
-                "sync_ref_model=True with precompute_ref_log_probs=True: precomputed log-probs assume a fixed "
-                "reference, and syncing would make them stale. Set one of them to False (TRL refuses this too)."
-            )
-        if not self.sync_ref_model:
-            defaults = type(self).defaults()
-            changed = [n for n in ("ref_model_mixup_alpha", "ref_model_sync_steps") if getattr(self, n) != defaults[n]]
-            if changed:
-                raise ValueError(f"{' and '.join(changed)} set but sync_ref_model=False; set sync_ref_model=True.")
+        check_sync_ref(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ import optax
 
 from kithara import sharding as sharding_lib
 from kithara.callbacks import Callback, Checkpointer, Profiler
+from kithara.callbacks.sync_ref import SyncRefModelCallback
 from kithara.models.adapters import adapter_off, frozen_copy, has_lora
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import Model, ModelVariables
@@ -145,7 +146,7 @@ class GRPOTrainer(Trainer):
             )
         self.row_length = config.max_prompt_length + config.max_completion_length
         self.need_old_logps = self.updates_per_rollout > 1 or self.scores_old_logps
-        self.reference, self._reference_variables = self._reference(policy, config.beta)
+        self.reference, self._reference_variables = self.select_reference(policy, config)
         self.rollout: Rollout | None = None
         super().__init__(
             self.trained_model(policy, config),
@@ -155,6 +156,19 @@ class GRPOTrainer(Trainer):
             callbacks=callbacks,
             args=config,
         )
+        if config.sync_ref_model:  # TR-DPO's reference sync, as TRL's GRPO / RLOO offer it
+            self.add_callback(
+                SyncRefModelCallback(
+                    self, config.ref_model_mixup_alpha, config.ref_model_sync_steps, ref_model=self.reference_model
+                )
+            )
+
+    @property
+    def reference_model(self) -> Model | None:
+        """The separate reference model whose variables are the frozen ones, if any (none
+        here: the reference is a frozen copy or the adapters off; ``OnlineDPOTrainer``'s
+        ``ref_model``)."""
+        return None
 
     @property
     def args_rl(self) -> RolloutConfig:
@@ -183,9 +197,12 @@ class GRPOTrainer(Trainer):
 
     # Set-up -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _reference(policy: KerasHubModel, beta: float) -> tuple[str, ModelVariables | None]:
-        if beta == 0:
+    def select_reference(self, policy: KerasHubModel, config: RolloutConfig) -> tuple[str, ModelVariables | None]:
+        """The KL reference (called once, in ``__init__``): ``(kind, frozen variables)``, the
+        kind one of ``"none"`` (``beta == 0``), ``"adapters_off"`` (LoRA) or ``"frozen_copy"``
+        (a copy of the starting weights, returned to pass to the steps). Objectives with
+        another reference (``OnlineDPOTrainer``'s ``ref_model``) override it."""
+        if config.beta == 0:
             return "none", None
         if has_lora(policy):
             logger.info("KL reference: the model with its LoRA adapters off.")

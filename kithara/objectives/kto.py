@@ -14,6 +14,7 @@ import keras
 import optax
 
 from kithara.callbacks import Callback, Checkpointer, Profiler
+from kithara.callbacks.sync_ref import SyncRefModelCallback
 from kithara.data.dataloader import Dataloader
 from kithara.data.sources import Source
 from kithara.data.tokenizer import Tokenizer
@@ -167,6 +168,12 @@ class UnpairedPreferenceTrainer(Trainer):
             args=config,
         )
         log_balance(train, config)
+        if config.sync_ref_model:  # TR-DPO's reference sync, as TRL's KTO offers it
+            self.add_callback(
+                SyncRefModelCallback(
+                    self, config.ref_model_mixup_alpha, config.ref_model_sync_steps, ref_model=ref_model
+                )
+            )
         if config.precompute_ref_log_probs:
             ref_vars = ref_model.variables if ref_model is not None else None
             score = jax.jit(functools.partial(self.reference_scores, self.model.variables, ref_variables=ref_vars))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from kithara.models.generation import Generator, _seed_cache, split_at_stop
+from kithara.models.generation import Generator, seed_cache, split_at_stop
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.models.model import ModelVariables
 from kithara.models.sampling import choose_tokens
@@ -104,7 +104,7 @@ class MixtureGenerator(Generator):
         caches = []
         for model, mapping in zip(models, mappings, strict=True):
             with keras.StatelessScope(state_mapping=mapping):
-                caches.append(_seed_cache(model.causal_lm, token_ids_BxT))
+                caches.append(seed_cache(model.causal_lm, token_ids_BxT))
 
         def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
             index, ids_BxT, caches, done_B, rng = carry

@@ -30,6 +30,7 @@ from kithara.models.model import Model, ModelVariables
 from kithara.objectives import dpo_losses, reference, rollouts
 from kithara.objectives.grpo import EVAL_SEED, GRPOTrainer
 from kithara.objectives.online_configs import OnlineDPOConfig
+from kithara.objectives.rl_configs import RolloutConfig
 from kithara.objectives.rollouts import Prompt, Rollout
 from kithara.trainer.config import TrainingConfig
 from kithara.trainer.losses import LossOutput
@@ -173,6 +174,11 @@ class OnlineDPOTrainer(GRPOTrainer):
             self.reward_funcs, self.reward_names, self.reward_weights = [], [], np.zeros(0)
 
     @property
+    def reference_model(self) -> Model | None:
+        """``ref_model``, when one was given."""
+        return self.ref_model
+
+    @property
     def args_online(self) -> OnlineDPOConfig:
         """``args``, typed as the online config it is."""
         return cast(OnlineDPOConfig, self.args)
@@ -184,7 +190,7 @@ class OnlineDPOTrainer(GRPOTrainer):
 
     # Set-up (GRPOTrainer's hooks) ----------------------------------------------------------
 
-    def _reference(self, policy: KerasHubModel, beta: Any) -> tuple[str, ModelVariables | None]:  # type: ignore[override]
+    def select_reference(self, policy: KerasHubModel, config: RolloutConfig) -> tuple[str, ModelVariables | None]:
         """The reference as DPO picks it: ``ref_model``, else adapters off, else a frozen copy."""
         return reference.select_reference(policy, self.ref_model, False, who=type(self).__name__)
 

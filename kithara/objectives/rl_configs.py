@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+from kithara.objectives.configs import check_sync_ref
 from kithara.trainer.config import TrainingConfig
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -19,7 +20,6 @@ _GENERATION_NOT_HERE = {
     "generation_kwargs": "set temperature, top_p, top_k, min_p and stop_token_ids directly.",
     "repetition_penalty": "not supported by kithara's decoder yet; leave it out (1.0).",
     "cache_implementation": "kithara uses keras-hub's KV cache.",
-    "sync_ref_model": "not supported yet: the reference stays the starting policy.",
     "multi_objective_aggregation": "kithara sums the weighted rewards, then normalises ('sum_then_normalize').",
     "use_transformers_paged": "kithara samples with its own jitted KV-cache decoder.",
     "chat_template_kwargs": "not supported yet: give the tokenizer the chat template you want (chat_template=).",
@@ -48,6 +48,10 @@ class RolloutConfig(TrainingConfig):
         mask_truncated_completions: TRL. No loss on completions that hit the length limit.
         reward_weights: TRL. One weight per reward function (default 1.0 each).
         beta: TRL. Weight of the KL to the reference.
+        sync_ref_model / ref_model_mixup_alpha / ref_model_sync_steps: TRL. TR-DPO: every
+            ``ref_model_sync_steps`` steps the reference becomes ``alpha * policy + (1 - alpha)
+            * reference`` (``kithara.callbacks.SyncRefModelCallback``); needs a reference of
+            its own (a frozen copy: no LoRA adapters, ``beta > 0``).
         epsilon / epsilon_high: TRL. Clipping range (``epsilon_high``: clip-higher, DAPO).
         num_generations_eval: TRL. Completions per prompt in ``evaluate()`` (default 1).
         log_completions / num_completions_to_print: TRL. Log sample completions each rollout.
@@ -77,6 +81,9 @@ class RolloutConfig(TrainingConfig):
     mask_truncated_completions: bool = False
     reward_weights: tuple[float, ...] | None = None
     beta: float = 0.0
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     epsilon: float = 0.2
     epsilon_high: float | None = None
     num_generations_eval: int | None = None
@@ -130,6 +137,12 @@ class RolloutConfig(TrainingConfig):
             raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}.")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        check_sync_ref(self)
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError(
+                "sync_ref_model=True with beta=0: without a KL term there is no reference to synchronize; "
+                "set beta > 0 or sync_ref_model=False."
+            )
         if self.stop_token_ids is not None and not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):

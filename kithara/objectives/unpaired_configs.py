@@ -8,15 +8,11 @@ from typing import ClassVar
 
 from kithara.naming import check_names
 from kithara.objectives import unpaired_losses
-from kithara.objectives.configs import check_length, normalise_length
+from kithara.objectives.configs import check_length, check_sync_ref, normalise_length
 from kithara.trainer.config import TrainingConfig
 
 SAMPLING_STRATEGIES = ("sequential", "random")
-_NO_SYNC = "TR-DPO reference syncing is not in kithara yet; train with a fixed reference."
 _COMMON_UNSUPPORTED = {
-    "sync_ref_model": _NO_SYNC,
-    "ref_model_mixup_alpha": _NO_SYNC,
-    "ref_model_sync_steps": _NO_SYNC,
     "max_prompt_length": "TRL removed it; filter or shorten long prompts in the data, or lower max_length.",
     "max_completion_length": "TRL removed it; filter long completions in the data, or lower max_length.",
     "activation_offloading": "kithara's step is one XLA program; use gradient_checkpointing to save memory.",
@@ -34,6 +30,9 @@ class _UnpairedConfig(TrainingConfig):
     truncation_mode: str = "keep_start"
     precompute_ref_log_probs: bool = False
     precompute_ref_batch_size: int | None = None
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def _normalise(self) -> None:
         super()._normalise()
@@ -46,6 +45,7 @@ class _UnpairedConfig(TrainingConfig):
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
+        check_sync_ref(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,6 +62,10 @@ class KTOConfig(_UnpairedConfig):
         max_length: TRL. Tokens per row (``None`` is refused: rows have a fixed length).
         truncation_mode: kithara. ``"keep_start"`` (TRL 1.16 truncates the end) or ``"keep_end"``.
         precompute_ref_log_probs: TRL. Reference log-probs computed once before training.
+        sync_ref_model / ref_model_mixup_alpha / ref_model_sync_steps: TRL. TR-DPO: every
+            ``ref_model_sync_steps`` steps the reference becomes ``alpha * policy + (1 - alpha)
+            * reference`` (``kithara.callbacks.SyncRefModelCallback``); needs a reference of
+            its own (a frozen copy: no LoRA adapters, no precomputed log-probs).
         precompute_ref_batch_size: TRL. Rows per reference pass when precomputing (default 8).
         train_sampling_strategy: TRL. ``"sequential"`` (TRL's KTO default and requirement
             for ``loss_type="kto"``: a batch's KL rows are its own completions rotated) or
@@ -116,6 +120,10 @@ class BCOConfig(_UnpairedConfig):
         truncation_mode: TRL. ``"keep_start"`` (kithara's default: the completion is kept)
             or ``"keep_end"`` (TRL's default; cuts the prompt's start).
         precompute_ref_log_probs: TRL. Reference log-probs computed once before training.
+        sync_ref_model / ref_model_mixup_alpha / ref_model_sync_steps: TRL. TR-DPO: every
+            ``ref_model_sync_steps`` steps the reference becomes ``alpha * policy + (1 - alpha)
+            * reference`` (``kithara.callbacks.SyncRefModelCallback``); needs a reference of
+            its own (a frozen copy: no LoRA adapters, no precomputed log-probs).
         precompute_ref_batch_size: kithara. Rows per reference pass when precomputing (default 8).
         train_sampling_strategy: kithara. ``"sequential"`` (TRL's BCO sampler) or ``"random"``.
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from kithara.data.tokenizer import Tokenizer
-from kithara.judges.model_judge import default_stop_ids
+from kithara.models.generation import default_stop_ids
 from kithara.models.keras_hub_model import KerasHubModel
 from kithara.serve.config import ServeConfig
 
