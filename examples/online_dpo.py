@@ -45,13 +45,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kithara  # noqa: E402
+from kithara import (  # noqa: E402
+    NashMDConfig,
+    NashMDTrainer,
+    OnlineDPOConfig,
+    OnlineDPOTrainer,
+    XPOConfig,
+    XPOTrainer,
+)
 from kithara.data import PromptCompletionDataset  # noqa: E402
 from kithara.judges import BasePairwiseJudge  # noqa: E402
 from kithara.models.adapters import frozen_copy  # noqa: E402
-from kithara.objectives.nash_md import NashMDTrainer  # noqa: E402
-from kithara.objectives.online_configs import NashMDConfig, OnlineDPOConfig, XPOConfig  # noqa: E402
-from kithara.objectives.online_dpo import OnlineDPOTrainer  # noqa: E402
-from kithara.objectives.xpo import XPOTrainer  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 ASSETS = Path(kithara.__file__).resolve().parent / "assets"

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
@@ -65,6 +66,44 @@ class StepPrograms:
             out_shardings=replicated,
         )
 
+    def replace_frozen(self, variables: Any, live_state: Any, *, who: str) -> None:
+        """Replaces the frozen variables the steps are passed (no recompilation): same tree
+        structure, shapes and dtypes, placed on the shardings the steps were compiled with;
+        arrays sharing memory with ``live_state`` (the train state the next step donates)
+        are copied. ``who`` names the trainer in errors."""
+        current = self.frozen
+        if current is None:
+            raise ValueError(
+                f"{who} passes no frozen variables to its steps (frozen_variables() returned None: "
+                "say, a reference that is the model with its LoRA adapters off, or precomputed log-probs), so "
+                "there is nothing to replace."
+            )
+        old, treedef = jax.tree_util.tree_flatten_with_path(current)
+        new, new_treedef = jax.tree_util.tree_flatten_with_path(variables)
+        treedef, new_treedef = cast(Any, treedef), cast(Any, new_treedef)
+        if new_treedef != treedef:
+            old_paths = [jax.tree_util.keystr(p) for p, _ in old]
+            new_paths = [jax.tree_util.keystr(p) for p, _ in new]
+            missing = sorted(set(old_paths) - set(new_paths), key=old_paths.index)
+            extra = sorted(set(new_paths) - set(old_paths), key=new_paths.index)
+            detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else "another container"
+            raise ValueError(
+                f"The new frozen variables must have the tree structure of the current ones ({len(old)} arrays); "
+                f"got {len(new)} arrays, {detail}. Build them from trainer.frozen (jax.tree.map)."
+            )
+        live = _buffers(live_state) if live_state is not None else set()
+        placed = []
+        for (path, was), (_, value) in zip(old, new, strict=True):
+            shape, dtype = tuple(np.shape(value)), np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
+            if shape != tuple(was.shape) or dtype != was.dtype:
+                raise ValueError(
+                    f"Frozen variable {jax.tree_util.keystr(path)}: got {dtype.name}{list(shape)}, the steps were "
+                    f"compiled for {np.dtype(was.dtype).name}{list(was.shape)}; cast or reshape it to match."
+                )
+            aliased = isinstance(value, jax.Array) and not _buffers(value).isdisjoint(live)
+            placed.append(jax.device_put(value, was.sharding, may_alias=False if aliased else None))
+        self.frozen = jax.tree_util.tree_unflatten(treedef, placed)
+
     def train(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         """One update of ``state`` (donated) on ``[micro_batches, rows, ...]`` arrays."""
         return self._train(state, batch, self.frozen)
@@ -98,3 +137,13 @@ def _mesh_sharding(x: Any, mesh: Mesh) -> jax.sharding.Sharding:
             "frozen model's own variable_shardings on the same mesh."
         )
     return sharding
+
+
+def _buffers(tree: Any) -> set[int]:
+    """The device buffers (addresses of this process's shards) of a pytree's arrays."""
+    return {
+        shard.data.unsafe_buffer_pointer()
+        for leaf in jax.tree.leaves(tree)
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted()
+        for shard in leaf.addressable_shards
+    }

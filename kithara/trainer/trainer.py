@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import jax
 import keras
@@ -458,38 +458,7 @@ class Trainer:
 
     @frozen.setter
     def frozen(self, variables: Any) -> None:
-        current = self._programs.frozen
-        if current is None:
-            raise ValueError(
-                f"{type(self).__name__} passes no frozen variables to its steps (frozen_variables() returned None: "
-                "say, a reference that is the model with its LoRA adapters off, or precomputed log-probs), so "
-                "there is nothing to replace."
-            )
-        old, treedef = jax.tree_util.tree_flatten_with_path(current)
-        new, new_treedef = jax.tree_util.tree_flatten_with_path(variables)
-        treedef, new_treedef = cast(Any, treedef), cast(Any, new_treedef)
-        if new_treedef != treedef:
-            old_paths = [jax.tree_util.keystr(p) for p, _ in old]
-            new_paths = [jax.tree_util.keystr(p) for p, _ in new]
-            missing = sorted(set(old_paths) - set(new_paths), key=old_paths.index)
-            extra = sorted(set(new_paths) - set(old_paths), key=new_paths.index)
-            detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else "another container"
-            raise ValueError(
-                f"The new frozen variables must have the tree structure of the current ones ({len(old)} arrays); "
-                f"got {len(new)} arrays, {detail}. Build them from trainer.frozen (jax.tree.map)."
-            )
-        live = _buffers(self.train_state) if self.train_state is not None else set()
-        placed = []
-        for (path, was), (_, value) in zip(old, new, strict=True):
-            shape, dtype = tuple(np.shape(value)), np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
-            if shape != tuple(was.shape) or dtype != was.dtype:
-                raise ValueError(
-                    f"Frozen variable {jax.tree_util.keystr(path)}: got {dtype.name}{list(shape)}, the steps were "
-                    f"compiled for {np.dtype(was.dtype).name}{list(was.shape)}; cast or reshape it to match."
-                )
-            aliased = isinstance(value, jax.Array) and not _buffers(value).isdisjoint(live)
-            placed.append(jax.device_put(value, was.sharding, may_alias=False if aliased else None))
-        self._programs.frozen = jax.tree_util.tree_unflatten(treedef, placed)
+        self._programs.replace_frozen(variables, self.train_state, who=type(self).__name__)
 
     # State ------------------------------------------------------------------------------
 
@@ -877,13 +846,3 @@ def check_signatures(trainer: Trainer) -> None:
 
 def _fmt(values: Mapping[str, float]) -> str:
     return "  ".join(f"{k}={v:.4g}" for k, v in values.items())
-
-
-def _buffers(tree: Any) -> set[int]:
-    """The device buffers (addresses of this process's shards) of a pytree's arrays."""
-    return {
-        shard.data.unsafe_buffer_pointer()
-        for leaf in jax.tree.leaves(tree)
-        if isinstance(leaf, jax.Array) and not leaf.is_deleted()
-        for shard in leaf.addressable_shards
-    }
