@@ -380,6 +380,17 @@ def test_rollout_configs_sync_the_reference_as_trl_grpo_and_rloo_do():
     )  # fmt: skip
     sync = trainer.callbacks[-1]
     assert isinstance(sync, SyncRefModelCallback) and (sync.alpha, sync.sync_steps) == (0.6, 7)
+
+    class First(kithara.judges.BasePairwiseJudge):
+        def judge(self, prompts, completions, shuffle_order=True):
+            return [0] * len(prompts)
+
+    online = kithara.OnlineDPOTrainer(
+        tiny_model(), judge=First(), train_dataset=rows, processing_class=word_tokenizer(),
+        args=kithara.OnlineDPOConfig(per_device_train_batch_size=1, max_new_tokens=4, max_length=12,
+                                     sync_ref_model=True, ref_model_sync_steps=3),
+    )  # fmt: skip
+    assert isinstance(online.callbacks[-1], SyncRefModelCallback) and online.callbacks[-1].sync_steps == 3
     with pytest.raises(ValueError, match="sync_ref_model=True with beta=0"):
         kithara.RLOOConfig(beta=0.0, sync_ref_model=True)
     with pytest.raises(ValueError, match="ref_model_mixup_alpha set but sync_ref_model=False"):
