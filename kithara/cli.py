@@ -69,7 +69,7 @@ def _add_serve_parser(sub: Any) -> None:
         default=default.stream_segment_tokens,
         help="a streamed completion is generated this many tokens at a time",
     )
-    p.add_argument("--precision", default=default.precision)
+    p.add_argument("--precision", help="compute precision (default float32; a YAML --base uses the run's)")
     p.add_argument("--sharding", help="sharding strategy of the model's mesh (dp, fsdp, fsdp_tp)")
     p.add_argument("--log-requests", action="store_true", help="log each request's prompt")
     p.add_argument("--log-level", default="INFO")

@@ -289,6 +289,14 @@ def test_bad_arguments_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"returned \[2, 2\]; a pairwise judge returns 0, 1 or -1"):
         callback.on_train_begin(step_info(0, model.variables))
 
+    class Soft(BasePairwiseJudge):  # a probability where a verdict belongs: not rounded into one
+        def judge(self, prompts, completions, shuffle_order=True):
+            return [0.9] * len(prompts)
+
+    callback = WinRateCallback(Soft(), model, tokenizer, ["hi", "ok"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"returned \[0\.9, 0\.9\]; a pairwise judge returns 0, 1 or -1"):
+        callback.on_train_begin(step_info(0, model.variables))
+
 
 def test_soft_judge_reports_the_average_win_probability(tmp_path):
     class Soft(BasePairwiseJudge):

@@ -1,6 +1,7 @@
 """Online DPO, XPO and Nash-MD: losses against TRL's lines, pair selection by judge and by
 reward (missing EOS penalty, undecided pairs), the mixture sampler, configs, and the demo."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -264,6 +265,67 @@ def test_rewards_pick_chosen_with_the_missing_eos_penalty_and_none_means_undecid
     assert trainer.make_rollout(trainer.init_state(), 1, list(range(8))).metrics["beta"] == 0.2  # epoch 1
 
 
+class SoftLongerJudge(BasePairwiseJudge):
+    """P(first is better): 0.8 when it has more words, 0.3 when fewer; -1 on a tie. Without
+    ``return_scores``, the index of the longer."""
+
+    def judge(self, prompts, completions, shuffle_order=True, return_scores=False):
+        out = []
+        for a, b in completions:
+            la, lb = len(a.split()), len(b.split())
+            out.append(-1 if la == lb else (0.8 if la > lb else 0.3) if return_scores else int(lb > la))
+        return out
+
+
+def rollout_of(trainer, perturb):
+    """A rollout of all 8 prompts and its batch, with the policy moved off the reference
+    (so the log-ratios are not all zero) when ``perturb``."""
+    state = trainer.init_state()
+    if perturb:
+        moved = {p: v * 1.1 if "kernel" in p else v for p, v in state.model.trainable.items()}
+        state = dataclasses.replace(state, model=dataclasses.replace(state.model, trainable=moved))
+    rollout = trainer.make_rollout(state, 0, list(range(8)))
+    batch = {k: jnp.asarray(v) for k, v in rollout.arrays.items()}
+    out, _ = jax.jit(lambda v, b: trainer.compute_loss(v, b, jax.random.key(0), None))(state.model, batch)
+    logps = trainer.model.token_logps(state.model, batch, batch["labels"], training=False)[0]
+    return rollout.arrays, out, np.asarray(logps, np.float64)
+
+
+def test_xpo_loss_on_a_rollout_is_dpo_plus_alpha_times_the_reference_completions_logp():
+    trainer = make(XPOTrainer, XPOConfig, judge=LongerJudge(), args={"alpha": 0.3})
+    a, out, logps = rollout_of(trainer, perturb=True)
+    mask = a["completion_mask"]
+    policy = np.where(mask, logps, 0).sum(-1).reshape(-1, 2)  # [policy completion, reference completion]
+    ref = np.where(mask, a["ref_logps"], 0).sum(-1).reshape(-1, 2)
+    r = policy - ref
+    first, valid = a["chosen_first"][0::2] > 0, a["pair_weight"][0::2] > 0
+    assert valid.any() and not valid.all()  # decided and undecided pairs both occur
+    margin = np.where(first, r[:, 0] - r[:, 1], r[:, 1] - r[:, 0])
+    expected = (np.log1p(np.exp(-0.1 * margin)) + 0.3 * policy[:, 1])[valid].sum()
+    np.testing.assert_allclose(float(out.total), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(out.sums["loss/xpo"]), (0.3 * policy[:, 1])[valid].sum(), rtol=1e-5)
+
+
+def test_nash_md_loss_on_a_rollout_uses_the_judges_probabilities_and_the_policys_row():
+    trainer = make(NashMDTrainer, NashMDConfig, judge=SoftLongerJudge())
+    a, out, logps = rollout_of(trainer, perturb=True)
+    tok, rows = trainer.tokenizer, len(a["token_ids"])
+    ids = [a["labels"][i][a["completion_mask"][i]].tolist() for i in range(rows)]
+    texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+    soft = SoftLongerJudge().judge(PROMPTS, [[texts[i], texts[i + 1]] for i in range(0, rows, 2)], return_scores=True)
+    decided = np.array([p != -1 for p in soft])
+    assert decided.any() and not decided.all()
+    np.testing.assert_array_equal(a["pair_weight"][0::2] > 0, decided)
+    np.testing.assert_allclose(a["probability"][0::2][decided], np.array(soft)[decided], rtol=1e-6)
+    mask = a["completion_mask"][0::2]  # the policy's completions
+    pol, ref = np.where(mask, logps[0::2], 0), np.where(mask, a["ref_logps"][0::2], 0)
+    assert np.abs(pol - ref).max() > 1e-3  # the policy is not the reference: the KL term counts
+    p = np.where(decided, np.array(soft, dtype=float), 0.5)
+    expected = (0.1 * ((pol - ref) * pol).sum(-1) - (p - 0.5) * pol.sum(-1))[decided].sum()
+    np.testing.assert_allclose(float(out.total), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(out.sums["loss/kl"]), (pol - ref).sum(-1)[decided].sum(), rtol=1e-5)
+
+
 class FirstJudge(BasePairwiseJudge):
     def judge(self, prompts, completions, shuffle_order=True):
         return [0] * len(prompts)
@@ -338,6 +400,8 @@ def test_configs_refuse_bad_settings_clearly():
         OnlineDPOConfig(num_iterations=2)
     with pytest.raises(ValueError, match=r"mixture_coef must be in \[0, 1\]"):
         NashMDConfig(mixture_coef=1.5)
+    with pytest.raises(ValueError, match="loss_type='ipo' would be ignored"):
+        NashMDConfig(loss_type="ipo")
     config = XPOConfig(beta=[0.1, 0.05], alpha=[1e-4], max_new_tokens=8, max_length=40)
     assert (config.beta_at(0), config.beta_at(5), config.alpha, config.max_prompt_length) == (0.1, 0.05, 1e-4, 32)
     tok, model = word_tokenizer(), tiny_model()

@@ -294,6 +294,13 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(client, server):
     assert hot.status_code == 400 and error_of(hot)["param"] == "temperature"
     unsupported = post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "logprobs": True})
     assert unsupported.status_code == 400 and error_of(unsupported)["param"] == "logprobs"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with_tools = post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "tools": tools})
+    assert with_tools.status_code == 400 and error_of(with_tools)["param"] == "tools"
+    forced = post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "tool_choice": "required"})
+    assert forced.status_code == 400 and error_of(forced)["param"] == "tool_choice"
+    huge_k = post("/v1/completions", json={"model": MODEL, "prompt": "hi", "top_k": 10**12, "max_tokens": NEW})
+    assert huge_k.status_code == 400 and error_of(huge_k)["param"] == "top_k"
     out_of_vocab = post("/v1/completions", json={"model": MODEL, "prompt": [1, 10**6], "max_tokens": NEW})
     assert out_of_vocab.status_code == 400 and error_of(out_of_vocab)["param"] == "prompt"
     nowhere = httpx.get(url + "/v1/nowhere")
@@ -322,6 +329,8 @@ def test_training_checkpoint_needs_base(tmp_path, capsys):
         load_served_model(ServeConfig(str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="max_batch_size"):
         ServeConfig("x", max_batch_size=0)
+    with pytest.raises(ValueError, match="--precision bfloat16 with a YAML --base"):
+        load_served_model(ServeConfig(str(tmp_path / "ckpt"), base=str(tmp_path / "run.yaml"), precision="bfloat16"))
 
 
 @pytest.mark.slow

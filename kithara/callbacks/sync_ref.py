@@ -48,9 +48,10 @@ class SyncRefModelCallback(Callback):
     variables are taken with the trainer's ``policy_variables`` when it has one). The mix
     runs on the step of the sync, in one jitted function (the old reference donated) whose
     result has the reference's shardings, and is assigned to ``trainer.frozen``, so the
-    steps do not recompile. DPO, KTO/BCO and the rollout trainers add this
-    callback themselves when their config's ``sync_ref_model`` is set (TRL's field). The synced reference is not checkpointed (nor is
-    TRL's): a resumed run syncs from the reference the trainer was built with.
+    steps do not recompile. DPO, KTO/BCO and the rollout trainers add this callback
+    themselves when their config's ``sync_ref_model`` is set (TRL's field). The synced
+    reference is not checkpointed (nor is TRL's): a resumed run syncs from the reference the
+    trainer was built with.
 
     Refused: a trainer without frozen variables (a reference that is the model with its
     LoRA adapters off: TRL refuses PEFT here too; precomputed log-probs), and LoRA policies

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from kithara.callbacks.base import Callback, StepInfo
 from kithara.callbacks.log_completions import CompletionGenerator, Prompt, state_variables, summary_writer
@@ -152,8 +153,9 @@ class WinRateCallback(Callback):
             winners = [0 if p > 0.5 else 1 for p in probabilities]
             soft = 1.0 - sum(probabilities) / len(probabilities)
         else:
-            winners = [int(w) for w in self.judge.judge(prompts, pairs, self.shuffle_order)]
-            self._check(winners, "verdicts", lambda w: w in (-1, 0, 1))
+            verdicts = list(self.judge.judge(prompts, pairs, self.shuffle_order))
+            self._check(verdicts, "verdicts", _is_verdict)
+            winners = [int(w) for w in verdicts]
         rate = win_rate(winners)
         self.completions, self.winner_indices = completions, winners
         self.history.append((step, rate))
@@ -176,6 +178,11 @@ class WinRateCallback(Callback):
         if bad:
             allowed = "probabilities in [0, 1]" if what == "probabilities" else "0, 1 or -1 (undecided)"
             raise ValueError(f"{name}.judge returned {bad[:3]}; a pairwise judge returns {allowed}.")
+
+
+def _is_verdict(value: Any) -> bool:
+    """0, 1 or -1 as an int (not a bool, not a float a soft judge would return)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value in (-1, 0, 1)
 
 
 def win_rate(winner_indices: Sequence[int]) -> float:

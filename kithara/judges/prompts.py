@@ -123,6 +123,11 @@ _LABELLED = re.compile(
     re.IGNORECASE,
 )
 _WRAPPING = "\"'`*_()[]{}<>. \t\r\n"
+# The reply opens with its answer, then explains (TRL's prompt: only the first character
+# counts): "1\n\nModel 0 repeats...", "0. Model 1 is wrong", "1 (model 0 is off-topic)". The
+# identifier must end there: followed by a line break, punctuation, "(" or nothing, not by
+# "or 1" ("0 or 1" is no answer), a word ("1st") or more digits ("10", "0.5").
+_LEADING = re.compile(r"^[\s\"'`*_(\[]*([01])(?!\.\d)[\"'`*_)\]]*(?=[ \t]*(?:\n|[.:,;!\u2014-]|\(|$))")
 
 
 def parse_pairwise(reply: str) -> int | None:
@@ -130,7 +135,9 @@ def parse_pairwise(reply: str) -> int | None:
     ambiguous.
 
     Read in this order: the reply is the bare identifier (``"1"``, ``" '0' "``, ``"1."``,
-    ``"**1**"``); else an answer given with a label (``"Answer: 1"``, ``"The best model is
+    ``"**1**"``); else the reply opens with it and explains after a line break, punctuation
+    or a parenthesis (``"0. Model 1 is wrong"``, ``"1 (model 0 is off-topic)"``: TRL's prompt
+    says only the first character counts); else an answer given with a label (``"Answer: 1"``, ``"The best model is
     0"``) names one identifier; else ``0`` or ``1`` stands alone in it, one of the two only
     (``"I pick model 1 because it is shorter."``, ``"response 0"``). Both as answers (``"0 or
     1"``), neither, or another number (``"2"``, ``"10"``, ``"0.5"``) give None. A reasoning
@@ -146,6 +153,9 @@ def parse_pairwise(reply: str) -> int | None:
     bare = text.strip(_WRAPPING)
     if bare in ("0", "1"):
         return int(bare)
+    leading = _LEADING.match(text)
+    if leading:
+        return int(leading.group(1))
     for pattern in (_LABELLED, _DIGIT):
         found = {int(m.group(1)) for m in pattern.finditer(text)}
         if len(found) == 1:

@@ -232,3 +232,8 @@ class NashMDConfig(OnlineDPOConfig):
         super()._validate()
         if any(not 0 <= m <= 1 for m in _values(self.mixture_coef)):
             raise ValueError(f"NashMDConfig.mixture_coef must be in [0, 1], got {self.mixture_coef}.")
+        if self.loss_type != type(self).defaults()["loss_type"]:
+            raise ValueError(
+                f"NashMDConfig.loss_type={self.loss_type!r} would be ignored: Nash-MD's loss is its own (the "
+                "preference REINFORCE term and the KL estimate; TRL ignores loss_type there too). Leave it out."
+            )

@@ -30,8 +30,10 @@ class ServeConfig:
         batch_wait_ms: after the first request of a batch arrives, wait this long for others.
         stream_segment_tokens: a streamed completion is generated this many tokens at a time,
             each segment's text sent when it is done.
-        precision: the model's compute precision (``"float32"``, ``"bfloat16"``, ...).
-        sharding: a kithara sharding strategy name for the model's mesh (default: kithara's).
+        precision: the model's compute precision (``"float32"``, ``"bfloat16"``, ...); None is
+            ``"float32"``, or the run's with a YAML ``base`` (which then refuses another).
+        sharding: a kithara sharding strategy name for the model's mesh (default: kithara's, or
+            the run's with a YAML ``base``, which then refuses another).
         log_requests: log each request's prompt text and sampling settings at INFO.
 
     Example:
@@ -49,7 +51,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     batch_wait_ms: float = 5.0
     stream_segment_tokens: int = 16
-    precision: str = "float32"
+    precision: str | None = None
     sharding: str | None = None
     log_requests: bool = False
 

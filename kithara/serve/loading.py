@@ -75,13 +75,21 @@ def load_served_model(config: ServeConfig) -> ServedModel:
         )
     base = Path(config.base).expanduser() if config.base else None
     if base is not None and base.suffix in (".yaml", ".yml"):
+        given = [f"--{n} {getattr(config, n)}" for n in ("precision", "sharding") if getattr(config, n) is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} with a YAML --base: the model is built as the run {base} built it (its "
+                "model.precision and model.sharding); set them there, or leave the flags out."
+            )
         model, tokenizer = _from_run_config(base, config.tokenizer)
         architecture = f"the model of {base}"
     else:
         architecture_dir = base or model_dir
         if not architecture_dir.exists():
             raise FileNotFoundError(f"--base directory {config.base!r} does not exist.")
-        model = KerasHubModel.from_preset(str(architecture_dir), precision=config.precision, sharding=config.sharding)
+        model = KerasHubModel.from_preset(
+            str(architecture_dir), precision=config.precision or "float32", sharding=config.sharding
+        )
         tokenizer = _load_tokenizer(config.tokenizer, [model_dir, architecture_dir])
         architecture = f"the architecture of {architecture_dir}"
     source = str(model_dir)

@@ -62,7 +62,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: OpenAI's default, 1
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # an extra (vLLM's name); 0 or None keeps every token
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)  # an extra (vLLM's name); 0 or None keeps every token
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # an extra (vLLM's name)
     n: int = Field(1, ge=1)
     seed: int | None = None
@@ -119,10 +119,15 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
         names = super().unsupported() + (["logprobs"] if self.logprobs else [])
+        names += [n for n in ("tools", "functions") if getattr(self, n)]
+        names += [n for n in ("tool_choice", "function_call") if getattr(self, n) not in (None, "none", "auto")]
         if self.response_format and self.response_format.get("type", "text") != "text":
             names.append("response_format")
         return names
