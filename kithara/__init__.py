@@ -44,6 +44,7 @@ from kithara.models import (
     Model,
     ModelVariables,
     ScalarHeadModel,
+    ScaleConfig,
 )
 from kithara.objectives import (
     BCOTrainer,
@@ -132,6 +133,7 @@ __all__ = [
     "SFTConfig",
     "SFTTrainer",
     "ScalarHeadModel",
+    "ScaleConfig",
     "ShardingStrategy",
     "StepInfo",
     "SyncRefModelCallback",

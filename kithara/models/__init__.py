@@ -6,6 +6,7 @@ from kithara.models.lora import LoraConfig
 from kithara.models.model import Model, ModelVariables
 from kithara.models.precision import PRECISIONS
 from kithara.models.scalar_head import ScalarHeadModel
+from kithara.models.scale_config import ScaleConfig
 from kithara.models.seq2seq_model import SEQ2SEQ_FAMILIES, KerasHubSeq2SeqModel
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "Model",
     "ModelVariables",
     "ScalarHeadModel",
+    "ScaleConfig",
 ]

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kithara import sharding as sharding_lib
-from kithara.models import hf, segments
+from kithara.models import decoder_seam, hf, segments
 from kithara.models.building import (
     UNSUPPORTED_LOAD_OPTIONS,
     backbone_from_config,
@@ -43,6 +43,7 @@ from kithara.models.logprobs import chunked_token_logps
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
+from kithara.models.scale_config import ScaleConfig
 from kithara.models.sampling import check_sampling
 from kithara.naming import check_names
 
@@ -68,6 +69,9 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         family: a name for summaries (defaults to the task class name).
         hf_config: the Hugging Face ``config.json`` the weights came from (set by
             ``from_preset``); ``save_in_hf_format`` writes it back.
+        scale: memory and compile-time options of the training forward pass (remat, layer
+            scan, attention kernel, activation sharding; see ``ScaleConfig`` and
+            docs/scale.md). Settable later through ``model.scale``.
 
     Example:
         >>> model = KerasHubModel.from_config(
@@ -86,6 +90,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         lora: LoraConfig | None = None,
         family: str | None = None,
         hf_config: Mapping[str, Any] | None = None,
+        scale: ScaleConfig | None = None,
     ) -> None:
         if not isinstance(causal_lm, keras_hub.models.CausalLM):
             raise TypeError(f"causal_lm must be a keras_hub.models.CausalLM, got {type(causal_lm).__name__}.")
@@ -100,6 +105,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         self._mesh = self.strategy.make_mesh()
         self._lora_layers = 0
         self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
+        self.scale = scale if scale is not None else ScaleConfig()
         if lora is not None:
             names = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
             self._lora_layers = enable_lora(self.backbone, lora, layer_layout(names))
@@ -121,6 +127,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         sharding: str | sharding_lib.ShardingStrategy | None = None,
         lora: LoraConfig | None = None,
         seed: int = 0,
+        scale: ScaleConfig | None = None,
         **backbone_kwargs: Any,
     ) -> KerasHubModel:
         """A randomly initialised model of ``family`` (``llama3``, ``gemma``, ``gemma2``,
@@ -140,7 +147,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             causal_lm = getattr(keras_hub.models, get_family(family).causal_lm_class)(
                 backbone=backbone, preprocessor=None
             )
-        return cls(causal_lm, sharding=sharding, lora=lora, family=family)
+        return cls(causal_lm, sharding=sharding, lora=lora, family=family, scale=scale)
 
     @classmethod
     def from_preset(
@@ -151,6 +158,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         sharding: str | sharding_lib.ShardingStrategy | None = None,
         lora: LoraConfig | None = None,
         load_preprocessor: bool = False,
+        scale: ScaleConfig | None = None,
         **kwargs: Any,
     ) -> KerasHubModel:
         """Loads a keras-hub preset directory or a local Hugging Face checkpoint directory
@@ -181,7 +189,14 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
                 causal_lm, hf_config = hf.load_causal_lm(
                     handle, dtype=keras_policy(precision), load_preprocessor=load_preprocessor
                 )
-            model = cls(causal_lm, sharding=sharding, lora=lora, family=hf_config["model_type"], hf_config=hf_config)
+            model = cls(
+                causal_lm,
+                sharding=sharding,
+                lora=lora,
+                family=hf_config["model_type"],
+                hf_config=hf_config,
+                scale=scale,
+            )
             # Sampling defaults and extra stop ids (Llama 3 Instruct's <|eot_id|>) live only
             # here; keep them so an export writes them back.
             generation = Path(handle) / "generation_config.json"
@@ -193,7 +208,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         with host_device():
             causal_lm = keras_hub.models.CausalLM.from_preset(handle, dtype=keras_policy(precision), **kwargs)
         match_layers_to_backbone(causal_lm.backbone)
-        return cls(causal_lm, sharding=sharding, lora=lora)
+        return cls(causal_lm, sharding=sharding, lora=lora, scale=scale)
 
     @property
     def mesh(self) -> Mesh:
@@ -204,7 +219,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         trainable = [variables.trainable[p] for p in self._trainable_paths]
         non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
-        with self._packed(inputs):
+        with self._packed(inputs), self._decoder_run():
             logits, new_non_trainable = self.causal_lm.stateless_call(
                 trainable, non_trainable, _model_inputs(inputs), training=training
             )
@@ -225,13 +240,35 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         segments.install()
         return segments.packed_inputs(inputs["segment_ids"], inputs["positions"])
 
+    @property
+    def scale(self) -> ScaleConfig:
+        """The memory and compile-time options of the training forward pass (docs/scale.md)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, options: ScaleConfig) -> None:
+        if not isinstance(options, ScaleConfig):
+            raise TypeError(f"scale must be a kithara.ScaleConfig, got {type(options).__name__}.")
+        self._scale = options
+
+    def _decoder_run(self) -> contextlib.AbstractContextManager[Any]:
+        """The decoder-block seam with this model's ``scale`` options (see ``decoder_seam``)."""
+        layers = list(getattr(self.backbone, "transformer_layers", []))
+        if not layers or not isinstance(layers[0], tuple(cls for cls, _ in decoder_seam.DECODER_BLOCKS)):
+            return contextlib.nullcontext()
+        return decoder_seam.decoder_run(self._scale, self._mesh, layers)
+
     def hidden_states(
         self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``,
         the final-norm hidden states the LM head turns into ``apply``'s logits (a value head
         for PPO goes on these). Same ``inputs`` as ``apply``, packed ones included."""
-        with self._packed(inputs), keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope:
+        with (
+            self._packed(inputs),
+            self._decoder_run(),
+            keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope,
+        ):
             hidden_BxLxH = self.backbone(_model_inputs(inputs), training=training)
             new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
         return hidden_BxLxH, new_non_trainable

@@ -129,7 +129,17 @@ class TrainingConfig:
             ``"mixed_bfloat16"``); when ``False`` the model keeps its own precision (TRL: ``True``
             unless ``fp16``).
         fp16: TRL. Not supported yet (float16 needs loss scaling); must stay ``False``.
-        gradient_checkpointing: TRL. Not supported yet; must stay ``False`` (TRL: ``True``).
+        gradient_checkpointing: TRL. Recompute each decoder block in the backward pass instead
+            of keeping its activations: sets the model's ``ScaleConfig(remat="full")`` when the
+            model's own policy is ``"none"`` (a named policy set on the model is kept). See
+            docs/scale.md.
+        loss_chunk_size: kithara. Compute the loss's log-softmax (and the LM-head matmul) this many
+            sequence positions at a time, never holding float32 ``[batch, length, vocab]`` logits
+            (SFT, DPO and the other log-prob losses); ``None``: whole sequences (docs/scale.md).
+        offload_optimizer: kithara (DeepSpeed ZeRO's name). Keep the optimizer state in host memory
+            (``pinned_host``) between steps where the backend has memory kinds (docs/scale.md).
+        offload_params: kithara (DeepSpeed ZeRO's name). Keep the trainable (master) weights in
+            host memory between steps where the backend has memory kinds (docs/scale.md).
         seed: TRL. Seed of data shuffling and the step RNG (TRL: 42).
         report_to: TRL. Where metrics go: ``"tensorboard"`` (TRL: ``"none"``), ``"wandb"``
             (Weights & Biases, the ``wandb`` extra), ``"mlflow"`` (the ``mlflow`` extra), a list
@@ -190,6 +200,9 @@ class TrainingConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    loss_chunk_size: int | None = None
+    offload_optimizer: bool = False
+    offload_params: bool = False
     seed: int = 0
     report_to: str | Sequence[str] = "tensorboard"
     run_name: str | None = None
@@ -437,8 +450,7 @@ class TrainingConfig:
             raise NotImplementedError(
                 "fp16=True: float16 training with loss scaling is not supported yet; use bf16=True or float32."
             )
-        if self.gradient_checkpointing:
-            raise NotImplementedError("gradient_checkpointing=True is not supported yet; leave it False.")
+        _at_least(1, loss_chunk_size=self.loss_chunk_size)
 
     def _validate_optimizer(self) -> None:
         if self.optim not in OPTIMIZERS:
