@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -73,11 +73,14 @@ class DecoderRun:
         options: the model's ``ScaleConfig``.
         mesh: the mesh the model lives on (activation shardings are on it).
         layers: the backbone's decoder blocks in order (``layer_scan`` needs them all).
+        inputs: the model inputs of this pass (``token_ids``, ``padding_mask`` and, packed,
+            ``segment_ids`` / ``positions``), for kernels that need them (attention).
     """
 
     options: ScaleConfig
     mesh: Mesh
     layers: list[Any]
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Set by layer_scan: id(layer) of blocks already computed inside a scan in this pass.
     done: set[int] = dataclasses.field(default_factory=set)
 
@@ -112,10 +115,10 @@ def current() -> DecoderRun | None:
 
 
 @contextlib.contextmanager
-def decoder_run(options: ScaleConfig, mesh: Mesh, layers: list[Any]) -> Iterator[DecoderRun]:
+def decoder_run(options: ScaleConfig, mesh: Mesh, layers: list[Any], inputs: Mapping[str, Any]) -> Iterator[DecoderRun]:
     """Makes the covered decoder blocks run with ``options`` while the block is traced."""
     install()
-    token = _CURRENT.set(DecoderRun(options, mesh, list(layers)))
+    token = _CURRENT.set(DecoderRun(options, mesh, list(layers), dict(inputs)))
     try:
         yield _CURRENT.get()  # type: ignore[misc]
     finally:

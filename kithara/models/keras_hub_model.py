@@ -43,8 +43,8 @@ from kithara.models.logprobs import chunked_token_logps
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
-from kithara.models.scale_config import ScaleConfig
 from kithara.models.sampling import check_sampling
+from kithara.models.scale_config import ScaleConfig
 from kithara.naming import check_names
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         trainable = [variables.trainable[p] for p in self._trainable_paths]
         non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
-        with self._packed(inputs), self._decoder_run():
+        with self._packed(inputs), self._decoder_run(inputs):
             logits, new_non_trainable = self.causal_lm.stateless_call(
                 trainable, non_trainable, _model_inputs(inputs), training=training
             )
@@ -251,12 +251,12 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             raise TypeError(f"scale must be a kithara.ScaleConfig, got {type(options).__name__}.")
         self._scale = options
 
-    def _decoder_run(self) -> contextlib.AbstractContextManager[Any]:
+    def _decoder_run(self, inputs: Mapping[str, jax.Array]) -> contextlib.AbstractContextManager[Any]:
         """The decoder-block seam with this model's ``scale`` options (see ``decoder_seam``)."""
         layers = list(getattr(self.backbone, "transformer_layers", []))
         if not layers or not isinstance(layers[0], tuple(cls for cls, _ in decoder_seam.DECODER_BLOCKS)):
             return contextlib.nullcontext()
-        return decoder_seam.decoder_run(self._scale, self._mesh, layers)
+        return decoder_seam.decoder_run(self._scale, self._mesh, layers, inputs)
 
     def hidden_states(
         self, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool
@@ -266,7 +266,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         for PPO goes on these). Same ``inputs`` as ``apply``, packed ones included."""
         with (
             self._packed(inputs),
-            self._decoder_run(),
+            self._decoder_run(inputs),
             keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope,
         ):
             hidden_BxLxH = self.backbone(_model_inputs(inputs), training=training)
