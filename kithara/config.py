@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kithara.models.lora import LoraConfig
+from kithara.models.scale_config import ScaleConfig
 from kithara.naming import check_names, suggest
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
 from kithara.objectives.preference_configs import CPOConfig, ORPOConfig
@@ -75,6 +76,8 @@ class ModelConfig:
     sharding: str = "fsdp"  # dp | fsdp | fsdp_tp
     tensor_parallel: int = 1
     seed: int = 0  # cycle with two models: model B uses seed + 1
+    # remat, scan_layers, attention, attention_chunk_size, activation_sharding (docs/scale.md)
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
 
 
 @dataclasses.dataclass

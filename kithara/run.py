@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,6 +19,7 @@ from kithara.data.sources import load_source
 from kithara.data.tokenizer import Tokenizer
 from kithara.logs import set_verbosity
 from kithara.models.keras_hub_model import KerasHubModel
+from kithara.models.scale_config import ScaleConfig
 from kithara.objectives.bco import BCOTrainer
 from kithara.objectives.configs import CycleConfig, IterativeSFTConfig, SFTConfig
 from kithara.objectives.cpo import CPOTrainer
@@ -69,8 +71,11 @@ def build_model(config: RunConfig, vocab_size: int | None = None, seed_offset: i
     m = config.model
     strategy = ShardingStrategy(m.sharding, tensor_parallel=m.tensor_parallel)
     precision = m.precision or "float32"  # load_config sets it (from args.bf16 when unset)
+    scale = ScaleConfig(**dataclasses.asdict(m.scale))  # validated again: the YAML bypasses __post_init__
     if m.preset:
-        return KerasHubModel.from_preset(m.preset, precision=precision, sharding=strategy, lora=config.lora.build())
+        return KerasHubModel.from_preset(
+            m.preset, precision=precision, sharding=strategy, lora=config.lora.build(), scale=scale
+        )
     if m.vocab_size is None and vocab_size is None:
         raise ValueError("Set model.vocab_size or give a tokenizer (data.tokenizer).")
     if m.vocab_size is not None and vocab_size is not None and m.vocab_size < vocab_size:
@@ -92,6 +97,7 @@ def build_model(config: RunConfig, vocab_size: int | None = None, seed_offset: i
         sharding=strategy,
         lora=config.lora.build(),
         seed=m.seed + seed_offset,
+        scale=scale,
     )
 
 
