@@ -31,7 +31,7 @@ def test_scale_config_refuses_bad_values(kwargs, error, match):
 def test_scale_setter_checks_type():
     model = tiny_model()
     assert model.scale == kithara.ScaleConfig()
-    with pytest.raises(TypeError, match="kithara.ScaleConfig"):
+    with pytest.raises(TypeError, match=r"kithara\.ScaleConfig"):
         model.scale = {"remat": "full"}
 
 
