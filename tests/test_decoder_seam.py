@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import pattern_examples, tiny_model, tiny_seq2seq
 
 import kithara
 from kithara.config import DEMO_CONFIG, load_config
@@ -81,3 +81,16 @@ def test_options_change_no_variable():
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert dataclasses.asdict(scaled.scale)["scan_layers"] is True
+
+
+def test_loss_chunk_size_is_refused_where_it_would_do_nothing():
+    examples = pattern_examples(8, length=8)
+    loader = kithara.Dataloader(examples, 1, seed=0)
+    with pytest.raises(ValueError, match="computes its logits whole"):
+        kithara.Trainer(tiny_seq2seq(), kithara.optimizers.adamw(1e-2), loader, loss_chunk_size=4, progress_bar=False)
+    with pytest.raises(ValueError, match="logprob_chunk_size"):
+        kithara.GRPOConfig(loss_chunk_size=8)
+    for config in (kithara.RewardConfig, kithara.PRMConfig):
+        with pytest.raises(ValueError, match="a reward model's head has none"):
+            config(loss_chunk_size=8)
+    assert tiny_model().supports_chunked_loss

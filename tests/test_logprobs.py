@@ -176,10 +176,11 @@ def test_logps_and_entropy_ignore_zero_probability_tokens():
 
 def test_chunked_head_needs_a_fraction_of_the_memory():
     """XLA's compiled temp memory for the forward and for the gradient of sum(logps): vocab
-    4096 against hidden 32, batch 8 x length 256 (inputs unsharded: every device holds the
-    whole batch's activations). The full version holds float32 [8, 256, 4096] logits
-    (32 MiB) several times over; chunks of 16 add little to what the backbone alone needs."""
-    model = tiny_model(seed=7, vocab_size=4096, num_layers=1)
+    4096 against hidden 32, batch 8 x length 256 (inputs unsharded and activations not held to
+    the batch sharding: every device holds the whole batch's activations). The full version holds
+    float32 [8, 256, 4096] logits (32 MiB) several times over; chunks of 16 add little to what the
+    backbone alone needs."""
+    model = tiny_model(seed=7, vocab_size=4096, num_layers=1, scale=kithara.ScaleConfig(activation_sharding=False))
     inputs, labels = batch_of(vocab=4096, length=256)
     weights = jnp.asarray(inputs["padding_mask"], jnp.float32)
 

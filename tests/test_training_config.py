@@ -137,7 +137,11 @@ def test_trl_spellings_of_values_are_normalised():
         (dict(max_steps=10, num_train_epochs=2), ValueError, r"Set max_steps \(10\) or num_train_epochs \(2\)"),
         (dict(fp16=True), NotImplementedError, "float16 training with loss scaling is not supported yet"),
         (dict(fp16=True, bf16=True), ValueError, "bf16 or fp16, not both"),
-        (dict(gradient_checkpointing=True), NotImplementedError, "gradient_checkpointing=True is not supported yet"),
+        (
+            dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+            TypeError,
+            r"'gradient_checkpointing_kwargs' is not supported: torch.utils.checkpoint's options",
+        ),
         (dict(learning_rate="1e-5"), ValueError, r"TrainingConfig.learning_rate must be float, got '1e-5' \(str\)"),
         (dict(per_device_train_batch_size=True), ValueError, "per_device_train_batch_size must be int"),
         (dict(per_device_train_batch_size=0), ValueError, "per_device_train_batch_size must be >= 1"),
@@ -240,6 +244,7 @@ def test_trl_field_names_exist_in_transformers():
     ours = {f.name for f in dataclasses.fields(TrainingConfig)}
     kithara_own = {"eval_epochs", "max_eval_samples", "resume", "profile_start_step", "profile_num_steps"}
     kithara_own |= {"peak_flops_per_device", "warmup_ratio", "logging_dir", "skip_bad_rows"}
+    kithara_own |= {"loss_chunk_size", "offload_optimizer", "offload_params"}
     theirs = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     assert ours - kithara_own <= theirs
 

@@ -399,6 +399,8 @@ def checksums(tree: Any) -> dict[str, list[int]]:
 @jax.jit
 def _device_checksums(named: dict[str, jax.Array]) -> dict[str, jax.Array]:
     def one(x: jax.Array) -> jax.Array:
+        if jax.typeof(x).memory_space == jax.memory.Space.Host:  # offloaded state (kithara.trainer.offload)
+            x = jax.device_put(x, jax.memory.Space.Device)
         # Shape-preserving ops only: flattening an array sharded on a non-leading axis would
         # make XLA gather the whole array onto every device.
         if x.dtype == jnp.bool_:

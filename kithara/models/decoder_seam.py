@@ -142,7 +142,7 @@ def install() -> None:
             return
         for cls, cache_arg in DECODER_BLOCKS:
             _ORIGINALS[cls] = cls.__dict__["call"]
-            cls.call = _wrap_call(cls.__dict__["call"], cache_arg)
+            setattr(cls, "call", _wrap_call(cls.__dict__["call"], cache_arg))  # noqa: B010
 
 
 def _wrap_call(original: Callable[..., Any], cache_arg: str) -> Callable[..., Any]:

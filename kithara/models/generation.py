@@ -97,6 +97,9 @@ class DecodePrograms(abc.ABC):
         so changing them does not recompile); returns the token ids on the host."""
         if len(stop_token_ids) > MAX_STOP_TOKENS:
             raise ValueError(f"At most {MAX_STOP_TOKENS} stop_token_ids, got {len(stop_token_ids)}.")
+        from kithara.trainer.offload import device_copy  # here: kithara.trainer imports the models
+
+        variables = device_copy(variables)  # weights a trainer offloaded to host memory (a train state's)
         stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
         stops[: len(stop_token_ids)] = list(stop_token_ids)
         greedy = not temperature

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kithara import sharding as sharding_lib
-from kithara.models import decoder_seam, hf, segments
+from kithara.models import attention, decoder_seam, hf, segments
 from kithara.models.building import (
     UNSUPPORTED_LOAD_OPTIONS,
     backbone_from_config,
@@ -39,7 +40,7 @@ from kithara.models.generation import (
     split_at_stop,
 )
 from kithara.models.keras_variables import KerasVariables
-from kithara.models.logprobs import chunked_token_logps
+from kithara.models.logprobs import LinearHead, chunked_token_logps, chunked_token_stats
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
@@ -256,6 +257,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         layers = list(getattr(self.backbone, "transformer_layers", []))
         if not layers or not isinstance(layers[0], tuple(cls for cls, _ in decoder_seam.DECODER_BLOCKS)):
             return contextlib.nullcontext()
+        attention.install()
         return decoder_seam.decoder_run(self._scale, self._mesh, layers, inputs)
 
     def hidden_states(
@@ -304,6 +306,50 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             hidden_BxLxH, lambda h: self.lm_head(variables, h), labels_BxL, chunk_size
         )
         return logps_BxL, entropy_BxL, new_non_trainable
+
+    def token_stats(
+        self,
+        variables: ModelVariables,
+        inputs: Mapping[str, jax.Array],
+        labels_BxL: jax.Array,
+        *,
+        training: bool,
+        stats: Sequence[str] = ("logps",),
+        chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """``Model.token_stats`` without float32 ``[batch, length, vocab]`` logits: the backbone
+        runs once, then the LM head and the float32 log-softmax run ``chunk_size`` positions
+        (``None``: as ``token_logps``) and, with ``vocab_chunk_size``, that many vocabulary
+        entries at a time, rematerialised in the backward pass (``kithara.models.logprobs``)."""
+        hidden_BxLxH, new_non_trainable = self.hidden_states(variables, inputs, training=training)
+        head = (
+            self.linear_head(variables) if vocab_chunk_size is not None else functools.partial(self.lm_head, variables)
+        )
+        out = chunked_token_stats(hidden_BxLxH, head, labels_BxL, chunk_size, stats, vocab_chunk_size=vocab_chunk_size)
+        return out, new_non_trainable
+
+    def linear_head(self, variables: ModelVariables) -> LinearHead:
+        """``lm_head`` as a ``LinearHead`` (its kernel in the compute dtype, its soft-cap), which
+        can be computed a slice of the vocabulary at a time."""
+        embedding = self.backbone.token_embedding
+        if not isinstance(embedding, keras.layers.ReversibleEmbedding) or embedding.quantization_mode is not None:
+            raise ValueError(
+                f"vocab_chunk_size needs an unquantized keras ReversibleEmbedding LM head; "
+                f"{type(self.backbone).__name__} has {type(embedding).__name__} "
+                f"(quantization {embedding.quantization_mode!r}). Leave vocab_chunk_size=None."
+            )
+        dtype = embedding.reverse_dtype or embedding.compute_dtype
+        with keras.StatelessScope(state_mapping=self.state_mapping(variables)):
+            if embedding.tie_weights:
+                kernel_HxV = keras.ops.transpose(embedding.embeddings)
+            else:
+                kernel_HxV = keras.ops.convert_to_tensor(embedding.reverse_embeddings)
+        return LinearHead(kernel_HxV.astype(dtype), embedding.logit_soft_cap, dtype)
+
+    @property
+    def supports_chunked_loss(self) -> bool:
+        return True
 
     @property
     def supports_packing(self) -> bool:

@@ -3,17 +3,23 @@
 ``KerasHubModel`` (causal) and ``KerasHubSeq2SeqModel`` both keep their keras variables
 this way; this base holds the indexing, placement and the ``variables`` /
 ``variable_shardings`` half of the ``Model`` contract once.
+
+A model built inside ``unallocated()`` is abstract: nothing is allocated and its
+``variables`` are ``jax.ShapeDtypeStruct``s carrying their shardings, enough to lower and
+compile a train step ahead of time for a size that would not fit here (bench/scale.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import keras
 import numpy as np
 from jax.sharding import NamedSharding
+from keras.src.backend.common import global_state
 
 from kithara import sharding as sharding_lib
 from kithara.models.model import Model, ModelVariables
@@ -48,8 +54,8 @@ class KerasVariables(Model):
     @property
     def variables(self) -> ModelVariables:
         return ModelVariables(
-            trainable={p: self._by_path[p].value for p in self._trainable_paths},
-            non_trainable={p: self._by_path[p].value for p in self._non_trainable_paths},
+            trainable={p: self._value(p) for p in self._trainable_paths},
+            non_trainable={p: self._value(p) for p in self._non_trainable_paths},
         )
 
     @variables.setter
@@ -67,6 +73,13 @@ class KerasVariables(Model):
                 raise ValueError(f"Variable {path}: shape {tuple(value.shape)} does not match {tuple(variable.shape)}.")
             variable.assign(value)
 
+    def _value(self, path: str) -> Any:
+        """The variable's array, or for one built in ``unallocated()`` its shape, dtype and sharding."""
+        variable = self._by_path[path]
+        if not is_allocated(variable):
+            return jax.ShapeDtypeStruct(tuple(variable.shape), variable.dtype, sharding=self._shardings[path])
+        return variable.value
+
     @property
     def variable_shardings(self) -> ModelVariables:
         return ModelVariables(
@@ -76,11 +89,44 @@ class KerasVariables(Model):
 
 
 def place_variables(by_path: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> None:
-    """Moves every keras variable onto its sharding, one device shard at a time."""
+    """Moves every keras variable onto its sharding, one device shard at a time (those built
+    in ``unallocated()`` stay unallocated)."""
     for path, variable in by_path.items():
+        if not is_allocated(variable):
+            continue
         sharding = shardings[path]
         value = variable.value
         if getattr(value, "sharding", None) == sharding:
             continue
         host = np.asarray(value)
         variable.assign(jax.make_array_from_callback(host.shape, sharding, host.__getitem__))
+
+
+@contextlib.contextmanager
+def unallocated() -> Iterator[None]:
+    """Keras variables created inside are never allocated, so a model whose backbone is
+    built here (an 8B shape on a small host, say) is abstract: its ``variables`` are
+    ``jax.ShapeDtypeStruct``s with their shardings, for ``jax.jit(...).lower(...).compile()``
+    ahead of time (``memory_analysis()``, on a TPU topology's devices even without a TPU).
+    Such a model cannot run eagerly, generate, take new variable values or be saved.
+    Build only the backbone inside: keras-hub's task constructor makes a concrete variable.
+
+    Example:
+        >>> with unallocated():
+        ...     backbone = keras_hub.models.Llama3Backbone(vocabulary_size=128256, num_layers=32, ...)
+        >>> model = KerasHubModel(keras_hub.models.Llama3CausalLM(backbone, preprocessor=None))
+    """
+    pending = global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
+    before = len(pending)
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        # keras would initialize (allocate) them when the next outermost stateless scope
+        # closes, which every traced stateless_call opens: forget them instead.
+        del pending[before:]
+
+
+def is_allocated(variable: keras.Variable) -> bool:
+    """False for a variable created in ``unallocated()`` (keras holds its initializer, no value)."""
+    return getattr(variable, "_value", None) is not None

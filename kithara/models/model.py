@@ -5,13 +5,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
-from kithara.models.logprobs import logps_and_entropy
+from kithara.models.logprobs import logps_and_entropy, token_stats
 
 
 @jax.tree_util.register_dataclass
@@ -88,6 +88,31 @@ class Model(abc.ABC):
         logps_BxL, entropy_BxL = logps_and_entropy(logits_BxLxV, labels_BxL)
         return logps_BxL, entropy_BxL, new_non_trainable
 
+    def token_stats(
+        self,
+        variables: ModelVariables,
+        inputs: Mapping[str, jax.Array],
+        labels_BxL: jax.Array,
+        *,
+        training: bool,
+        stats: Sequence[str] = ("logps",),
+        chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Pure: ``({name: [B, L]}, new_non_trainable)``, the per-position ``stats`` of
+        ``log_softmax(logits)`` at ``labels_BxL`` that losses need, names from
+        ``kithara.models.logprobs.STATS``: ``logps`` (as ``token_logps``), ``entropy``,
+        ``correct`` (the label's logit is the largest) and ``logit_mean``; float32.
+
+        This default runs ``apply`` and so holds the full ``[batch, length, vocab]`` logits;
+        the chunk sizes are ignored. Models that can split off their output head override it
+        to compute the same values ``chunk_size`` positions (and ``vocab_chunk_size`` tokens
+        of the vocabulary) at a time: ``TrainingConfig.loss_chunk_size`` (docs/scale.md).
+        """
+        del chunk_size, vocab_chunk_size
+        logits_BxLxV, new_non_trainable = self.apply(variables, inputs, training=training)
+        return token_stats(logits_BxLxV, labels_BxL, stats), new_non_trainable
+
     @abc.abstractmethod
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
         """Model FLOPs for one token at this sequence length (forward, or forward+backward)."""
@@ -102,6 +127,12 @@ class Model(abc.ABC):
         they are in ``apply``'s inputs, so each example's logits equal those of the example run alone.
         A model that returns False must reject inputs carrying ``segment_ids``.
         """
+        return False
+
+    @property
+    def supports_chunked_loss(self) -> bool:
+        """Whether ``token_stats`` / ``token_logps`` honour their chunk sizes (an LM head that can
+        run on a slice of the positions); ``TrainingConfig.loss_chunk_size`` is refused otherwise."""
         return False
 
     @property

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import keras
@@ -21,6 +22,7 @@ from kithara.models.keras_variables import KerasVariables
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.scalar_head_hf import HuggingFaceClassifier
+from kithara.models.scale_config import ScaleConfig
 from kithara.models.score_head import HEAD_NAME, INPUTS, TASKS, ScoreHead, check_inputs, last_token_scores
 
 __all__ = ["HEAD_NAME", "TASKS", "ScalarHeadModel", "ScoreHead", "last_token_scores"]
@@ -170,6 +172,7 @@ class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
                 f"The head kernel was built as {head_path!r}; a backbone layer may be named {HEAD_NAME!r}."
             )
         self._index_variables(self.keras_model)
+        self._scale = ScaleConfig()
 
     @classmethod
     def from_config(
@@ -258,11 +261,27 @@ class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
             initial=_Copies(values),
             hf_config=getattr(model, "hf_config", None),
         )
+        copy.scale = model.scale  # the same remat, scan and attention options as the source
         return copy
 
     @property
     def mesh(self) -> Mesh:
         return self._mesh
+
+    @property
+    def scale(self) -> ScaleConfig:
+        """The memory and compile-time options of the backbone's training forward pass, as
+        ``KerasHubModel.scale`` (its decoder blocks go through the same seam; docs/scale.md)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, options: ScaleConfig) -> None:
+        if not isinstance(options, ScaleConfig):
+            raise TypeError(f"scale must be a kithara.ScaleConfig, got {type(options).__name__}.")
+        self._scale = options
+
+    def _decoder_run(self, inputs: Mapping[str, Any]) -> contextlib.AbstractContextManager[Any]:
+        return KerasHubModel._decoder_run(cast(Any, self), inputs)
 
     def apply(
         self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool
@@ -275,9 +294,10 @@ class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
         model_inputs = check_inputs(inputs)
         trainable = [variables.trainable[p] for p in self._trainable_paths]
         non_trainable = [variables.non_trainable[p] for p in self._non_trainable_paths]
-        scores, new_non_trainable = self.keras_model.stateless_call(
-            trainable, non_trainable, model_inputs, training=training
-        )
+        with self._decoder_run(model_inputs):
+            scores, new_non_trainable = self.keras_model.stateless_call(
+                trainable, non_trainable, model_inputs, training=training
+            )
         return scores, dict(zip(self._non_trainable_paths, new_non_trainable, strict=True))
 
     def hidden_states(
@@ -286,7 +306,10 @@ class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
         """Pure forward pass of the backbone alone: ``(hidden_BxLxH, new_non_trainable)``, the
         final-norm hidden states the head reads (as ``KerasHubModel.hidden_states``)."""
         model_inputs = check_inputs(inputs)
-        with keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope:
+        with (
+            self._decoder_run(model_inputs),
+            keras.StatelessScope(state_mapping=self.state_mapping(variables)) as scope,
+        ):
             hidden_BxLxH = self.backbone(model_inputs, training=training)
             new_non_trainable = {p: scope.get_current_value(self._by_path[p]) for p in self._non_trainable_paths}
         return hidden_BxLxH, new_non_trainable
@@ -297,6 +320,10 @@ class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
             "ScalarHeadModel scores sequences and has no LM head: token_logps needs a causal LM "
             "(KerasHubModel). Use apply (per-position scores) or score (per row)."
         )
+
+    def token_stats(self, *args: Any, **kwargs: Any) -> Any:
+        """Not for this model, as ``token_logps``."""
+        return self.token_logps(*args, **kwargs)
 
     def score(self, variables: ModelVariables, inputs: Mapping[str, Any], *, training: bool = False) -> jax.Array:
         """Each row's scores at its last non-padding token (float32): ``scores_B`` when

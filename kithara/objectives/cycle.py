@@ -33,7 +33,7 @@ from kithara.objectives.cycle_models import SIDES, CyclePair, SideModel, TwoAdap
 from kithara.objectives.cycle_seq2seq import Seq2SeqRow, seq2seq_arrays, seq2seq_rows, source_ids
 from kithara.trainer import step as step_lib
 from kithara.trainer import validation
-from kithara.trainer.losses import LossOutput, next_token_cross_entropy
+from kithara.trainer.losses import LossOutput, causal_lm_loss
 from kithara.trainer.state import TrainState
 from kithara.trainer.trainer import DataPlan, Trainer
 
@@ -281,8 +281,8 @@ class CycleTrainer(Trainer):
     ) -> tuple[LossOutput, dict[str, jax.Array]]:
         """Next-token cross-entropy of model ``side`` (its own variables) on ``batch``."""
         del rng
-        logits, non_trainable = self.pair.side_model(side).apply(variables, batch, training=True)
-        return next_token_cross_entropy(logits, batch["labels"], batch["label_mask"]), non_trainable
+        model = self.pair.side_model(side)
+        return causal_lm_loss(model, variables, batch, chunk_size=self.args.loss_chunk_size)
 
     def side_update(self, state: TrainState, batch: step_lib.Batch, *, side: str) -> tuple[TrainState, dict]:
         """One optimizer update of ``side`` only: the other side's variables and optimizer

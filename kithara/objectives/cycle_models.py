@@ -36,6 +36,10 @@ class CyclePair(Model):
     def side_model(self, side: str) -> SideModel:
         """The model whose layers run ``side`` (the shared base for adapters)."""
 
+    @property
+    def supports_chunked_loss(self) -> bool:
+        return all(self.side_model(side).supports_chunked_loss for side in "AB")
+
     @abc.abstractmethod
     def side_variables(self, variables: ModelVariables, side: str) -> ModelVariables:
         """``side``'s variables (its own paths) picked out of the pair's, no copies."""

@@ -221,7 +221,9 @@ class DPOTrainer(Trainer):
         """Reference summed completion log-probs ``(chosen, rejected)`` of a batch: from
         ``ref_variables`` (of ``ref_model``, or a frozen copy of the policy) when given, else
         from ``variables`` with the adapters off (the model as it is, without adapters)."""
-        logps = reference.reference_logps(self.model, self.ref_model, variables, pair_inputs(batch), ref_variables)
+        logps = reference.reference_logps(
+            self.model, self.ref_model, variables, pair_inputs(batch), ref_variables, self.args.loss_chunk_size
+        )
         half = batch["chosen_token_ids"].shape[0]
         return logps[:half], logps[half:]
 
@@ -253,8 +255,10 @@ class DPOTrainer(Trainer):
         """The pairwise loss (sum over valid pairs, weight = their count) and the metrics."""
         del rng
         inputs = pair_inputs(batch)
-        logits, non_trainable = self.model.apply(variables, inputs, training=True)
-        logps, lengths, logit_sums = dpo_losses.sequence_logps(logits, inputs["labels"], inputs["label_mask"])
+        token_logps, logit_means, non_trainable = dpo_losses.token_logps(
+            self.model, variables, inputs, training=True, chunk_size=self.args.loss_chunk_size
+        )
+        logps, lengths, logit_sums = dpo_losses.sequence_sums(token_logps, logit_means, inputs["label_mask"])
         if all(k in batch for k in REF_KEYS):
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from kithara.models.model import Model, ModelVariables
+
 ls = jax.nn.log_sigmoid
 
 
@@ -53,12 +55,37 @@ def sequence_logps(
     logits = logits_BxLxV.astype(jnp.float32)
     logp = jnp.take_along_axis(logits, labels_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
     logp = logp - jax.nn.logsumexp(logits, axis=-1)
+    return sequence_sums(logp, logits.mean(-1), label_mask_BxL)
+
+
+def sequence_sums(
+    logps_BxL: jax.Array, logit_mean_BxL: jax.Array, label_mask_BxL: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``sequence_logps`` from per-token label log-probs and vocabulary-mean logits."""
     mask = label_mask_BxL.astype(bool)
     return (
-        jnp.where(mask, logp, 0.0).sum(-1),
+        jnp.where(mask, logps_BxL, 0.0).sum(-1),
         mask.sum(-1).astype(jnp.float32),
-        jnp.where(mask, logits.mean(-1), 0.0).sum(-1),
+        jnp.where(mask, logit_mean_BxL, 0.0).sum(-1),
     )
+
+
+def token_logps(
+    model: Model, variables: ModelVariables, inputs: Mapping[str, jax.Array], *, training: bool, chunk_size: int | None
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``(logps_BxL, logit_mean_BxL, new_non_trainable)``: each label's float32 log-prob and
+    the vocabulary-mean logit under ``model``, from ``apply``'s full logits (``chunk_size``
+    None), else ``chunk_size`` positions at a time (``Model.token_stats``; the arguments'
+    ``TrainingConfig.loss_chunk_size``)."""
+    if chunk_size is None:
+        logits, non_trainable = model.apply(variables, inputs, training=training)
+        logits = logits.astype(jnp.float32)
+        logp = jnp.take_along_axis(logits, inputs["labels"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return logp - jax.nn.logsumexp(logits, axis=-1), logits.mean(-1), non_trainable
+    stats, non_trainable = model.token_stats(
+        variables, inputs, inputs["labels"], training=training, stats=("logps", "logit_mean"), chunk_size=chunk_size
+    )
+    return stats["logps"], stats["logit_mean"], non_trainable
 
 
 def sigmoid_loss(p: PairLogps, beta: float, label_smoothing: float) -> jax.Array:

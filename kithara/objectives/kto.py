@@ -199,7 +199,9 @@ class UnpairedPreferenceTrainer(Trainer):
         """Reference log-probs of a batch by TRL's names: ``ref_logps`` and, with KL rows,
         ``ref_KL_logps``."""
         inputs = stacked_inputs(batch, self.prefixes)
-        logps = reference.reference_logps(self.model, self.ref_model, variables, inputs, ref_variables)
+        logps = reference.reference_logps(
+            self.model, self.ref_model, variables, inputs, ref_variables, self.args.loss_chunk_size
+        )
         rows = batch["token_ids"].shape[0]
         return {REF_KEYS[p]: logps[i * rows : (i + 1) * rows] for i, p in enumerate(self.prefixes)}
 
@@ -210,14 +212,18 @@ class UnpairedPreferenceTrainer(Trainer):
         the policy's extras (completion lengths and mean logits of the main
         rows), and the model's new non-trainable variables."""
         inputs = stacked_inputs(batch, self.prefixes)
-        logits, non_trainable = self.model.apply(variables, inputs, training=True)
-        logps, lengths, logit_sums = dpo_losses.sequence_logps(logits, inputs["labels"], inputs["label_mask"])
+        token_logps, logit_means, non_trainable = dpo_losses.token_logps(
+            self.model, variables, inputs, training=True, chunk_size=self.args.loss_chunk_size
+        )
+        logps, lengths, logit_sums = dpo_losses.sequence_sums(token_logps, logit_means, inputs["label_mask"])
         rows = batch["token_ids"].shape[0]
         policy = {p: logps[i * rows : (i + 1) * rows] for i, p in enumerate(self.prefixes)}
         if all(REF_KEYS[p] in batch for p in self.prefixes):
             ref = {p: batch[REF_KEYS[p]] for p in self.prefixes}
         else:
-            ref_logps = reference.reference_logps(self.model, self.ref_model, variables, inputs, ref_variables)
+            ref_logps = reference.reference_logps(
+                self.model, self.ref_model, variables, inputs, ref_variables, self.args.loss_chunk_size
+            )
             ref = {p: ref_logps[i * rows : (i + 1) * rows] for i, p in enumerate(self.prefixes)}
         extras = {"lengths": lengths[:rows], "mean_logits": logit_sums[:rows] / jnp.maximum(lengths[:rows], 1.0)}
         return policy, ref, extras, non_trainable

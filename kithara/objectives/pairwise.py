@@ -3,7 +3,7 @@
 It takes what ``DPOTrainer`` takes, less the reference: a model or model path, preference data
 (a ``PreferenceDataset`` loader, dataset or raw ``prompt`` / ``chosen`` / ``rejected`` rows),
 and a config. ``pair_forward`` runs chosen and rejected through the model in one pass
-(``dpo.pair_inputs``) and returns their completion log-probs (``dpo_losses.sequence_logps``);
+(``dpo.pair_inputs``) and returns their completion log-probs (``dpo_losses.token_logps``);
 subclasses turn them into a loss in ``compute_loss``.
 """
 
@@ -36,7 +36,7 @@ from kithara.trainer.trainer import Trainer
 class PairForward:
     """One forward pass over a batch of pairs: per-pair ``[P]`` summed completion log-probs,
     completion lengths and summed vocabulary-mean logits of each side, whether each pair
-    counts (both completions non-empty), and the inputs and logits (chosen rows first)."""
+    counts (both completions non-empty), and the inputs and each position's label log-prob (chosen rows first)."""
 
     chosen: jax.Array
     rejected: jax.Array
@@ -46,7 +46,7 @@ class PairForward:
     rejected_logit_sum: jax.Array
     valid: jax.Array
     inputs: dict[str, jax.Array]
-    logits: jax.Array
+    token_logps: jax.Array
 
     @property
     def count(self) -> jax.Array:
@@ -74,7 +74,8 @@ class PairForward:
         if not with_prompt:
             return -self.total(self.chosen) / jnp.maximum(self.total(self.chosen_len), 1.0)
         mask = self.inputs["padding_mask"][:half].astype(bool) & self.valid[:, None]
-        logps, counts, _ = dpo_losses.sequence_logps(self.logits[:half], self.inputs["labels"][:half], mask)
+        token_logps = self.token_logps[:half]
+        logps, counts, _ = dpo_losses.sequence_sums(token_logps, jnp.zeros_like(token_logps), mask)
         return -logps.sum() / jnp.maximum(counts.sum(), 1.0)
 
     def metrics(
@@ -193,10 +194,13 @@ class PairwiseTrainer(Trainer):
         self, variables: ModelVariables, batch: Mapping[str, jax.Array]
     ) -> tuple[PairForward, dict[str, jax.Array]]:
         """Chosen and rejected through the model in one pass (training mode); returns their
-        completion log-probs and the model's updated non-trainable variables."""
+        completion log-probs and the model's updated non-trainable variables (``chunk_size``:
+        ``args.loss_chunk_size``)."""
         inputs = pair_inputs(batch)
-        logits, non_trainable = self.model.apply(variables, inputs, training=True)
-        logps, lengths, logit_sums = dpo_losses.sequence_logps(logits, inputs["labels"], inputs["label_mask"])
+        token_logps, logit_means, non_trainable = dpo_losses.token_logps(
+            self.model, variables, inputs, training=True, chunk_size=self.args.loss_chunk_size
+        )
+        logps, lengths, logit_sums = dpo_losses.sequence_sums(token_logps, logit_means, inputs["label_mask"])
         half = batch["chosen_token_ids"].shape[0]
         forward = PairForward(
             chosen=logps[:half],
@@ -207,6 +211,6 @@ class PairwiseTrainer(Trainer):
             rejected_logit_sum=logit_sums[half:],
             valid=(lengths[:half] > 0) & (lengths[half:] > 0),
             inputs=inputs,
-            logits=logits,
+            token_logps=token_logps,
         )
         return forward, non_trainable

@@ -59,16 +59,20 @@ def reference_logps(
     variables: ModelVariables,
     inputs: Mapping[str, jax.Array],
     ref_variables: ModelVariables | None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Per-row summed completion log-probs of ``inputs`` under the reference, without
     gradient: ``ref_model`` (or the policy's own architecture) at ``ref_variables`` when
-    given, else the policy's ``variables`` with the LoRA adapters off."""
+    given, else the policy's ``variables`` with the LoRA adapters off; ``chunk_size``
+    positions at a time when given (``TrainingConfig.loss_chunk_size``)."""
     if ref_variables is not None:
         apply_model, ref_vars = (ref_model or model), ref_variables
     else:
         apply_model, ref_vars = model, adapter_off(variables)
-    logits, _ = apply_model.apply(jax.lax.stop_gradient(ref_vars), inputs, training=False)
-    logps, _, _ = dpo_losses.sequence_logps(logits, inputs["labels"], inputs["label_mask"])
+    token_logps, logit_means, _ = dpo_losses.token_logps(
+        apply_model, jax.lax.stop_gradient(ref_vars), inputs, training=False, chunk_size=chunk_size
+    )
+    logps, _, _ = dpo_losses.sequence_sums(token_logps, logit_means, inputs["label_mask"])
     return jax.lax.stop_gradient(logps)
 
 

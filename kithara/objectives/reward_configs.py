@@ -71,6 +71,7 @@ class RewardConfig(TrainingConfig):
 
     def _validate(self) -> None:
         super()._validate()
+        _refuse_loss_chunking(self)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (an answer token and EOS), got {self.max_length}.")
         check_names(
@@ -127,6 +128,7 @@ class PRMConfig(TrainingConfig):
 
     def _validate(self) -> None:
         super()._validate()
+        _refuse_loss_chunking(self)
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -138,4 +140,13 @@ def _refuse_unbounded(config: TrainingConfig, name: str) -> None:
         raise ValueError(
             f"{type(config).__name__}: {name}=None (TRL: no limit) is not supported; kithara's rows have a fixed "
             "length, so give a number of tokens."
+        )
+
+
+def _refuse_loss_chunking(config: TrainingConfig) -> None:
+    """Reward models score with a small head: there are no vocabulary logits to chunk."""
+    if config.loss_chunk_size is not None:
+        raise ValueError(
+            f"{type(config).__name__}: loss_chunk_size={config.loss_chunk_size} chunks a language model's "
+            "vocabulary logits; a reward model's head has none. Leave loss_chunk_size unset."
         )

@@ -102,6 +102,11 @@ class RolloutConfig(TrainingConfig):
 
     def _validate(self) -> None:
         super()._validate()
+        if self.loss_chunk_size is not None:
+            raise ValueError(
+                f"loss_chunk_size={self.loss_chunk_size}: rollout trainers chunk their log-probs with "
+                "logprob_chunk_size; set that instead and leave loss_chunk_size unset."
+            )
         positive = {
             "num_generations": self.num_generations,
             "max_prompt_length": self.max_prompt_length,

@@ -64,6 +64,9 @@ _NOT_IN_KITHARA = {
     "resumes from the latest checkpoint under output_dir (resume=True).",
     "use_liger_kernel": "Liger kernels are PyTorch kernels; kithara's step is compiled by XLA.",
     "torch_compile": "every kithara step is compiled with jax.jit already.",
+    "gradient_checkpointing_kwargs": "torch.utils.checkpoint's options (use_reentrant, ...) have no JAX "
+    "counterpart; gradient_checkpointing=True recomputes each decoder block (remat='full'), and "
+    "KerasHubModel(scale=kithara.ScaleConfig(remat=...)) picks another policy (docs/scale.md).",
 }
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+
+from kithara.models.model import Model, ModelVariables
 
 
 @jax.tree_util.register_dataclass
@@ -47,3 +50,36 @@ def next_token_cross_entropy(logits_BxLxV: jax.Array, labels_BxL: jax.Array, lab
     return LossOutput(
         total=nll, weight=mask.sum().astype(jnp.float32), sums={"token_accuracy": correct.astype(jnp.float32)}
     )
+
+
+def token_cross_entropy(logps_BxL: jax.Array, correct_BxL: jax.Array, label_mask_BxL: jax.Array) -> LossOutput:
+    """``next_token_cross_entropy`` from per-token statistics: the label log-probs and
+    whether each label's logit is the largest (``Model.token_stats``' ``logps`` and
+    ``correct``), summed where ``label_mask`` is true."""
+    mask = label_mask_BxL.astype(bool)
+    nll = jnp.where(mask, -logps_BxL, 0.0).sum()
+    correct = jnp.where(mask, correct_BxL, False).sum()
+    return LossOutput(
+        total=nll, weight=mask.sum().astype(jnp.float32), sums={"token_accuracy": correct.astype(jnp.float32)}
+    )
+
+
+def causal_lm_loss(
+    model: Model,
+    variables: ModelVariables,
+    batch: Mapping[str, jax.Array],
+    *,
+    chunk_size: int | None = None,
+    training: bool = True,
+) -> tuple[LossOutput, dict[str, jax.Array]]:
+    """The next-token cross-entropy of ``model`` on ``batch`` (``labels``, ``label_mask``) and
+    its new non-trainable variables: from ``apply``'s full logits when ``chunk_size`` is None,
+    else through ``model.token_stats`` ``chunk_size`` positions at a time, never holding
+    float32 ``[batch, length, vocab]`` logits (``TrainingConfig.loss_chunk_size``)."""
+    if chunk_size is None:
+        logits, non_trainable = model.apply(variables, batch, training=training)
+        return next_token_cross_entropy(logits, batch["labels"], batch["label_mask"]), non_trainable
+    stats, non_trainable = model.token_stats(
+        variables, batch, batch["labels"], training=training, stats=("logps", "correct"), chunk_size=chunk_size
+    )
+    return token_cross_entropy(stats["logps"], stats["correct"], batch["label_mask"]), non_trainable

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from kithara import sharding as sharding_lib
 from kithara.models.model import ModelVariables
+from kithara.trainer import offload
 from kithara.trainer import step as step_lib
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.state import TrainState
@@ -47,6 +48,9 @@ class StepPrograms:
         self.frozen = frozen
         frozen_shardings = None if frozen is None else jax.tree.map(lambda x: _mesh_sharding(x, mesh), frozen)
         replicated = sharding_lib.replicated(mesh)
+        if offload.is_offloaded(state_shardings):  # host-memory leaves: moved to device inside the step
+            train_step = offload.step_in_device_memory(train_step)
+        model_shardings = offload.device_shardings(state_shardings.model)  # eval and score read device memory
         self._train: Any = jax.jit(
             train_step,
             in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, leading_dims=1), frozen_shardings),
@@ -57,12 +61,12 @@ class StepPrograms:
             lambda variables, batch, frozen: step_lib.eval_step(
                 variables, batch, loss_fn=functools.partial(compute_loss, frozen=frozen)
             ),
-            in_shardings=(state_shardings.model, sharding_lib.batch_sharding(mesh), frozen_shardings),
+            in_shardings=(model_shardings, sharding_lib.batch_sharding(mesh), frozen_shardings),
             out_shardings=replicated,
         )
         self._score: Any = jax.jit(
             score,
-            in_shardings=(state_shardings.model, sharding_lib.batch_sharding(mesh), frozen_shardings),
+            in_shardings=(model_shardings, sharding_lib.batch_sharding(mesh), frozen_shardings),
             out_shardings=replicated,
         )
 
@@ -110,11 +114,11 @@ class StepPrograms:
 
     def evaluate(self, variables: ModelVariables, batch: Any) -> LossOutput:
         """The loss sums of one ``[rows, ...]`` batch."""
-        return self._eval(variables, batch, self.frozen)
+        return self._eval(offload.device_copy(variables), batch, self.frozen)
 
     def score(self, variables: ModelVariables, batch: Any) -> dict[str, jax.Array]:
         """``score_batch`` of one ``[rows, ...]`` batch, replicated on every device."""
-        return self._score(variables, batch, self.frozen)
+        return self._score(offload.device_copy(variables), batch, self.frozen)
 
     def lower_train(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         return self._train.lower(state, batch, self.frozen)

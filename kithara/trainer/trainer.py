@@ -24,8 +24,9 @@ from kithara.callbacks.base import check_hooks, hook
 from kithara.callbacks.loggers import reporting_callbacks
 from kithara.data.dataloader import DataIterator, Dataloader, pad_length
 from kithara.distributed.consistency import check_same_on_all_processes
+from kithara.models import remat
 from kithara.models.model import Model, ModelVariables
-from kithara.trainer import setup, validation
+from kithara.trainer import offload, setup, validation
 from kithara.trainer import step as step_lib
 from kithara.trainer.arguments import (
     KITHARA_ARGUMENTS,
@@ -36,7 +37,7 @@ from kithara.trainer.arguments import (
 )
 from kithara.trainer.config import TrainingConfig
 from kithara.trainer.evaluation import evaluate_loader
-from kithara.trainer.losses import LossOutput, next_token_cross_entropy
+from kithara.trainer.losses import LossOutput, causal_lm_loss
 from kithara.trainer.optimizers import as_gradient_transformation
 from kithara.trainer.programs import StepPrograms
 from kithara.trainer.progress import TrainerState, log_history
@@ -172,6 +173,13 @@ class Trainer:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a kithara.Model, got {type(model).__name__}.")
         check_precision(model, config)
+        if config.gradient_checkpointing:  # TRL's name for ScaleConfig(remat="full") (docs/scale.md)
+            remat.enable_gradient_checkpointing(model)
+        if config.loss_chunk_size is not None and not model.supports_chunked_loss:
+            raise ValueError(
+                f"loss_chunk_size={config.loss_chunk_size}: {type(model).__name__} computes its logits whole "
+                "(no LM head to run on chunks of positions), so the option would do nothing. Leave it unset."
+            )
         train_dataloader = as_dataloader("train", train_dataloader, train_dataset, config)
         eval_dataloader = as_dataloader("eval", eval_dataloader, eval_dataset, config)
         check_nothing_ignored(
@@ -258,6 +266,10 @@ class Trainer:
             optimizer = self.default_optimizer(max(self.total_steps, 1))
         self.tx = as_gradient_transformation(optimizer, setup.param_shapes(model))
         self.state_shardings = setup.state_shardings(model, self.tx)
+        if config.offload_optimizer or config.offload_params:  # host memory between steps (docs/scale.md)
+            where = dict(offload_optimizer=config.offload_optimizer, offload_params=config.offload_params)
+            offload.check_supported(model.mesh, **where)
+            self.state_shardings = offload.offloaded_shardings(self.state_shardings, **where)
         # Processes set up differently would compile different steps and hang in their first
         # collective; compare them now and name the difference instead.
         self._plan = plan
@@ -312,8 +324,7 @@ class Trainer:
         returned (None by default). Runs inside ``jax.jit``: pure; reads only its arguments
         and ``step_constants``, never writes to ``self``."""
         del rng, frozen
-        logits, non_trainable = self.model.apply(variables, batch, training=True)
-        return next_token_cross_entropy(logits, batch["labels"], batch["label_mask"]), non_trainable
+        return causal_lm_loss(self.model, variables, batch, chunk_size=self.args.loss_chunk_size)
 
     def default_optimizer(self, total_steps: int) -> optax.GradientTransformation:
         """The optimizer when none is given (called once, by the base ``__init__``): by
@@ -478,11 +489,14 @@ class Trainer:
             "trainable_variables": f"{len(shapes)} arrays, {setup.digest(shapes)}",
             "variable_shardings": setup.digest(jax.tree.map(lambda s: s.spec, self.state_shardings.model)),
             "optimizer_state": setup.digest(jax.eval_shape(self.tx.init, shapes)),
+            "offload": [self.args.offload_optimizer, self.args.offload_params],
         }
 
     def init_state(self) -> TrainState:
-        """A fresh state from the model's current variables."""
-        return setup.init_state(self.model, self.tx, self.state_shardings, self.seed)
+        """A fresh state from the model's current variables (offloaded ones moved to host
+        memory, their device arrays released as the first step's donation would)."""
+        state = setup.init_state(self.model, self.tx, self.state_shardings, self.seed)
+        return offload.move_to(state, self.state_shardings)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (what a checkpoint is restored onto)."""
@@ -552,7 +566,9 @@ class Trainer:
         return self.train_state
 
     def _live_model_variables(self) -> ModelVariables:
-        return self.train_state.model if self.train_state is not None else self.model.variables
+        if self.train_state is None:
+            return self.model.variables
+        return offload.device_copy(self.train_state.model)  # offloaded weights: copied to device memory
 
     # Callbacks --------------------------------------------------------------------------
 
@@ -623,7 +639,7 @@ class Trainer:
             metrics=dict(metrics or {}),
             log_dir=self.tensorboard_dir,
             error=self.error,
-            _state=lambda: self.train_state,
+            _state=functools.cache(lambda: offload.device_view(self.train_state)),
             _data_state=self._checkpoint_data_state,
         )
 
@@ -796,7 +812,7 @@ class Trainer:
             self.error = error
             self.finish()
             raise
-        self.model.variables = self._live_state().model
+        self.model.variables = self._live_model_variables()
         if self.preempted:
             self.finish()
             self._exit_if_preempted(step)
