@@ -9,6 +9,9 @@ Cached decoding (``generate``) is never affected.
 from __future__ import annotations
 
 import dataclasses
+import logging
+
+logger = logging.getLogger(__name__)
 
 REMAT_POLICIES = (
     "none",  # keep every activation (fastest, most memory)
@@ -61,3 +64,9 @@ class ScaleConfig:
             raise ValueError(f"attention_chunk_size must be a positive int, got {self.attention_chunk_size!r}.")
         if not isinstance(self.scan_layers, bool) or not isinstance(self.activation_sharding, bool):
             raise TypeError("scan_layers and activation_sharding must be bools.")
+        if self.scan_layers and self.remat == "none":
+            # A scan keeps every intermediate its backward pass needs, stacked over the layers.
+            logger.warning(
+                "scan_layers=True with remat='none' keeps each layer's intermediates stacked for the backward "
+                "pass (more memory than unscanned); pair the scan with a remat policy (e.g. 'full' or 'dots_no_batch')."
+            )
