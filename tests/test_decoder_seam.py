@@ -4,13 +4,16 @@ pass is traced, never by cached decoding, and settable from the run YAML."""
 import dataclasses
 
 import jax
+import keras_hub
 import numpy as np
 import pytest
 from conftest import pattern_examples, tiny_model, tiny_seq2seq
 
 import kithara
 from kithara.config import DEMO_CONFIG, load_config
-from kithara.models import decoder_seam
+from kithara.models import decoder_seam, remat
+from kithara.objectives.cycle_models import TwoModels
+from kithara.objectives.policy_value import PolicyAndValue
 from kithara.run import build_model
 
 
@@ -94,3 +97,24 @@ def test_loss_chunk_size_is_refused_where_it_would_do_nothing():
         with pytest.raises(ValueError, match="a reward model's head has none"):
             config(loss_chunk_size=8)
     assert tiny_model().supports_chunked_loss
+
+
+def test_scale_is_refused_for_decoders_the_seam_does_not_reach():
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=16
+    )
+    causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model = kithara.KerasHubModel(causal_lm)  # the default options are accepted
+    with pytest.raises(ValueError, match="GPT2Backbone's decoder blocks are not among"):
+        model.scale = kithara.ScaleConfig(remat="full")
+    with pytest.raises(ValueError, match="GPT2Backbone's decoder blocks are not among"):
+        remat.enable_gradient_checkpointing(model)
+
+
+def test_gradient_checkpointing_reaches_every_model_of_a_composite():
+    value = kithara.ScalarHeadModel.from_causal_lm(tiny_model("qwen3", head_dim=6))
+    both = PolicyAndValue(tiny_model("llama3"), value, seed=0)
+    pair = TwoModels({"A": tiny_model("llama3"), "B": tiny_model("gemma2")})
+    for composite, parts in ((both, (both.policy, both.value_model)), (pair, (pair.models["A"], pair.models["B"]))):
+        remat.enable_gradient_checkpointing(composite)
+        assert [part.scale.remat for part in parts] == ["full", "full"]

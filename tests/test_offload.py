@@ -188,3 +188,41 @@ def test_backend_without_host_memory_is_refused():
     offload.check_supported(mesh, offload_optimizer=False, offload_params=False)  # nothing asked: fine
     cpu = jax.devices()[0]
     assert {m.kind for m in cpu.addressable_memories()} >= {"device", "pinned_host"}
+
+
+def test_model_variables_stay_readable_until_the_first_step():
+    """With offload_params the state's weights move to host at train begin; the model's own device
+    arrays stay readable for callbacks at train begin (a generate there), and are released by the
+    first step, as its donation releases them without offload."""
+
+    class GenerateAtBegin(kithara.Callback):
+        def __init__(self):
+            self.trainer, self.generated, self.deleted_after_step = None, None, None
+
+        def on_train_begin(self, info):
+            self.generated = self.trainer.model.generate([[5, 9, 2]], max_new_tokens=2)
+
+        def needs_sync(self, step):
+            return True
+
+        def on_step_end(self, info):
+            if self.deleted_after_step is None:
+                self.deleted_after_step = all(x.is_deleted() for x in starting)
+
+    model = tiny_model("llama3", vocab_size=61)
+    expected = model.generate([[5, 9, 2]], max_new_tokens=2)
+    starting = list(model.variables.trainable.values())
+    probe = GenerateAtBegin()
+    trainer = kithara.Trainer(
+        model,
+        kithara.optimizers.adamw(1e-2),
+        kithara.Dataloader(EXAMPLES[:8], 1, seed=0),
+        steps=2,
+        offload_params=True,
+        progress_bar=False,
+        callbacks=[probe],
+    )
+    probe.trainer = trainer
+    trainer.train()
+    assert probe.generated == expected
+    assert probe.deleted_after_step is True

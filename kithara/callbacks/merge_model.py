@@ -195,16 +195,9 @@ class MergeModelCallback(Callback):
         if self.merge_config is not None and self._reference is None:
             # The model's own variables are its starting weights (a resumed run restores into
             # the trainer's state, not the model); the first step donates them, so copy now.
-            start = self.model.variables.trainable
-            if any(x.is_deleted() for x in jax.tree.leaves(start)):
-                raise ValueError(
-                    "MergeModelCallback(merge_config=...) merges against the starting weights, which "
-                    "offload_params=True has released from the model (the trainer keeps them in host memory). "
-                    "Set offload_params=False, or merge_config=None."
-                )
             shardings = self.model.variable_shardings.trainable
             copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)
-            self._reference = copy(start)
+            self._reference = copy(self.model.variables.trainable)
 
     def needs_sync(self, step: int) -> bool:
         return self.save_steps is not None and step % self.save_steps == 0

@@ -47,6 +47,15 @@ DECODER_BLOCKS: tuple[tuple[type, str], ...] = (
 )
 
 _ORIGINALS: dict[type, Callable[..., Any]] = {}
+
+
+def covers(backbone: Any) -> bool:
+    """Whether ``backbone``'s decoder blocks (``transformer_layers``) are all of the covered classes."""
+    layers = list(getattr(backbone, "transformer_layers", []))
+    blocks = tuple(cls for cls, _ in DECODER_BLOCKS)
+    return bool(layers) and all(isinstance(layer, blocks) for layer in layers)
+
+
 _LOCK = threading.Lock()
 
 

@@ -248,14 +248,21 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
 
     @scale.setter
     def scale(self, options: ScaleConfig) -> None:
+        """Set before a trainer compiles its steps: compiled programs keep the options they were traced with."""
         if not isinstance(options, ScaleConfig):
             raise TypeError(f"scale must be a kithara.ScaleConfig, got {type(options).__name__}.")
+        if options != ScaleConfig() and not decoder_seam.covers(self.backbone):
+            raise ValueError(
+                f"{type(self.backbone).__name__}'s decoder blocks are not among those ScaleConfig reaches "
+                f"({', '.join(cls.__name__ for cls, _ in decoder_seam.DECODER_BLOCKS)}), so {options} would do "
+                "nothing; build the model without scale=."
+            )
         self._scale = options
 
     def _decoder_run(self, inputs: Mapping[str, jax.Array]) -> contextlib.AbstractContextManager[Any]:
         """The decoder-block seam with this model's ``scale`` options (see ``decoder_seam``)."""
         layers = list(getattr(self.backbone, "transformer_layers", []))
-        if not layers or not isinstance(layers[0], tuple(cls for cls, _ in decoder_seam.DECODER_BLOCKS)):
+        if not decoder_seam.covers(self.backbone):
             return contextlib.nullcontext()
         attention.install()
         return decoder_seam.decoder_run(self._scale, self._mesh, layers, inputs)

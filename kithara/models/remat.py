@@ -45,6 +45,7 @@ from keras_hub.src.models.mistral.mistral_attention import CachedMistralAttentio
 from keras_hub.src.models.qwen.qwen_attention import QwenAttention
 from keras_hub.src.models.qwen3.qwen3_attention import Qwen3Attention
 
+from kithara.models import decoder_seam
 from kithara.models.scale_config import REMAT_POLICIES, ScaleConfig
 
 ATTENTION_OUT = "kithara_attention_out"  # checkpoint name of each block's attention output
@@ -100,7 +101,8 @@ def checkpointed(fn: Callable[[jax.Array], Any], policy: str) -> Callable[[jax.A
     if policy == "attention_out":
         install()
     if policy == "offload":
-        check_offload_supported()
+        run = decoder_seam.current()
+        check_offload_supported(None if run is None else run.mesh.devices.flat[0])
         inner = fn
 
         def fn(hidden: jax.Array) -> Any:
@@ -195,13 +197,27 @@ def _named_call(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def enable_gradient_checkpointing(model: Any) -> None:
     """TRL's ``gradient_checkpointing=True``: ``model.scale`` gets ``remat="full"`` when its policy
-    is ``"none"`` (a named policy already set is kept). Raises for a model without ``scale``."""
-    options = getattr(model, "scale", None)
-    if not isinstance(options, ScaleConfig):
+    is ``"none"`` (a named policy already set is kept); for a model made of models (PPO's policy and
+    value model, a cycle pair's two sides) each of them. Raises for a model without ``scale``."""
+    for part in _scaled_parts(model):
+        options = part.scale
+        if options.remat == "none":
+            part.scale = dataclasses.replace(options, remat="full")
+
+
+def _scaled_parts(model: Any) -> list[Any]:
+    """``model`` if it has a ``ScaleConfig``, else its sub-models (``policy`` / ``value_model``, a cycle
+    pair's ``side_model("A" / "B")``), each once; raises naming the first without one."""
+    if isinstance(getattr(model, "scale", None), ScaleConfig):
+        return [model]
+    subs = [getattr(model, name) for name in ("policy", "value_model") if getattr(model, name, None) is not None]
+    if hasattr(model, "side_model"):
+        subs += [model.side_model(side) for side in "AB"]
+    unique = list({id(sub): sub for sub in subs}.values())
+    if not unique:
         raise ValueError(
             f"gradient_checkpointing=True: {type(model).__name__} has no decoder-block remat (no "
-            "ScaleConfig `scale`); it is available for KerasHubModel and ScalarHeadModel. Set "
-            "gradient_checkpointing=False."
+            "ScaleConfig `scale`); it is available for KerasHubModel and ScalarHeadModel (and models made of "
+            "them). Set gradient_checkpointing=False."
         )
-    if options.remat == "none":
-        model.scale = dataclasses.replace(options, remat="full")
+    return [part for sub in unique for part in _scaled_parts(sub)]

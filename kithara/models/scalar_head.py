@@ -276,9 +276,7 @@ class ScalarHeadModel(HuggingFaceClassifier, KerasVariables):
 
     @scale.setter
     def scale(self, options: ScaleConfig) -> None:
-        if not isinstance(options, ScaleConfig):
-            raise TypeError(f"scale must be a kithara.ScaleConfig, got {type(options).__name__}.")
-        self._scale = options
+        cast(Any, KerasHubModel.scale).fset(self, options)  # the same checks
 
     def _decoder_run(self, inputs: Mapping[str, Any]) -> contextlib.AbstractContextManager[Any]:
         return KerasHubModel._decoder_run(cast(Any, self), inputs)

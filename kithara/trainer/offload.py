@@ -106,10 +106,11 @@ def device_view(state: TrainState | None) -> TrainState | None:
     return state if model is state.model else dataclasses.replace(state, model=model)
 
 
-def move_to(tree: Any, shardings: Any) -> Any:
+def move_to(tree: Any, shardings: Any, released: list[jax.Array] | None = None) -> Any:
     """Outside jit: ``tree``'s arrays whose memory kind differs from their target sharding's
-    moved there; the sources are deleted (what donating them would do, which XLA does not
-    implement across memory kinds). Arrays already in place are returned as they are."""
+    moved there. Arrays already in place are returned as they are. The sources are deleted (what
+    donating them would do, which XLA does not implement across memory kinds), or, given
+    ``released``, appended to it for the caller to delete later."""
     leaves, treedef = jax.tree.flatten(tree)
     targets = cast(Any, treedef).flatten_up_to(shardings)
     moving = [
@@ -121,7 +122,10 @@ def move_to(tree: Any, shardings: Any) -> Any:
         return tree
     moved = jax.device_put([leaves[i] for i in moving], [targets[i] for i in moving])
     for i, x in zip(moving, moved, strict=True):
-        leaves[i].delete()
+        if released is None:
+            leaves[i].delete()
+        else:
+            released.append(leaves[i])
         leaves[i] = x
     return jax.tree.unflatten(treedef, leaves)
 

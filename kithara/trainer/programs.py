@@ -46,6 +46,7 @@ class StepPrograms:
         frozen: Any,
     ) -> None:
         self.frozen = frozen
+        self._release: list[jax.Array] = []  # see release_after_next_step
         frozen_shardings = None if frozen is None else jax.tree.map(lambda x: _mesh_sharding(x, mesh), frozen)
         replicated = sharding_lib.replicated(mesh)
         if offload.is_offloaded(state_shardings):  # host-memory leaves: moved to device inside the step
@@ -108,9 +109,19 @@ class StepPrograms:
             placed.append(jax.device_put(value, was.sharding, may_alias=False if aliased else None))
         self.frozen = jax.tree_util.tree_unflatten(treedef, placed)
 
+    def release_after_next_step(self, arrays: list[jax.Array]) -> None:
+        """Deletes ``arrays`` once the next update has run: device copies a host-offloaded state
+        replaced, which stay readable (callbacks at train begin) until the step that would
+        have donated them."""
+        self._release = list(arrays)
+
     def train(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         """One update of ``state`` (donated) on ``[micro_batches, rows, ...]`` arrays."""
-        return self._train(state, batch, self.frozen)
+        out = self._train(state, batch, self.frozen)
+        for array in self._release:
+            array.delete()
+        self._release = []
+        return out
 
     def evaluate(self, variables: ModelVariables, batch: Any) -> LossOutput:
         """The loss sums of one ``[rows, ...]`` batch."""

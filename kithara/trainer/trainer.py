@@ -490,13 +490,20 @@ class Trainer:
             "variable_shardings": setup.digest(jax.tree.map(lambda s: s.spec, self.state_shardings.model)),
             "optimizer_state": setup.digest(jax.eval_shape(self.tx.init, shapes)),
             "offload": [self.args.offload_optimizer, self.args.offload_params],
+            # Options that change the compiled step: processes that differ would hang in collectives.
+            "scale": repr(getattr(self.model, "scale", None)),
+            "loss_chunk_size": self.args.loss_chunk_size,
         }
 
     def init_state(self) -> TrainState:
         """A fresh state from the model's current variables (offloaded ones moved to host
-        memory, their device arrays released as the first step's donation would)."""
+        memory; the model's device arrays are released by the first step, as its donation
+        would release them without offload)."""
         state = setup.init_state(self.model, self.tx, self.state_shardings, self.seed)
-        return offload.move_to(state, self.state_shardings)
+        sources: list[jax.Array] = []
+        moved = offload.move_to(state, self.state_shardings, released=sources)
+        self._programs.release_after_next_step(sources)
+        return moved
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (what a checkpoint is restored onto)."""
