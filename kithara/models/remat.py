@@ -101,8 +101,8 @@ def checkpointed(fn: Callable[[jax.Array], Any], policy: str) -> Callable[[jax.A
     if policy == "attention_out":
         install()
     if policy == "offload":
-        run = decoder_seam.current()
-        check_offload_supported(None if run is None else run.mesh.devices.flat[0])
+        active = decoder_seam.current()
+        check_offload_supported(None if active is None else active.mesh.devices.flat[0])
         inner = fn
 
         def fn(hidden: jax.Array) -> Any:
