@@ -8,6 +8,14 @@ BENCH_EXTRAS ?= bench
 comma := ,
 BENCH_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(BENCH_EXTRAS))
 KERAS_HUB := keras-hub==0.32.0
+# libtpu for the scale suite's TPU targets (bench/scale.py compiles kithara's step ahead of time for
+# TPU topologies; no TPU needed): the version jax 0.10.2's `tpu` extra pins, in a folder of its own
+# that only the suite's children put on their path (with libtpu importable, jax would try to start a
+# TPU backend). Smoke runs (CI) compile for the CPU backend only and skip it.
+LIBTPU := libtpu==0.0.42.1
+LIBTPU_DIR := $(VENV)/libtpu
+LIBTPU_STAMP := $(LIBTPU_DIR)/.installed
+BENCH_DEPS := $(BENCH_STAMP) $(if $(findstring --smoke,$(BENCH_ARGS)),,$(LIBTPU_STAMP))
 
 .PHONY: install demo test test-fast lint bench clean
 
@@ -50,7 +58,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check kithara tests bench examples
 	$(BIN)/mypy
 
-bench: $(BENCH_STAMP)
+$(LIBTPU_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(LIBTPU_DIR) $(LIBTPU)
+	touch $(LIBTPU_STAMP)
+
+bench: $(BENCH_DEPS)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

@@ -1,7 +1,8 @@
 """Benchmarks, side by side in one run: SFT throughput/memory/MFU per size (bench/sft.py),
 framework overhead (bench/overhead.py), TRL (bench/trl_compare.py), DPO reference modes
 (bench/dpo.py), data loading (bench/data.py), cycle training (bench/cycle.py) and online RL
-(GRPO) against TRL (bench/rl.py).
+(GRPO) against TRL (bench/rl.py), and memory / compile time of kithara's step at real model
+sizes, compiled ahead of time for TPU targets (bench/scale.py; tables in results/scale.md).
 
 Every training configuration runs in a fresh child process (bench/child.py) so its peak
 memory is its own. Results go to bench/results/results.json and results.md, written after
@@ -26,7 +27,7 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl")
+SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl", "scale")
 
 # Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
 PLANS: dict[str, dict[str, Any]] = {
@@ -178,6 +179,10 @@ def main() -> None:
 
             device = "cuda" if results["machine"]["platform"] == "gpu" else "cpu"  # TRL where kithara trains
             results["rl"] = bench_rl(**plan["rl"], device=device)
+        elif suite == "scale":  # its plans live in bench/scale.py
+            from bench.scale import bench_scale
+
+            results["scale"] = bench_scale(smoke=args.smoke, out=out)
         if isinstance(results.get(suite), list):
             _check_finite(suite, results[suite])
         results["seconds"][suite] = time.perf_counter() - start

@@ -289,3 +289,112 @@ def test_rl_prompts_fit_one_decode_bucket():
     out = prompts(5, 16, Words())
     assert len(out) == 5 and all(len(p.split()) == 15 for p in out)
     assert prompts(5, 16, Words()) == out  # seeded
+
+
+def test_unallocated_model_lowers_kitharas_step_like_an_allocated_one():
+    """bench/scale.py compiles real-size steps from abstract models: the step lowered from a model
+    built in ``unallocated()`` is the one lowered from the same model with its weights."""
+    import jax
+
+    from bench.scale_child import abstract_inputs, build_model, build_trainer
+    from kithara.models.keras_variables import is_allocated
+
+    devices = jax.devices()
+    abstract = build_model("tiny-gemma2", 2, devices, {"remat": "full"}, abstract=True)
+    assert not any(is_allocated(v) for v in abstract._by_path.values())
+    variables = abstract.variables
+    leaf = variables.trainable["token_embedding/embeddings"]
+    assert (
+        isinstance(leaf, jax.ShapeDtypeStruct)
+        and leaf.sharding == abstract.variable_shardings.trainable["token_embedding/embeddings"]
+    )
+    texts = []
+    for model in (abstract, build_model("tiny-gemma2", 2, devices, {"remat": "full"}, abstract=False)):
+        trainer = build_trainer(model, {})
+        texts.append(trainer.lower_train_step(*abstract_inputs(trainer, 8, 16)).as_text())
+    assert texts[0] == texts[1]
+    # Tracing ran keras stateless scopes; the abstract model's variables were not allocated by them.
+    assert not any(is_allocated(v) for v in abstract._by_path.values())
+
+
+def test_scale_memory_job_and_its_cache(tmp_path):
+    from bench.scale_child import memory
+
+    job = {"kind": "memory", "target": "cpu", "shape": "tiny", "config": "today", "seq": 16, "layers": 1,
+           "scale": {"activation_sharding": False}, "training": {}, "cache": str(tmp_path / "c.jsonl")}  # fmt: skip
+    first = memory(job)
+    assert first["temp_bytes"] > 0 and first["argument_bytes"] > 0 and "cached" not in first
+    again = memory(job)
+    assert again["cached"] and again["cache_key"] == first["cache_key"]
+    assert {k: again[k] for k in ("temp_bytes", "argument_bytes")} == {
+        k: first[k] for k in ("temp_bytes", "argument_bytes")
+    }
+
+
+def test_scale_plan_extrapolation_fits_goals_and_report():
+    import json
+
+    from bench.scale import PLANS, GiB, config_fields, extrapolate, goals, largest_fitting, plan_jobs
+    from bench.scale_report import scale_markdown
+
+    jobs = plan_jobs(PLANS["full"])
+    assert len({json.dumps(j, sort_keys=True) for j in jobs}) == len(jobs)
+    scanned = [j for j in jobs if j.get("scale", {}).get("scan_layers") and j["config"] != "compile_depth"]
+    assert scanned and all(j["layers"] == 32 for j in scanned if j["shape"] == "llama-3-8b")
+    assert config_fields("+attention", "v5e:2x4")[0]["attention"] == "splash"
+    assert config_fields("+attention", "cpu")[0]["attention"] == "chunked"
+    gemma = [j for j in jobs if j["shape"] == "gemma-2-9b" and j["config"] == "today"]
+    assert {j["layers"] for j in gemma} == {2, 4}  # pairs of sliding and global layers
+
+    def row(config, layers, temp, seq=8192, model="llama-3-8b", hlo="a"):
+        job = {"target": "v5e:2x4", "shape": model, "config": config, "seq": seq, "layers": layers}
+        sizes = {"temp_bytes": temp * GiB, "argument_bytes": 0.25 * layers * GiB, "output_bytes": 0.25 * layers * GiB,
+                 "alias_bytes": 0.25 * layers * GiB}  # fmt: skip
+        return {"job": job, "ok": True, "hlo_hash": hlo, **sizes}
+
+    rows = [row("today", 1, 3.0), row("today", 2, 5.0), row("today", 32, 66.0),  # 1 + 2 per layer
+            row("+act_sharding", 1, 3.0), row("+act_sharding", 2, 5.0),  # same programs: no effect
+            row("+remat_full", 1, 1.0, hlo="b"), row("+remat_full", 2, 1.25, hlo="c"),
+            row("+scan", 32, 8.0, hlo="d"), row("today", 1, 1.0, seq=1024, hlo="e"), row("today", 2, 1.5, seq=1024),
+            {"job": {"target": "v5e:2x4", "shape": "llama-3-8b", "config": "+attention", "seq": 8192, "layers": 1},
+             "ok": False, "error": "ValueError: unknown attention"},
+            {"job": {"target": "v5e:2x4", "shape": "llama-3-8b", "config": "+remat_full", "seq": 1024, "layers": 1},
+             "ok": False, "error": "JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+             "required for HLO temporaries (23.00G) exceeds available HBM (15.75G)."}]  # fmt: skip
+    entries = {(e["config"], e["seq"]): e for e in extrapolate(rows)}
+    today = entries[("today", 8192)]
+    assert today["temp_bytes"] == 65 * GiB and today["per_layer_temp_bytes"] == 2 * GiB
+    assert today["peak_bytes"] == (65 + 8) * GiB  # arguments 32 x 0.25, outputs all aliased
+    assert today["checked"]["temp_bytes"] == 66 * GiB and abs(today["check_error"] - (73 / 74 - 1)) < 1e-12
+    assert entries[("+act_sharding", 8192)]["no_effect"] == "same program as today"
+    assert "no_effect" not in entries[("+remat_full", 8192)]
+    assert entries[("+remat_full", 8192)]["temp_bytes"] == (1 + 0.25 * 31) * GiB
+    assert entries[("+scan", 8192)]["method"] == "compiled at full depth"
+    assert entries[("+attention", 8192)]["error"] == "ValueError: unknown attention"
+    assert entries[("+remat_full", 1024)]["oom"] == {"layers": 1, "temp_bytes": 23 * GiB, "hbm_bytes": 15.75 * GiB}
+    fits = {(r["config"]): r for r in largest_fitting(list(entries.values()))}
+    assert fits["today"]["fits_16GiB"] is None and fits["today"]["fits_95GiB"] == 8192
+    assert fits["+scan"]["fits_16GiB"] == 8192
+    eight_b = goals(list(entries.values()))[0]
+    # 16.00 GiB on a v5e chip whose usable HBM is 15.75 GiB: not reached, 0.25 over
+    assert eight_b["config"] == "+scan" and not eight_b["reached"] and eight_b["peak_gib"] == 16.0
+    assert eight_b["over_gib"] == 0.25
+    text = scale_markdown({"smoke": False, "seconds": 60.0, "versions": {"jax": "0.10.2"},
+                           "memory": list(entries.values()), "fits": largest_fitting(list(entries.values())),
+                           "goals": goals(list(entries.values())), "compile_depth": [], "step_time": None})  # fmt: skip
+    assert "| llama-3-8b | 32 | today | 24.50 (16.50) | 73.00 (65.00) | extrapolated from 1 and 2 layers |" in text
+    assert "| +act_sharding |  | 73.00 (65.00) = |" in text and "| +scan |  | 16.00 (8.00) | compiled at full" in text
+    assert "| v5e:2x4 | llama-3-8b | today | 8,192 | 32 | 73.00 (65.00) | 74.00 (66.00) | -1.4% |" in text
+    assert "llama-3-8b within 15.75 GiB: best configuration `+scan` needs 16.00 GiB" in text
+    assert "not reached: 0.25 GiB over." in text
+    assert "ValueError: unknown attention" in text and "| OOM (1 layers: 23.00 temp) | 16.75 (8.75) |" in text
+
+
+def test_scale_step_time_runs_policies_side_by_side():
+    from bench.scale_child import step_time
+
+    out = step_time({"shape": "tiny", "rows": 2, "seq": 16, "rounds": 2, "steps": 1, "policies": ("full",)})
+    none, full = out["policies"]
+    assert (none["policy"], full["policy"]) == ("none", "full") and none["ratio_vs_none"] == 1.0
+    assert full["ratio_vs_none"] > 0 and full["ratio_min"] <= full["ratio_vs_none"] <= full["ratio_max"]
+    assert full["first_loss"] == pytest.approx(none["first_loss"], rel=1e-5)  # remat recomputes; same loss
