@@ -129,6 +129,12 @@ class Model(abc.ABC):
         """
         return False
 
+    def submodels(self) -> list[Model]:
+        """The models this one is made of (PPO's policy and value model, a cycle pair's sides), each
+        once; ``[]`` for a single model. Options that belong to each model (``gradient_checkpointing``)
+        reach them through this."""
+        return []
+
     @property
     def supports_chunked_loss(self) -> bool:
         """Whether ``token_stats`` / ``token_logps`` honour their chunk sizes (an LM head that can

@@ -206,18 +206,15 @@ def enable_gradient_checkpointing(model: Any) -> None:
 
 
 def _scaled_parts(model: Any) -> list[Any]:
-    """``model`` if it has a ``ScaleConfig``, else its sub-models (``policy`` / ``value_model``, a cycle
-    pair's ``side_model("A" / "B")``), each once; raises naming the first without one."""
+    """``model`` if it has a ``ScaleConfig``, else those of its ``submodels()``; raises naming the
+    first model without either."""
     if isinstance(getattr(model, "scale", None), ScaleConfig):
         return [model]
-    subs = [getattr(model, name) for name in ("policy", "value_model") if getattr(model, name, None) is not None]
-    if hasattr(model, "side_model"):
-        subs += [model.side_model(side) for side in "AB"]
-    unique = list({id(sub): sub for sub in subs}.values())
-    if not unique:
+    subs = model.submodels() if hasattr(model, "submodels") else []
+    if not subs:
         raise ValueError(
             f"gradient_checkpointing=True: {type(model).__name__} has no decoder-block remat (no "
             "ScaleConfig `scale`); it is available for KerasHubModel and ScalarHeadModel (and models made of "
             "them). Set gradient_checkpointing=False."
         )
-    return [part for sub in unique for part in _scaled_parts(sub)]
+    return [part for sub in subs for part in _scaled_parts(sub)]

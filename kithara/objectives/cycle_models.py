@@ -36,9 +36,12 @@ class CyclePair(Model):
     def side_model(self, side: str) -> SideModel:
         """The model whose layers run ``side`` (the shared base for adapters)."""
 
+    def submodels(self) -> list[Model]:
+        return list({id(m): m for m in (self.side_model("A"), self.side_model("B"))}.values())
+
     @property
     def supports_chunked_loss(self) -> bool:
-        return all(self.side_model(side).supports_chunked_loss for side in "AB")
+        return all(m.supports_chunked_loss for m in self.submodels())
 
     @abc.abstractmethod
     def side_variables(self, variables: ModelVariables, side: str) -> ModelVariables:

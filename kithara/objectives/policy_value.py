@@ -73,6 +73,9 @@ class PolicyAndValue(Model):
             init = (np.random.default_rng(seed).standard_normal((hidden, 1)) * std).astype(np.float32)
             self.head = jax.make_array_from_callback(init.shape, self.head_sharding, lambda index: init[index])
 
+    def submodels(self) -> list[Model]:
+        return [self.policy] if self.value_model is None else [self.policy, self.value_model]
+
     @property
     def head_sharding(self) -> NamedSharding:
         return sharding_lib.replicated(self.policy.mesh)
