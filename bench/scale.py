@@ -65,6 +65,18 @@ CONFIGS: tuple[tuple[str, str | None, dict[str, Any], dict[str, Any]], ...] = (
         {"remat": "full", "attention": "kernel", "scan_layers": True},
         {"loss_chunk_size": CHUNK, "offload_optimizer": True},
     ),
+    (
+        "+remat_offload",  # and each block's saved input in host memory instead of on device
+        "+offload_optimizer",
+        {"remat": "offload", "attention": "kernel", "scan_layers": True},
+        {"loss_chunk_size": CHUNK, "offload_optimizer": True},
+    ),
+    (
+        "+offload_params",  # and the weights in host memory between steps
+        "+offload_optimizer",
+        {"remat": "full", "attention": "kernel", "scan_layers": True},
+        {"loss_chunk_size": CHUNK, "offload_optimizer": True, "offload_params": True},
+    ),
 )
 CONFIG_NAMES = tuple(c[0] for c in CONFIGS)
 
