@@ -15,18 +15,33 @@ import pytest
 import kithara
 
 
+# JAX's own environment variables for its persistent compilation cache (read when jax is imported).
+CACHE_SETTINGS = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    # A size limit turns on JAX's file lock around reads and writes: several processes share it.
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 * 2**30),
+}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Many tests build the same tiny model and trainer again (a resume test runs three identical
-    trainers), and XLA's compile dominates their time on CPU. A compilation cache for this
-    session only (a fresh directory, removed at the end) lets an identical program compile
-    once; nothing carries over between runs, and the jit caches (``compilations``) are
-    unaffected. Only in the pytest process: workers and examples that import this module, and
-    subprocesses (doc blocks, the CLI), run as users do."""
+    trainers; doc blocks and examples build the same tiny models in turn), and XLA's compile
+    dominates their time on CPU. A compilation cache for this session only (a fresh directory,
+    removed at the end) lets an identical program compile once; nothing carries over between
+    runs, and the jit caches (``compilations``) are unaffected. The directory is set in JAX's
+    environment variables by the pytest process that owns it (the controller under xdist), so
+    the xdist workers and every subprocess a test starts (doc blocks, examples, the CLI, serve)
+    share it: a program compiled once in any of them is read back in the others. Users get the
+    same by setting these variables (docs/performance.md, "The test suite")."""
     import jax  # after kithara, whose import first notes how logging was left
 
-    directory = tempfile.mkdtemp(prefix="kithara-test-jax-cache-")
-    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
-    jax.config.update("jax_compilation_cache_dir", directory)
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers: it owns the directory
+        directory = tempfile.mkdtemp(prefix="kithara-test-jax-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+        os.environ.update(CACHE_SETTINGS, JAX_COMPILATION_CACHE_DIR=directory)  # workers start after this
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
