@@ -24,6 +24,8 @@ def _cell(entry: dict[str, Any] | None) -> str:
     if "peak_bytes" not in entry:
         return "not measured" if entry.get("error", "").startswith(NOT_MEASURED) else "failed"
     text = f"{_gib(entry['peak_bytes'])} ({_gib(entry['temp_bytes'])})"
+    if "squeezed" in entry:  # XLA may have rematerialised a small-depth program to fit: a lower bound
+        text = "≥ " + text
     return text + (" =" if entry.get("no_effect") else "")
 
 
@@ -65,7 +67,10 @@ def memory_tables(results: dict[str, Any]) -> list[str]:
         "OOM: XLA refused to compile for the target: the program's temporaries alone exceed the chip's HBM "
         "even at the depth shown (what XLA said they need in parentheses). XLA checks temporaries only, "
         "not the arguments, and rematerialises on its own to get under the limit, so v5e temporaries near "
-        "15.75 GiB are what XLA squeezed, and a peak past 16 GiB with arguments does not fit a v5e chip.",
+        "15.75 GiB are what XLA squeezed, and a peak past 16 GiB with arguments does not fit a v5e chip. "
+        "`≥`: extrapolated from a small-depth compile whose temporaries reached 75% of the chip's usable "
+        "HBM, which XLA may have rematerialised to fit, so the per-layer slope and the figure are lower "
+        "bounds (the v5p rows, with 95 GiB, are not squeezed).",
         "",
     ]
     return lines

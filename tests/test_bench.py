@@ -356,6 +356,8 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
             row("+act_sharding", 1, 3.0), row("+act_sharding", 2, 5.0),  # same programs: no effect
             row("+remat_full", 1, 1.0, hlo="b"), row("+remat_full", 2, 1.25, hlo="c"),
             row("+scan", 32, 8.0, hlo="d"), row("today", 1, 1.0, seq=1024, hlo="e"), row("today", 2, 1.5, seq=1024),
+            # two layers in 12.3 GiB of a v5e chip's 15.75: XLA may have squeezed it, the slope is a lower bound
+            row("+chunked_loss", 1, 12.0, seq=4096, hlo="f"), row("+chunked_loss", 2, 12.3, seq=4096, hlo="g"),
             {"job": {"target": "v5e:2x4", "shape": "llama-3-8b", "config": "+attention", "seq": 8192, "layers": 1},
              "ok": False, "error": "ValueError: unknown attention"},
             {"job": {"target": "v5e:2x4", "shape": "llama-3-8b", "config": "+remat_full", "seq": 1024, "layers": 1},
@@ -372,7 +374,12 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
     assert entries[("+scan", 8192)]["method"] == "compiled at full depth"
     assert entries[("+attention", 8192)]["error"] == "ValueError: unknown attention"
     assert entries[("+remat_full", 1024)]["oom"] == {"layers": 1, "temp_bytes": 23 * GiB, "hbm_bytes": 15.75 * GiB}
+    squeezed = entries[("+chunked_loss", 4096)]
+    assert squeezed["squeezed"] == {"layers": 2, "temp_bytes": 12.3 * GiB} and "squeezed" not in today
     fits = {(r["config"]): r for r in largest_fitting(list(entries.values()))}
+    # its lower bound (21.3 + 8 GiB) exceeds 16 GiB; whether it fits 95 GiB is unknown
+    assert fits["+chunked_loss"]["fits_16GiB"] is None and fits["+chunked_loss"]["fits_95GiB"] is None
+    assert fits["+chunked_loss"]["unknown_95GiB"] and not fits["+chunked_loss"]["unknown_16GiB"]
     assert fits["today"]["fits_16GiB"] is None and fits["today"]["fits_95GiB"] == 8192
     assert fits["+scan"]["fits_16GiB"] == 8192
     eight_b = goals(list(entries.values()))[0]
@@ -387,6 +394,7 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
     assert "| v5e:2x4 | llama-3-8b | today | 8,192 | 32 | 73.00 (65.00) | 74.00 (66.00) | -1.4% |" in text
     assert "llama-3-8b within 15.75 GiB: best configuration `+scan` needs 16.00 GiB" in text
     assert "not reached: 0.25 GiB over." in text
+    assert "| +chunked_loss |  | ≥ 29.30 (21.30) |  | extrapolated from 1 and 2 layers |" in text  # 1,024 4,096 8,192
     assert "ValueError: unknown attention" in text and "| OOM (1 layers: 23.00 temp) | 16.75 (8.75) |" in text
 
 
