@@ -14,7 +14,6 @@ import pytest
 
 import kithara
 
-
 # JAX's own environment variables for its persistent compilation cache (read when jax is imported).
 CACHE_SETTINGS = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
