@@ -389,13 +389,14 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
     text = scale_markdown({"smoke": False, "seconds": 60.0, "versions": {"jax": "0.10.2"},
                            "memory": list(entries.values()), "fits": largest_fitting(list(entries.values())),
                            "goals": goals(list(entries.values())), "compile_depth": [], "step_time": None})  # fmt: skip
-    assert "| llama-3-8b | 32 | today | 24.50 (16.50) | 73.00 (65.00) | extrapolated from 1 and 2 layers |" in text
-    assert "| +act_sharding |  | 73.00 (65.00) = |" in text and "| +scan |  | 16.00 (8.00) | compiled at full" in text
+    # columns 1,024 | 4,096 | 8,192
+    assert "| llama-3-8b | 32 | today | 24.50 (16.50) |  | 73.00 (65.00) | extrapolated from 1 and 2 layers |" in text
+    assert "| +act_sharding |  |  | 73.00 (65.00) = |" in text and "| +scan |  |  | 16.00 (8.00) | compiled at full" in text
     assert "| v5e:2x4 | llama-3-8b | today | 8,192 | 32 | 73.00 (65.00) | 74.00 (66.00) | -1.4% |" in text
     assert "llama-3-8b within 15.75 GiB: best configuration `+scan` needs 16.00 GiB" in text
     assert "not reached: 0.25 GiB over." in text
     assert "| +chunked_loss |  | ≥ 29.30 (21.30) |  | extrapolated from 1 and 2 layers |" in text  # 1,024 4,096 8,192
-    assert "ValueError: unknown attention" in text and "| OOM (1 layers: 23.00 temp) | 16.75 (8.75) |" in text
+    assert "ValueError: unknown attention" in text and "| OOM (1 layers: 23.00 temp) |  | 16.75 (8.75) |" in text
 
 
 def test_scale_step_time_runs_policies_side_by_side():
