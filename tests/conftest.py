@@ -45,35 +45,6 @@ def pytest_configure(config: pytest.Config) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# The heaviest test files, heaviest first (seconds of one file on the 2-core VM, 2026-12-03). They
-# run first: pytest-xdist's loadfile hands out whole files in collection order, so a heavy file
-# collected last would keep one worker busy while the other idles (longest-first scheduling).
-HEAVY_FIRST = (
-    "test_docs.py",  # 175
-    "test_examples.py",  # 169
-    "test_distributed.py",  # 90-130 (Ray)
-    "test_attention.py",  # 89
-    "test_cycle.py",  # 87
-    "test_cycle_seq2seq.py",  # 86
-    "test_checkpointer.py",  # 71
-    "test_online_dpo.py",  # 70
-    "test_trl_parity.py",  # 60
-    "test_chunked_loss.py",  # 62
-    "test_serve.py",
-    "test_dpo.py",  # 55
-    "test_generate.py",  # 50
-    "test_cli.py",  # 49
-    "test_grpo.py",  # 44
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The heaviest files first (``HEAVY_FIRST``), then the rest in their usual order; the tests
-    of a file keep theirs."""
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 TINY = dict(vocab_size=64, num_layers=2, hidden_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
 
 
