@@ -421,9 +421,7 @@ SQUEEZED = 0.75
 
 def usable_bytes(target: str) -> float:
     """A chip's HBM as XLA reports it available (v5e: 15.75 of 16 GiB; others: their HBM)."""
-    if target == "v5e:2x4":
-        return V5E_USABLE_GIB * GiB
-    return HBM_GIB.get(target, float("inf")) * GiB
+    return {**HBM_GIB, "v5e:2x4": V5E_USABLE_GIB}.get(target, float("inf")) * GiB
 
 
 def flag_no_effect(entries: list[dict[str, Any]], rows: Iterable[dict[str, Any]]) -> None:
@@ -454,27 +452,25 @@ def largest_fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (target, model, config): the largest measured sequence whose peak fits each budget
     (``"?"`` after it when a longer one ran out of a smaller chip's HBM, so is unknown here)."""
     peaks: dict[tuple[str, str, str], dict[int, float]] = {}
-    ooms: dict[tuple[str, str, str], dict[int, float]] = {}
+    # What a sequence needs at least, where only a bound is known: more than the chip's HBM (with
+    # a 10% margin) when XLA refused it, at least the extrapolated peak when a compile was squeezed.
+    bounds: dict[tuple[str, str, str], dict[int, float]] = {}
     for e in entries:
         key = (e["target"], e["model"], e["config"])
-        if "peak_bytes" in e and "squeezed" in e:  # a lower bound: fits nothing it exceeds, else unknown
-            if e["peak_bytes"] > usable_bytes(e["target"]):
-                ooms.setdefault(key, {})[e["seq"]] = usable_bytes(e["target"])
-            else:
-                peaks.setdefault(key, {})
-                ooms.setdefault(key, {})[e["seq"]] = e["peak_bytes"] / 1.1  # counted as unknown below
-        elif "peak_bytes" in e:
+        if "peak_bytes" in e and "squeezed" not in e:
             peaks.setdefault(key, {})[e["seq"]] = e["peak_bytes"]
-        elif "oom" in e:  # needs more than the target chip's HBM
-            ooms.setdefault(key, {})[e["seq"]] = e["oom"]["hbm_bytes"]
+        elif "peak_bytes" in e:
+            bounds.setdefault(key, {})[e["seq"]] = e["peak_bytes"]
+        elif "oom" in e:
+            bounds.setdefault(key, {})[e["seq"]] = 1.1 * e["oom"]["hbm_bytes"]
     out = []
-    for key in dict.fromkeys([*peaks, *ooms]):
-        known, over = peaks.get(key, {}), ooms.get(key, {})
+    for key in dict.fromkeys([*peaks, *bounds]):
+        known, over = peaks.get(key, {}), bounds.get(key, {})
         row: dict[str, Any] = {"target": key[0], "model": key[1], "config": key[2], "seqs": sorted({*known, *over})}
         for budget in BUDGETS_GIB:
             fitting = [s for s, p in known.items() if p <= budget * GiB]
             best = max(fitting) if fitting else None
-            unknown = [s for s, hbm in over.items() if budget * GiB > 1.1 * hbm and (best is None or s > best)]
+            unknown = [s for s, bound in over.items() if budget * GiB > bound and (best is None or s > best)]
             row[f"fits_{int(budget)}GiB"] = best
             row[f"unknown_{int(budget)}GiB"] = bool(unknown)
         out.append(row)

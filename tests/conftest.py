@@ -40,9 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
         os.environ.update(CACHE_SETTINGS, JAX_COMPILATION_CACHE_DIR=directory)  # workers start after this
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in CACHE_SETTINGS.items():  # jax read its variables at import, before they were set
+        jax.config.update(name.lower(), float(value) if "." in value else int(value))
 
 
 TINY = dict(vocab_size=64, num_layers=2, hidden_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
