@@ -43,6 +43,7 @@ from kithara.models import (
     LoraConfig,
     Model,
     ModelVariables,
+    QuantizationConfig,
     ScalarHeadModel,
     ScaleConfig,
 )
@@ -124,6 +125,7 @@ __all__ = [
     "PRMTrainer",
     "Profiler",
     "ProgressBar",
+    "QuantizationConfig",
     "RLOOConfig",
     "RLOOTrainer",
     "RewardConfig",

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kithara.models.lora import LoraConfig
+from kithara.models.precision import FLOAT16_POLICIES
 from kithara.models.scale_config import ScaleConfig
 from kithara.naming import check_names, suggest
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
@@ -72,7 +73,7 @@ class ModelConfig:
     num_kv_heads: int = 2
     intermediate_dim: int = 256
     head_dim: int | None = None
-    precision: str | None = None  # None: "mixed_bfloat16" when args.bf16, else "float32"
+    precision: str | None = None  # None: mixed_bfloat16 with args.bf16, mixed_float16 with args.fp16, else float32
     sharding: str = "fsdp"  # dp | fsdp | fsdp_tp
     tensor_parallel: int = 1
     seed: int = 0  # cycle with two models: model B uses seed + 1
@@ -325,8 +326,8 @@ def _describe(hint: Any) -> str:
 
 
 def model_precision(config: RunConfig) -> str:
-    """``model.precision``, or what ``args.bf16`` asks for when it is unset."""
-    return config.model.precision or ("mixed_bfloat16" if config.args.bf16 else "float32")
+    """``model.precision``, or what ``args.bf16`` / ``args.fp16`` ask for when it is unset."""
+    return config.model.precision or config.args.precision or "float32"
 
 
 def _check(config: RunConfig) -> None:
@@ -357,6 +358,11 @@ def _check(config: RunConfig) -> None:
         raise ValueError(
             f"model.precision={m.precision!r} contradicts args.bf16=true (bfloat16 compute); set "
             "model.precision=mixed_bfloat16, or leave it unset (null), or set args.bf16=false."
+        )
+    if m.precision is not None and config.args.fp16 and m.precision not in FLOAT16_POLICIES:
+        raise ValueError(
+            f"model.precision={m.precision!r} contradicts args.fp16=true (float16 compute with loss scaling); "
+            "set model.precision=mixed_float16, or leave it unset (null), or set args.fp16=false."
         )
     m.precision = model_precision(config)
     try:

@@ -55,8 +55,23 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)attention/attention_output/kernel$", ("heads", "head_dim", "embed")),
     (r"(feedforward_(intermediate|gate)_dense|ffw_gating(_2)?)/kernel$", ("embed", "mlp")),
     (r"(feedforward_output_dense|ffw_linear)/kernel$", ("mlp", "embed")),
+    # Quantized kernels (kithara.models.quantization) are stored as [inputs, outputs] matrices
+    # (contracted axes first, flattened): codes and blockwise scales split like the kernel's
+    # leading input and output axes.
+    (r"self_attention/(query|key|value)/kernel_(quantized|scale|scale_quantized)$", ("embed", "heads")),
+    (r"(^|/)attention/(query|key|value)/kernel_(quantized|scale|scale_quantized)$", ("embed", "heads")),
+    (r"attention/attention_output/kernel_(quantized|scale|scale_quantized)$", ("heads", "embed")),
+    (
+        r"(feedforward_(intermediate|gate)_dense|ffw_gating(_2)?)/kernel_(quantized|scale|scale_quantized)$",
+        ("embed", "mlp"),
+    ),
+    (r"(feedforward_output_dense|ffw_linear)/kernel_(quantized|scale|scale_quantized)$", ("mlp", "embed")),
     (r"(scale|bias|gamma|beta)$", ()),  # norms and biases: small, replicated
 )
+
+# Blockwise scales of a quantized kernel are split like its codes or not at all (they are small):
+# split along another axis, each dequantization would have to reshuffle them.
+_FOLLOWS_ITS_CODES = re.compile(r"kernel_scale(_quantized)?$")
 
 UNSHARDED_WARNING_ELEMENTS = 1 << 20
 
@@ -149,7 +164,7 @@ def param_spec(strategy: ShardingStrategy, mesh: Mesh, path: str, shape: tuple[i
     axes = [
         a if a and mesh.shape[a] > 1 and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape, strict=True)
     ]
-    if "fsdp" not in axes and mesh.shape["fsdp"] > 1:
+    if "fsdp" not in axes and mesh.shape["fsdp"] > 1 and not _FOLLOWS_ITS_CODES.search(path):
         for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
             if axes[i] is None and shape[i] % mesh.shape["fsdp"] == 0:
                 axes[i] = "fsdp"

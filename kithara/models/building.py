@@ -20,9 +20,9 @@ from kithara.naming import check_names
 
 # Loading options of transformers' from_pretrained that kithara has no counterpart for.
 UNSUPPORTED_LOAD_OPTIONS = {
-    "load_in_4bit": "4-bit/8-bit quantized loading is not supported yet.",
-    "load_in_8bit": "4-bit/8-bit quantized loading is not supported yet.",
-    "quantization_config": "4-bit/8-bit quantized loading is not supported yet.",
+    "load_in_4bit": "pass quantization='nf4' (KerasHubModel.from_config/from_preset take it).",
+    "load_in_8bit": "pass quantization='int8' (KerasHubModel.from_config/from_preset take it).",
+    "quantization_config": "pass quantization= ('nf4', 'int8', a QuantizationConfig or a BitsAndBytesConfig).",
     "device_map": "kithara places the weights on its device mesh; pick sharding= instead.",
 }
 

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from kithara import sharding as sharding_lib
 from kithara.models import attention, decoder_seam, hf, segments
+from kithara.models import quantization as quantization_lib
 from kithara.models.building import (
     UNSUPPORTED_LOAD_OPTIONS,
     backbone_from_config,
@@ -44,6 +45,7 @@ from kithara.models.logprobs import LinearHead, chunked_token_logps, chunked_tok
 from kithara.models.lora import LoraConfig, enable_lora
 from kithara.models.model import ModelVariables
 from kithara.models.precision import keras_policy
+from kithara.models.quantization import QuantizationConfig
 from kithara.models.sampling import check_sampling
 from kithara.models.scale_config import ScaleConfig
 from kithara.naming import check_names
@@ -73,6 +75,9 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         scale: memory and compile-time options of the training forward pass (remat, layer
             scan, attention kernel, activation sharding; see ``ScaleConfig`` and
             docs/scale.md). Settable later through ``model.scale``.
+        quantization: store the decoder's projection kernels quantized and frozen (QLoRA):
+            ``"nf4"``, ``"int8"``, a ``QuantizationConfig`` or a ``transformers.BitsAndBytesConfig``
+            (see docs/models.md, "Quantized base"). Adapters from ``lora`` train on top.
 
     Example:
         >>> model = KerasHubModel.from_config(
@@ -92,6 +97,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         family: str | None = None,
         hf_config: Mapping[str, Any] | None = None,
         scale: ScaleConfig | None = None,
+        quantization: str | QuantizationConfig | Any = None,
     ) -> None:
         if not isinstance(causal_lm, keras_hub.models.CausalLM):
             raise TypeError(f"causal_lm must be a keras_hub.models.CausalLM, got {type(causal_lm).__name__}.")
@@ -107,6 +113,13 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         self._lora_layers = 0
         self.tokenizer: Any = None  # a kithara.Tokenizer; lets generate() take and return strings
         self.scale = scale if scale is not None else ScaleConfig()
+        if quantization is not None:
+            wanted = QuantizationConfig.coerce(quantization)
+            done = quantization_lib.config_of(self.backbone)
+            if done is not None and done != wanted:
+                raise ValueError(f"The backbone is already quantized with {done}; it cannot also be {wanted}.")
+            quantization_lib.quantize_backbone(self.backbone, wanted)
+        self.quantization = quantization_lib.config_of(self.backbone)
         if lora is not None:
             names = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
             self._lora_layers = enable_lora(self.backbone, lora, layer_layout(names))
@@ -129,6 +142,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         lora: LoraConfig | None = None,
         seed: int = 0,
         scale: ScaleConfig | None = None,
+        quantization: str | QuantizationConfig | Any = None,
         **backbone_kwargs: Any,
     ) -> KerasHubModel:
         """A randomly initialised model of ``family`` (``llama3``, ``gemma``, ``gemma2``,
@@ -138,8 +152,10 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         ``rope_max_wavelength``, ``tie_word_embeddings``, ``layer_norm_epsilon``); names the
         backbone's constructor does not take raise ``TypeError`` with the closest one (keras-hub
         would ignore them). ``seed`` seeds keras' random generator so every process builds
-        identical weights.
+        identical weights. ``quantization`` (or TRL's ``load_in_4bit`` / ``load_in_8bit``) stores the
+        decoder's projections quantized, as in ``from_preset``.
         """
+        quantization = _quantization_argument(quantization, backbone_kwargs)
         arch = Architecture(vocab_size, num_layers, hidden_dim, num_heads, num_kv_heads, intermediate_dim, head_dim)
         backbone = backbone_from_config(
             family, arch, precision=precision, seed=seed, builder=cls.from_config, where=cls.__name__, **backbone_kwargs
@@ -148,7 +164,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             causal_lm = getattr(keras_hub.models, get_family(family).causal_lm_class)(
                 backbone=backbone, preprocessor=None
             )
-        return cls(causal_lm, sharding=sharding, lora=lora, family=family, scale=scale)
+        return cls(causal_lm, sharding=sharding, lora=lora, family=family, scale=scale, quantization=quantization)
 
     @classmethod
     def from_preset(
@@ -160,6 +176,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         lora: LoraConfig | None = None,
         load_preprocessor: bool = False,
         scale: ScaleConfig | None = None,
+        quantization: str | QuantizationConfig | Any = None,
         **kwargs: Any,
     ) -> KerasHubModel:
         """Loads a keras-hub preset directory or a local Hugging Face checkpoint directory
@@ -172,7 +189,14 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         are (they need network access). ``kwargs`` go to keras-hub's ``from_preset``:
         ``load_weights=False`` builds the architecture with random weights; other names raise
         ``TypeError`` with the closest known one (keras-hub would ignore them).
+
+        ``quantization`` (``"nf4"``, ``"int8"``, a ``QuantizationConfig``) stores the decoder's
+        projections quantized; from a Hugging Face directory each tensor is quantized as it is
+        read, so host memory holds about one float tensor beyond the quantized model. TRL's and
+        transformers' ``load_in_4bit=True`` / ``load_in_8bit=True`` / ``quantization_config=
+        BitsAndBytesConfig(...)`` mean the same (NF4 with block 64 / int8 per channel).
         """
+        quantization = _quantization_argument(quantization, kwargs)
         check_names(
             kwargs,
             [*keyword_only(cls.from_preset), *PRESET_OPTIONS],
@@ -188,7 +212,10 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
                 )
             with host_device():
                 causal_lm, hf_config = hf.load_causal_lm(
-                    handle, dtype=keras_policy(precision), load_preprocessor=load_preprocessor
+                    handle,
+                    dtype=keras_policy(precision),
+                    load_preprocessor=load_preprocessor,
+                    quantization=quantization,
                 )
             model = cls(
                 causal_lm,
@@ -197,6 +224,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
                 family=hf_config["model_type"],
                 hf_config=hf_config,
                 scale=scale,
+                quantization=quantization,
             )
             # Sampling defaults and extra stop ids (Llama 3 Instruct's <|eot_id|>) live only
             # here; keep them so an export writes them back.
@@ -209,7 +237,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         with host_device():
             causal_lm = keras_hub.models.CausalLM.from_preset(handle, dtype=keras_policy(precision), **kwargs)
         match_layers_to_backbone(causal_lm.backbone)
-        return cls(causal_lm, sharding=sharding, lora=lora, scale=scale)
+        return cls(causal_lm, sharding=sharding, lora=lora, scale=scale, quantization=quantization)
 
     @property
     def mesh(self) -> Mesh:
@@ -365,14 +393,26 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
 
     def flops_per_token(self, sequence_length: int, *, training: bool = True) -> float:
         b = self.backbone
+        kernels = {path: layer.kernel for path, layer in quantization_lib.quantized_layers(b).items()}
         return transformer_flops(
             b,
-            self._by_path,
+            {**self._by_path, **kernels},
             sequence_length,
             training=training,
             lora=self.lora is not None,
             extra_head_params=b.vocabulary_size * b.hidden_dim,  # the LM head matmul (tied or not)
         )
+
+    @property
+    def num_params(self) -> int:
+        """Total parameter count (trainable plus frozen); a quantized kernel counts its weights,
+        not its stored codes and scales."""
+        layers = quantization_lib.quantized_layers(self.backbone).values()
+        storage = {
+            v.path for layer in layers for v in layer.weights if v.path.rsplit("/", 1)[-1] in quantization_lib.STORAGE
+        }
+        plain = sum(math.prod(v.shape) for p, v in self._by_path.items() if p not in storage)
+        return plain + sum(layer._layout.size for layer in layers)
 
     def save_in_hf_format(
         self,
@@ -565,6 +605,13 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
             f"mesh {mesh} (strategy {self.strategy.name}) on {devices}",
             f"parameters: {_human(total)} total, {_human(trainable)} trainable ({share:.2f}%)",
         ]
+        if self.quantization is not None:
+            q, size = self.quantization, quantization_lib.storage_bytes(self.backbone)
+            lines.append(
+                f"quantized base: {q.method}, scales per {q.block_size}"
+                f"{' (double-quantized)' if q.double_quant else ''} on {', '.join(q.targets)}: "
+                f"{size['stored'] / 2**20:.1f} MiB stored, {size['bfloat16'] / 2**20:.1f} MiB in bfloat16"
+            )
         if self.lora is not None:
             lines.append(
                 f"LoRA rank {self.lora.rank}, alpha {self.lora.alpha or self.lora.rank} on "
@@ -588,6 +635,31 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         console = Console(width=110, record=True, file=io.StringIO())
         console.print(table)
         return "\n".join(lines) + "\n" + console.export_text()
+
+
+def _quantization_argument(quantization: Any, kwargs: dict[str, Any]) -> QuantizationConfig | None:
+    """``quantization=``, or TRL's / transformers' ``load_in_4bit``, ``load_in_8bit`` and
+    ``quantization_config`` (taken out of ``kwargs``), as one config; more than one is refused."""
+    given: dict[str, Any] = {
+        k: kwargs.pop(k) for k in ("load_in_4bit", "load_in_8bit", "quantization_config") if k in kwargs
+    }
+    flags = {k: v for k, v in given.items() if k != "quantization_config"}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+    asked: dict[str, Any] = {k: v for k, v in given.items() if v not in (False, None)}
+    if quantization is not None:
+        asked["quantization"] = quantization
+    if len(asked) > 1:
+        raise ValueError(f"Quantization is set more than once ({sorted(asked)}); pass only quantization=.")
+    if not asked:
+        return None
+    ((name, value),) = asked.items()
+    if name == "load_in_4bit":
+        return QuantizationConfig("nf4")
+    if name == "load_in_8bit":
+        return QuantizationConfig("int8")
+    return QuantizationConfig.coerce(value)
 
 
 def _model_inputs(inputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from kithara.data.dataloader import Dataloader
 from kithara.models.model import Model
+from kithara.models.precision import FLOAT16_POLICIES
 from kithara.naming import check_names
 from kithara.trainer.config import TrainingConfig
 
@@ -104,15 +105,49 @@ def resolve_config(
     return base.replace(**{field: value for field, (_, value) in changes.items()}) if changes else base
 
 
+def model_policy(model: Model) -> str | None:
+    """The keras dtype policy the model's backbone was built with (None when it has none)."""
+    return getattr(getattr(getattr(model, "backbone", None), "dtype_policy", None), "name", None)
+
+
+def computes_in_float16(model: Model) -> bool:
+    """Whether the model computes in float16, so training needs a dynamic loss scale."""
+    return model_policy(model) in FLOAT16_POLICIES
+
+
 def check_precision(model: Model, config: TrainingConfig) -> None:
-    """Refuses ``bf16=True`` for a model built to compute in float32 (its variables and
-    compute dtype are fixed when it is built)."""
-    policy = getattr(getattr(getattr(model, "backbone", None), "dtype_policy", None), "name", None)
+    """Refuses ``bf16=True`` or ``fp16=True`` for a model built to compute in another dtype
+    (its variables and compute dtype are fixed when it is built)."""
+    policy = model_policy(model)
     if config.bf16 and policy is not None and policy not in ("mixed_bfloat16", "bfloat16"):
         raise ValueError(
             f"args.bf16=True asks for bfloat16 compute, but the model was built with precision {policy!r}; build "
             "it with precision='mixed_bfloat16' (KerasHubModel.from_preset(..., precision='mixed_bfloat16')) "
             "or drop bf16."
+        )
+    if config.fp16 and policy is not None and policy not in FLOAT16_POLICIES:
+        raise ValueError(
+            f"args.fp16=True asks for float16 compute with loss scaling, but the model was built with precision "
+            f"{policy!r}; build it with precision='mixed_float16' (KerasHubModel.from_preset(..., "
+            "precision='mixed_float16')) or drop fp16."
+        )
+
+
+def check_float16_attention(model: Model) -> None:
+    """Refuses float16 compute with keras' attention off NVIDIA/ROCm GPUs: keras-hub's Llama,
+    Mistral and Qwen attention call ``jax.nn.dot_product_attention``, which asks XLA for a
+    float16 x float16 -> float32 dot that the CPU and TPU backends do not compile (the error
+    would come at the first step, naming only ``F16_F16_F32``)."""
+    scale = getattr(model, "scale", None)
+    if not computes_in_float16(model) or getattr(scale, "attention", None) != "keras":
+        return
+    platform = model.mesh.devices.flat[0].platform
+    if platform != "gpu":
+        raise ValueError(
+            f"precision='mixed_float16' on {platform}: keras' attention path (ScaleConfig(attention='keras'), "
+            "the default) needs float16 x float16 -> float32 dots, which XLA compiles on GPUs only. Build the "
+            "model with scale=kithara.ScaleConfig(attention='chunked') (same results), or train in "
+            "mixed_bfloat16 (bf16=True), the usual choice on TPU."
         )
 
 

@@ -41,7 +41,9 @@ _OTHER_SCHEDULERS = (
     "greedy",
 )
 ADAMW_NAMES = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf")  # all AdamW
-OPTIMIZERS = (*ADAMW_NAMES, "sgd")
+# bitsandbytes' AdamW8bit (transformers' OptimizerNames.ADAMW_BNB and its alias ADAMW_8BIT).
+ADAMW_8BIT_NAMES = ("adamw_8bit", "adamw_bnb_8bit")
+OPTIMIZERS = (*ADAMW_NAMES, *ADAMW_8BIT_NAMES, "sgd")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
@@ -110,7 +112,12 @@ class TrainingConfig:
         adam_epsilon: TRL. AdamW's epsilon.
         max_grad_norm: TRL. Clip gradients to this global norm; ``None`` or 0 does not clip.
         optim: TRL. ``"adamw"`` (also ``"adamw_torch"``, ``"adamw_torch_fused"``,
-            ``"adamw_hf"``: all AdamW; TRL: ``"adamw_torch_fused"``) or ``"sgd"``.
+            ``"adamw_hf"``: all AdamW; TRL: ``"adamw_torch_fused"``), ``"adamw_8bit"`` (also
+            ``"adamw_bnb_8bit"``: bitsandbytes' 8-bit AdamW, both moments in 8 bits with a
+            float32 scale per 256 values, about a quarter of AdamW's state; see
+            ``kithara.trainer.adamw_8bit``) or ``"sgd"``. Paged optimizers
+            (``"paged_adamw_8bit"``, ...) are refused: ``offload_optimizer`` keeps the state in
+            host memory instead.
         logging_steps: TRL. Log metrics (and write TensorBoard) every this many steps (a whole
             number; TRL also takes a fraction of all steps). 1 here, as the Kithara trainer's
             ``log_steps_interval``; ``SFTConfig`` and ``DPOConfig`` take TRL's 10.
@@ -131,7 +138,10 @@ class TrainingConfig:
         bf16: TRL. Mixed precision: float32 weights, bfloat16 compute (``precision`` is
             ``"mixed_bfloat16"``); when ``False`` the model keeps its own precision (TRL: ``True``
             unless ``fp16``).
-        fp16: TRL. Not supported yet (float16 needs loss scaling); must stay ``False``.
+        fp16: TRL. Mixed precision: float32 weights, float16 compute (``precision`` is
+            ``"mixed_float16"``) with dynamic loss scaling (``kithara.trainer.loss_scale``:
+            initial scale 2**15, halved on a non-finite step, which is skipped; doubled after
+            2000 finite steps); the model must be built with that precision.
         gradient_checkpointing: TRL. Recompute each decoder block in the backward pass instead
             of keeping its activations: sets the model's ``ScaleConfig(remat="full")`` when the
             model's own policy is ``"none"`` (a named policy set on the model is kept). See
@@ -272,9 +282,9 @@ class TrainingConfig:
 
     @property
     def precision(self) -> str | None:
-        """The kithara precision the flags ask for (``"mixed_bfloat16"`` for ``bf16``), or
-        ``None``: keep the model's."""
-        return "mixed_bfloat16" if self.bf16 else None
+        """The kithara precision the flags ask for (``"mixed_bfloat16"`` for ``bf16``,
+        ``"mixed_float16"`` for ``fp16``), or ``None``: keep the model's."""
+        return "mixed_bfloat16" if self.bf16 else "mixed_float16" if self.fp16 else None
 
     @property
     def eval_batch_size(self) -> int:
@@ -374,6 +384,7 @@ class TrainingConfig:
                 b2=self.adam_beta2,
                 eps=self.adam_epsilon,
                 max_grad_norm=self.max_grad_norm,
+                state_dtype="int8" if self.optim in ADAMW_8BIT_NAMES else "float32",
             )
 
         def sgd(learning_rate: Any) -> optax.GradientTransformation:
@@ -449,17 +460,20 @@ class TrainingConfig:
         self._validate_outputs()
         if self.fp16 and self.bf16:
             raise ValueError("Set bf16 or fp16, not both.")
-        if self.fp16:
-            raise NotImplementedError(
-                "fp16=True: float16 training with loss scaling is not supported yet; use bf16=True or float32."
-            )
         _at_least(1, loss_chunk_size=self.loss_chunk_size)
 
     def _validate_optimizer(self) -> None:
         if self.optim not in OPTIMIZERS:
+            paged = (
+                " Paged optimizers move state to CPU memory under CUDA memory pressure; kithara keeps it "
+                "in host memory with offload_optimizer=True (with optim='adamw_8bit' for 8-bit state)."
+                if self.optim.startswith("paged_")
+                else ""
+            )
             raise NotImplementedError(
                 f"optim={self.optim!r} is not supported yet; choose one of {list(OPTIMIZERS)} "
-                f"({', '.join(ADAMW_NAMES)} are all AdamW)."
+                f"({', '.join(ADAMW_NAMES)} are all AdamW; {', '.join(ADAMW_8BIT_NAMES)} are bitsandbytes' "
+                f"8-bit AdamW).{paged}"
             )
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")

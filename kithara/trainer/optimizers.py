@@ -14,7 +14,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from keras.src.backend.common.stateless_scope import StatelessScope
 
+from kithara.trainer import adamw_8bit
+from kithara.trainer.adamw_8bit import scale_by_adam_8bit
+
 _SLOT_SEPARATOR = "#"
+STATE_DTYPES = ("float32", "int8")  # adamw's moments: float32, or 8-bit as bitsandbytes' AdamW8bit
 
 
 def adamw(
@@ -25,17 +29,32 @@ def adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     max_grad_norm: float | None = 1.0,
+    state_dtype: str = "float32",
 ) -> optax.GradientTransformation:
     """AdamW with optional global-norm clipping, with the learning rate exposed for logging.
+
+    ``state_dtype="int8"`` keeps both moments in 8 bits as bitsandbytes' ``AdamW8bit``
+    (``kithara.trainer.adamw_8bit``): a quarter of the float32 state's bytes, plus one float32
+    scale per 256 elements; parameters under 4096 elements keep float32 moments.
 
     Example:
         >>> schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-4, 100, 1000)
         >>> tx = kithara.optimizers.adamw(schedule, weight_decay=0.01)
+        >>> tx_8bit = kithara.optimizers.adamw(3e-4, weight_decay=0.01, state_dtype="int8")
     """
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
 
     def make(learning_rate: Any) -> optax.GradientTransformation:
         chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
-        chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+        if state_dtype == "int8":  # optax.adamw's order, with 8-bit moments
+            chain += [
+                scale_by_adam_8bit(b1, b2, eps),
+                optax.add_decayed_weights(weight_decay),
+                optax.scale_by_learning_rate(learning_rate),
+            ]
+        else:
+            chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
         return optax.chain(*chain)
 
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
@@ -136,15 +155,25 @@ def state_shardings(
 ) -> Any:
     """Shardings for optimizer state: a leaf keyed by a parameter path (optax mirrors the
     parameter dict; keras slots are keyed ``path#slot``) with that parameter's shape gets
-    the parameter's sharding; everything else (counts, scalars) is replicated."""
+    the parameter's sharding, and 8-bit Adam's block scales (``absmax``) follow the
+    parameter's leading axes (``adamw_8bit.absmax_spec``); everything else (counts,
+    scalars) is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    absmax_key = jax.tree_util.GetAttrKey("absmax")
 
     def pick(key_path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> NamedSharding:
-        for entry in reversed(key_path):
+        for i in reversed(range(len(key_path))):
+            entry = key_path[i]
             if isinstance(entry, jax.tree_util.DictKey) and isinstance(entry.key, str):
                 path = entry.key.split(_SLOT_SEPARATOR, 1)[0]
-                if path in param_shardings and tuple(param_shapes[path].shape) == tuple(leaf.shape):
+                if path not in param_shardings:
+                    continue
+                shape = tuple(param_shapes[path].shape)
+                if shape == tuple(leaf.shape):
                     return param_shardings[path]
+                if tuple(key_path[i + 1 :]) == (absmax_key,) and leaf.shape == adamw_8bit.absmax_shape(shape):
+                    spec = adamw_8bit.absmax_spec(param_shardings[path].spec, shape, adamw_8bit.BLOCK_SIZE, mesh)
+                    return NamedSharding(mesh, spec, memory_kind=param_shardings[path].memory_kind)
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, opt_state_shapes)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from kithara.models.model import ModelVariables
+from kithara.trainer import loss_scale as loss_scale_lib
 from kithara.trainer.losses import LossOutput
 from kithara.trainer.optimizers import learning_rate
 from kithara.trainer.state import TrainState
@@ -27,9 +28,17 @@ def train_step(
     Gradients of each micro-batch's loss *sum* are added up and divided by the total weight
     at the end, so K micro-batches give the same update as one K-times-larger batch. With
     one micro-batch the mean is differentiated directly (same gradient, one pass fewer).
+
+    When ``tx`` has a dynamic loss scale (``kithara.trainer.loss_scale``; float16 compute)
+    the differentiated loss is multiplied by the scale in its state, and the summed
+    gradients are divided by it once, in float32, before ``tx`` sees them; the metrics
+    then hold ``loss_scale``, ``skipped`` and ``skipped_steps``. Without one the program
+    is the plain step's.
     """
     rng, step_rng = jax.random.split(state.rng)
     num_micro = jax.tree.leaves(batch)[0].shape[0]
+    scaling = loss_scale_lib.loss_scale_state(state.opt_state)
+    scale = None if scaling is None else scaling.scale
 
     def micro_step(carry: tuple[Any, LossOutput, dict[str, jax.Array]], inputs: tuple[Batch, jax.Array]):
         grads_sum, loss_sum, non_trainable = carry
@@ -38,7 +47,7 @@ def train_step(
         def total_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, tuple[LossOutput, dict[str, jax.Array]]]:
             variables = ModelVariables(trainable, non_trainable)
             out, new_non_trainable = loss_fn(variables, micro_batch, jax.random.fold_in(step_rng, index))
-            return out.total, (out, new_non_trainable)
+            return _scaled(out.total, scale), (out, new_non_trainable)
 
         grads, (out, new_non_trainable) = jax.grad(total_loss, has_aux=True)(state.model.trainable)
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
@@ -46,7 +55,7 @@ def train_step(
         return (grads_sum, loss_sum, new_non_trainable), None
 
     if num_micro == 1:
-        grads, loss, non_trainable = _mean_loss_grads(state, batch, loss_fn, step_rng)
+        grads, loss, non_trainable = _mean_loss_grads(state, batch, loss_fn, step_rng, scale)
         weight = jnp.maximum(loss.weight, 1.0)
     else:
         zero_grads = jax.tree.map(jnp.zeros_like, state.model.trainable)
@@ -57,6 +66,8 @@ def train_step(
         )
         weight = jnp.maximum(loss.weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads_sum)
+    if scale is not None:
+        grads = loss_scale_lib.unscale(grads, scale)
     updates, opt_state = tx.update(grads, state.opt_state, state.model.trainable)
     trainable = optax.apply_updates(state.model.trainable, updates)
     new_state = TrainState(ModelVariables(trainable, non_trainable), opt_state, state.step + 1, rng)
@@ -70,11 +81,18 @@ def train_step(
     lr = learning_rate(opt_state)
     if lr is not None:
         metrics["learning_rate"] = lr
+    if scaling is not None:
+        metrics.update(loss_scale_lib.metrics(scaling, opt_state))
     return new_state, metrics
 
 
+def _scaled(loss: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """The loss to differentiate: multiplied by the dynamic loss scale, if any."""
+    return loss if scale is None else loss * scale
+
+
 def _mean_loss_grads(
-    state: TrainState, batch: Batch, loss_fn: LossFn, step_rng: jax.Array
+    state: TrainState, batch: Batch, loss_fn: LossFn, step_rng: jax.Array, scale: jax.Array | None
 ) -> tuple[Any, LossOutput, dict[str, jax.Array]]:
     """One micro-batch: the gradient of ``total / weight`` (weight held constant), which
     equals the accumulated path's ``grad(total) / weight`` but seeds the backward pass with
@@ -84,7 +102,8 @@ def _mean_loss_grads(
     def mean_loss(trainable: dict[str, jax.Array]) -> tuple[jax.Array, tuple[LossOutput, dict[str, jax.Array]]]:
         variables = ModelVariables(trainable, state.model.non_trainable)
         out, new_non_trainable = loss_fn(variables, micro_batch, jax.random.fold_in(step_rng, 0))
-        return out.total / jax.lax.stop_gradient(jnp.maximum(out.weight, 1.0)), (out, new_non_trainable)
+        mean = out.total / jax.lax.stop_gradient(jnp.maximum(out.weight, 1.0))
+        return _scaled(mean, scale), (out, new_non_trainable)
 
     grads, (out, non_trainable) = jax.grad(mean_loss, has_aux=True)(state.model.trainable)
     return grads, out, non_trainable

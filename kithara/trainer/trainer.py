@@ -26,13 +26,15 @@ from kithara.data.dataloader import DataIterator, Dataloader, pad_length
 from kithara.distributed.consistency import check_same_on_all_processes
 from kithara.models import remat
 from kithara.models.model import Model, ModelVariables
-from kithara.trainer import offload, setup, validation
+from kithara.trainer import loss_scale, offload, setup, validation
 from kithara.trainer import step as step_lib
 from kithara.trainer.arguments import (
     KITHARA_ARGUMENTS,
     as_dataloader,
+    check_float16_attention,
     check_nothing_ignored,
     check_precision,
+    computes_in_float16,
     resolve_config,
 )
 from kithara.trainer.config import TrainingConfig
@@ -173,6 +175,7 @@ class Trainer:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a kithara.Model, got {type(model).__name__}.")
         check_precision(model, config)
+        check_float16_attention(model)
         if config.gradient_checkpointing:  # TRL's name for ScaleConfig(remat="full") (docs/scale.md)
             remat.enable_gradient_checkpointing(model)
         if config.loss_chunk_size is not None and not model.supports_chunked_loss:
@@ -264,7 +267,10 @@ class Trainer:
                     "args.max_steps, or use 'constant' / 'constant_with_warmup' with warmup_steps as a count."
                 )
             optimizer = self.default_optimizer(max(self.total_steps, 1))
-        self.tx = as_gradient_transformation(optimizer, setup.param_shapes(model))
+        tx = as_gradient_transformation(optimizer, setup.param_shapes(model))
+        if computes_in_float16(model):  # float16 gradients underflow and overflow without a loss scale
+            tx = loss_scale.with_loss_scaling(tx, setup.param_shapes(model))
+        self.tx = tx
         self.state_shardings = setup.state_shardings(model, self.tx)
         if config.offload_optimizer or config.offload_params:  # host memory between steps (docs/scale.md)
             where = dict(offload_optimizer=config.offload_optimizer, offload_params=config.offload_params)
@@ -761,6 +767,14 @@ class Trainer:
             raise FloatingPointError(
                 f"Loss is {values['loss']} at step {pending.step} (epoch {pending.epoch}); training stopped. "
                 "The last checkpoint, if any, was written before this step and is kept."
+            )
+        if values.get("skipped"):
+            logger.warning(
+                "step %d: non-finite gradients at loss scale %s (float16 overflow); update skipped, loss scale "
+                "lowered (%d skipped so far)",
+                pending.step,
+                loss_scale.describe(values["loss_scale"]),
+                values["skipped_steps"],
             )
         values["epoch"] = pending.epoch
         values["step_time"] = step_time

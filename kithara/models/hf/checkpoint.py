@@ -13,8 +13,10 @@ import keras
 import keras_hub
 import numpy as np
 
+from kithara.models import quantization as quantization_lib
 from kithara.models.hf.config import apply_to_layers, backbone_args, check_activation
 from kithara.models.hf.weight_map import weight_map
+from kithara.models.keras_variables import is_allocated, unallocated
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +110,17 @@ class SafetensorReader(contextlib.ExitStack):
 
 
 def load_causal_lm(
-    path: str | Path, *, dtype: Any, load_preprocessor: bool = False
+    path: str | Path,
+    *,
+    dtype: Any,
+    load_preprocessor: bool = False,
+    quantization: quantization_lib.QuantizationConfig | None = None,
 ) -> tuple[keras_hub.models.CausalLM, dict[str, Any]]:
     """Builds the keras-hub causal LM of a Hugging Face checkpoint and fills its weights.
+
+    With ``quantization`` the backbone is built without allocating its variables, its
+    projections are made quantized, and each tensor is quantized as it is read: host memory
+    holds the quantized model plus about one float tensor, never the float model.
 
     Returns the model and the checkpoint's ``config.json`` (kept for export).
     """
@@ -123,11 +133,19 @@ def load_causal_lm(
         )
     check_activation(config)
     backbone_class, causal_lm_class, kwargs = backbone_args(config)
-    backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
+    if quantization is None:
+        backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
+    else:
+        with unallocated():
+            backbone = getattr(keras_hub.models, backbone_class)(dtype=dtype, **kwargs)
+        quantization_lib.quantize_backbone(backbone, quantization)
     task = getattr(keras_hub.models, causal_lm_class)
     preprocessor = task.preprocessor_cls.from_preset(str(path)) if load_preprocessor else None
     causal_lm = task(backbone=backbone, preprocessor=preprocessor)
     load_weights(backbone, path, config)
+    unfilled = [v.path for v in backbone.weights if not is_allocated(v)]
+    if unfilled:
+        raise ValueError(f"{path}: no tensor fills {unfilled[:3]} ({len(unfilled)} variables) of the quantized model.")
     return causal_lm, config
 
 
@@ -147,6 +165,7 @@ def load_weights(
     classifier's ``score`` layer), returned as they are when the checkpoint has them.
     """
     by_path = {v.path: v for v in backbone.weights}
+    quantized = quantization_lib.quantized_layers(backbone)
     with SafetensorReader(path) as reader:
         names = set(reader.names())
         found = {key: reader.get(key) for key in extra if key in names}
@@ -154,12 +173,15 @@ def load_weights(
         for entry in weight_map(backbone, config):
             if entry.hf_key in skip:
                 continue
-            variable = by_path[entry.variable_path]
             try:
                 value = entry.to_keras(reader.get(entry.hf_key))
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from e
-            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+            if entry.variable_path in quantized:
+                quantization_lib.set_kernel(quantized[entry.variable_path], value)
+            else:
+                variable = by_path[entry.variable_path]
+                variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
             used.add(entry.hf_key)
         unused = sorted(k for k in names if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if unused and unused != ["lm_head.weight"]:  # a tied model may still store its head

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from kithara.models import quantization
 from kithara.models.hf.weight_map import weight_map
 
 if TYPE_CHECKING:
@@ -79,11 +80,15 @@ def hf_tensors(
     """Yields ``(name, tensor)`` of the backbone in Hugging Face layout, one at a time, LoRA
     adapters merged; tensors named in ``skip`` are left out."""
     by_path = {v.path: v for v in model.backbone.weights}
+    quantized = quantization.quantized_layers(model.backbone)
     lora = _merged_kernels(model)
     for entry in weight_map(model.backbone, config):
         if entry.hf_key in skip:
             continue
-        value = host_value(by_path[entry.variable_path].value).astype(np.float32)
+        if entry.variable_path in quantized:  # written dequantized, at full precision
+            value = quantization.host_kernel(quantized[entry.variable_path], host_value)
+        else:
+            value = host_value(by_path[entry.variable_path].value).astype(np.float32)
         if entry.variable_path in lora:
             a_path, b_path, scale = lora[entry.variable_path]
             a, b = host_value(by_path[a_path].value), host_value(by_path[b_path].value)

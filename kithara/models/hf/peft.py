@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from kithara.models import quantization
 from kithara.models.hf.export import host_value
 from kithara.models.hf.weight_map import Entry, weight_map
 
@@ -126,6 +127,12 @@ def save_peft_adapter(
 def merge_peft_adapter(model: KerasHubModel, path: str | Path, *, config: Mapping[str, Any] | None = None) -> int:
     """Folds a PEFT LoRA adapter into the model's base weights; returns how many kernels changed."""
     adapter_dir = Path(path)
+    if quantization.quantized_layers(model.backbone):
+        raise ValueError(
+            f"Cannot merge {adapter_dir} into a quantized base: its kernels would be rounded again. Merge into the "
+            "float model (from_preset without quantization=), save it, then load that with quantization=; or load "
+            "the adapter as trainable LoRA weights with load_peft_adapter."
+        )
     tensors, adapter_config = _read_adapter(adapter_dir)
     config = config or model.hf_config or _config_from_backbone(model)
     by_path = {v.path: v for v in model.backbone.weights}
