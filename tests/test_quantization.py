@@ -2,6 +2,7 @@
 dequantized float model, no float kernel kept for the backward pass, sharding, Hugging Face
 import/export and the loading options."""
 
+import keras_hub
 import numpy as np
 import optax
 import pytest
@@ -11,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 import kithara
 from kithara.models import quantization
 from kithara.models.hf.weight_map import weight_map
+from kithara.models.keras_variables import unallocated
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -46,7 +48,9 @@ def hf_checkpoint(path, case):
 
 
 def logits(model, variables=None):
-    out, _ = model.apply(variables or model.variables, INPUTS, training=False)
+    import jax
+
+    out, _ = jax.jit(lambda v: model.apply(v, INPUTS, training=False))(variables or model.variables)
     return np.asarray(out)
 
 
@@ -98,11 +102,16 @@ def test_rounding_bounds_and_bytes():
     channel and blockwise); double-quantized NF4 scales are within half an int8 step of the
     float32 scales and leave the codes unchanged; the storage takes the bytes its layout says."""
     model = kithara.KerasHubModel.from_config("llama3", **ARCH)
-    layers = {layer.path + "/kernel": layer for layer in model.backbone._flatten_layers() if hasattr(layer, "_kernel")}
+    # One kernel of each layout: [in, heads, dim], [heads, dim, out] (two contracted axes), [in, out].
+    wanted = ("self_attention/query", "self_attention/attention_output", "feedforward_output_dense")
+    layers = {
+        layer.path + "/kernel": layer
+        for layer in model.backbone._flatten_layers()
+        if hasattr(layer, "_kernel") and layer.path.startswith("transformer_layer_0/") and layer.path.endswith(wanted)
+    }
     int8 = (kithara.QuantizationConfig("int8"), kithara.QuantizationConfig("int8", block_size=32))
     single = kithara.QuantizationConfig("nf4", block_size=32)
     double = kithara.QuantizationConfig("nf4", block_size=32, double_quant=True)
-    expected = {config: 0 for config in (*int8, single, double)}
     for path, kernel in ((p, np.asarray(v)) for p, v in model.variables.trainable.items() if p in layers):
         layout = quantization.layout_of(layers[path], path, kernel.shape)
         matrix = kernel.transpose(layout.perm).reshape(layout.inputs, layout.outputs)
@@ -116,19 +125,26 @@ def test_rounding_bounds_and_bytes():
         bound = 0.5 * packed["kernel_scale_scale"] + ulps(exact["kernel_scale"])
         assert np.all(np.abs(scales - exact["kernel_scale"]) <= bound)
         np.testing.assert_array_equal(packed["kernel_quantized"], exact["kernel_quantized"])
-        n, blocks, outputs = layout.size, layout.inputs // 32, layout.outputs
-        expected[int8[0]] += n + 4 * outputs
-        expected[int8[1]] += n + 4 * blocks * outputs
-        expected[single] += n // 2 + 4 * blocks * outputs
-        expected[double] += n // 2 + blocks * outputs + 2 * 4 * outputs
-    for config, size in expected.items():
-        quantized = kithara.KerasHubModel.from_config("llama3", **ARCH, quantization=config)
-        assert quantization.storage_bytes(quantized.backbone)["stored"] == size, config
+    for config in (*int8, single, double):
+        with unallocated():  # shapes only: nothing is quantized or allocated
+            backbone = keras_hub.models.Llama3Backbone(
+                vocabulary_size=100, num_layers=2, hidden_dim=64, num_query_heads=4,
+                num_key_value_heads=2, intermediate_dim=96,
+            )  # fmt: skip
+            quantization.quantize_backbone(backbone, config)
+        size = 0
+        for layer in quantization.quantized_layers(backbone).values():
+            n, outputs = layer._layout.size, layer._layout.outputs
+            blocks = 1 if config.block is None else layer._layout.inputs // config.block
+            codes = n // 2 if config.method == "nf4" else n
+            scales = blocks * outputs + 2 * 4 * outputs if config.double_quant else 4 * blocks * outputs
+            size += codes + scales
+        assert quantization.storage_bytes(backbone)["stored"] == size, config
 
 
 @pytest.mark.parametrize(
     ("family", "method", "settings"),
-    [("llama3", "nf4", {}), ("gemma2", "int8", {"head_dim": 32}), ("qwen3", "nf4", {"head_dim": 32})],
+    [("llama3", "nf4", {}), ("gemma2", "int8", {"head_dim": 32})],  # [in, heads, dim] and [heads, in, dim] kernels
 )
 def test_forward_and_lora_gradients_equal_the_dequantized_float_model(monkeypatch, family, method, settings):
     """The quantized layers compute exactly ``x @ dequantize(codes) + s (x A) B``: logits and the
@@ -146,7 +162,7 @@ def test_forward_and_lora_gradients_equal_the_dequantized_float_model(monkeypatc
         # One device: kithara's attention computes its scores in float32 when they are sharded, which
         # would blur float64 (the sharded model is compared with the unsharded one in float32 below).
         one = kithara.ShardingStrategy("fsdp", devices=jax.devices()[:1])
-        arch = {**ARCH, **settings, "precision": "float64", "sharding": one}
+        arch = {**ARCH, **settings, "num_layers": 1, "precision": "float64", "sharding": one}
         quantized = kithara.KerasHubModel.from_config(family, **arch, quantization=config, lora=lora)
         twin = kithara.KerasHubModel.from_config(family, **arch)
         random_adapters(quantized)
@@ -166,6 +182,8 @@ def test_forward_and_lora_gradients_equal_the_dequantized_float_model(monkeypatc
                 logps, _, _ = model.token_logps(variables, INPUTS, labels, training=True)
                 return -logps.mean()
 
+            # Eagerly: XLA:CPU's jitted float64 programs of this step (of a plain LoRA model's as well) differ
+            # from the eager ones by about 2e-6 of the largest gradient (float32 runs jitted elsewhere here).
             return jax.grad(loss)(model.variables.trainable)
 
         np.testing.assert_allclose(logits(quantized), logits(twin), rtol=1e-10, atol=1e-12)
@@ -231,9 +249,10 @@ def test_sharded_storage_and_scan_give_the_same_logits():
     assert specs["transformer_layer_0/feedforward_output_dense/kernel_scale_quantized"].spec == P(None, "fsdp")
     np.testing.assert_allclose(logits(sharded), logits(single), rtol=1e-5, atol=1e-6)
     sharded.scale = kithara.ScaleConfig(scan_layers=True, remat="full")
-    scanned, _, _ = sharded.token_logps(sharded.variables, INPUTS, np.roll(TOKENS, -1, 1), training=True)
+    labels = np.roll(TOKENS, -1, 1)
+    scanned = jax.jit(lambda v: sharded.token_logps(v, INPUTS, labels, training=True)[0])(sharded.variables)
     sharded.scale = kithara.ScaleConfig()
-    plain, _, _ = sharded.token_logps(sharded.variables, INPUTS, np.roll(TOKENS, -1, 1), training=True)
+    plain = jax.jit(lambda v: sharded.token_logps(v, INPUTS, labels, training=True)[0])(sharded.variables)
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(plain), rtol=1e-5, atol=1e-6)
 
 
