@@ -1,8 +1,9 @@
 """Benchmarks, side by side in one run: SFT throughput/memory/MFU per size (bench/sft.py),
 framework overhead (bench/overhead.py), TRL (bench/trl_compare.py), DPO reference modes
 (bench/dpo.py), data loading (bench/data.py), cycle training (bench/cycle.py) and online RL
-(GRPO) against TRL (bench/rl.py), and memory / compile time of kithara's step at real model
-sizes, compiled ahead of time for TPU targets (bench/scale.py; tables in results/scale.md).
+(GRPO) against TRL (bench/rl.py), memory / compile time of kithara's step at real model
+sizes, compiled ahead of time for TPU targets (bench/scale.py; tables in results/scale.md), and
+quantized bases for QLoRA (bench/quantization.py).
 
 Every training configuration runs in a fresh child process (bench/child.py) so its peak
 memory is its own. Results go to bench/results/results.json and results.md, written after
@@ -27,7 +28,7 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl", "scale")
+SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl", "scale", "quantization")
 
 # Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
 PLANS: dict[str, dict[str, Any]] = {
@@ -183,6 +184,10 @@ def main() -> None:
             from bench.scale import bench_scale
 
             results["scale"] = bench_scale(smoke=args.smoke, out=out)
+        elif suite == "quantization":  # QLoRA's bytes, step memory, logit error, host memory (bench/quantization.py)
+            from bench.quantization import bench_quantization
+
+            results["quantization"] = bench_quantization(smoke=args.smoke, out=out)
         if isinstance(results.get(suite), list):
             _check_finite(suite, results[suite])
         results["seconds"][suite] = time.perf_counter() - start

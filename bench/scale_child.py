@@ -111,10 +111,19 @@ def devices_of(target: str) -> list[Any]:
 
 
 def build_model(
-    shape: str, layers: int, devices: list[Any], scale: dict[str, Any], *, abstract: bool, precision: str = "bfloat16"
+    shape: str,
+    layers: int,
+    devices: list[Any],
+    scale: dict[str, Any],
+    *,
+    abstract: bool,
+    precision: str = "bfloat16",
+    quantization: str | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> Any:
     """kithara's ``KerasHubModel`` of ``SHAPES[shape]`` with ``layers`` decoder blocks, FSDP over
-    ``devices``; ``abstract``: no weight allocated."""
+    ``devices``; ``abstract``: no weight allocated. ``quantization`` (``"nf4"``, ``"int8"``)
+    stores the projections quantized (abstract too); ``lora``: ``LoraConfig`` fields."""
     import contextlib
 
     import keras_hub
@@ -139,13 +148,20 @@ def build_model(
             where="bench.scale",
             **kwargs,
         )
+        if quantization is not None:  # inside unallocated(): the codes are abstract too
+            from kithara.models import quantization as quantization_lib
+
+            quantization_lib.quantize_backbone(backbone, kithara.QuantizationConfig(quantization))
     causal_lm = getattr(keras_hub.models, get_family(family).causal_lm_class)(backbone=backbone, preprocessor=None)
-    return kithara.KerasHubModel(
-        causal_lm,
-        sharding=kithara.ShardingStrategy("fsdp", devices=devices),
-        family=family,
-        scale=kithara.ScaleConfig(**scale),
-    )
+    # LoRA's adapters abstract too: a TPU topology's compile-only devices cannot hold arrays.
+    with contextlib.nullcontext() if not abstract else unallocated():
+        return kithara.KerasHubModel(
+            causal_lm,
+            sharding=kithara.ShardingStrategy("fsdp", devices=devices),
+            family=family,
+            scale=kithara.ScaleConfig(**scale),
+            lora=kithara.LoraConfig(**lora) if lora is not None else None,
+        )
 
 
 def build_trainer(model: Any, training: dict[str, Any]) -> Any:
@@ -183,7 +199,8 @@ def memory(job: dict[str, Any]) -> dict[str, Any]:
     """Per-device bytes of kithara's compiled train step for one shape, depth, sequence and option set."""
     devices = devices_of(job["target"])
     start = time.perf_counter()
-    model = build_model(job["shape"], job["layers"], devices, job["scale"], abstract=True)
+    options = {k: job[k] for k in ("quantization", "lora") if job.get(k) is not None}
+    model = build_model(job["shape"], job["layers"], devices, job["scale"], abstract=True, **options)
     trainer = build_trainer(model, job["training"])
     state, batch = abstract_inputs(trainer, job.get("rows_per_chip", 1) * len(devices), job["seq"])
     built = time.perf_counter()
