@@ -168,8 +168,9 @@ class _Quantized:
         if self.lora_enabled:  # type: ignore[attr-defined]
             # keras' own quantized layers' LoRA: A has the kernel's shape but rank for its last
             # axis (the output's last), so the layer's equation applies to it unchanged.
-            x_subs, k_subs, _ = _equation(self)
-            lora_x = jnp.einsum(f"{x_subs},{k_subs}->{_equation(self)[2]}", inputs, _read(self.lora_kernel_a))  # type: ignore[attr-defined]
+            x_subs, k_subs, out_subs = _equation(self)
+            a = _read(self.lora_kernel_a)  # type: ignore[attr-defined]
+            lora_x = jnp.einsum(f"{x_subs},{k_subs}->{out_subs}", inputs, a)
             lora_x = keras.ops.matmul(lora_x, self.lora_kernel_b)  # type: ignore[attr-defined]
             x = x + (self.lora_alpha / self.lora_rank) * lora_x.astype(x.dtype)  # type: ignore[attr-defined]
         if self.bias is not None:  # type: ignore[attr-defined]
