@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kithara.models.lora import LoraConfig
 from kithara.models.precision import FLOAT16_POLICIES
+from kithara.models.quantization import QuantizationConfig
 from kithara.models.scale_config import ScaleConfig
 from kithara.naming import check_names, suggest
 from kithara.objectives.configs import CycleConfig, DPOConfig, IterativeSFTConfig, SFTConfig
@@ -76,6 +77,7 @@ class ModelConfig:
     precision: str | None = None  # None: mixed_bfloat16 with args.bf16, mixed_float16 with args.fp16, else float32
     sharding: str = "fsdp"  # dp | fsdp | fsdp_tp
     tensor_parallel: int = 1
+    quantization: str | None = None  # nf4 | int8: the frozen base stored quantized, for QLoRA (docs/models.md)
     seed: int = 0  # cycle with two models: model B uses seed + 1
     # remat, scan_layers, attention, attention_chunk_size, activation_sharding (docs/scale.md)
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
@@ -365,6 +367,11 @@ def _check(config: RunConfig) -> None:
             "set model.precision=mixed_float16, or leave it unset (null), or set args.fp16=false."
         )
     m.precision = model_precision(config)
+    if m.quantization is not None:
+        try:
+            QuantizationConfig(m.quantization)
+        except ValueError as error:
+            raise ValueError(f"model.quantization: {error}") from None
     try:
         ShardingStrategy(m.sharding, tensor_parallel=m.tensor_parallel)
     except ValueError as error:

@@ -74,7 +74,12 @@ def build_model(config: RunConfig, vocab_size: int | None = None, seed_offset: i
     scale = ScaleConfig(**dataclasses.asdict(m.scale))  # validated again: the YAML bypasses __post_init__
     if m.preset:
         return KerasHubModel.from_preset(
-            m.preset, precision=precision, sharding=strategy, lora=config.lora.build(), scale=scale
+            m.preset,
+            precision=precision,
+            sharding=strategy,
+            lora=config.lora.build(),
+            scale=scale,
+            quantization=m.quantization,
         )
     if m.vocab_size is None and vocab_size is None:
         raise ValueError("Set model.vocab_size or give a tokenizer (data.tokenizer).")
@@ -98,6 +103,7 @@ def build_model(config: RunConfig, vocab_size: int | None = None, seed_offset: i
         lora=config.lora.build(),
         seed=m.seed + seed_offset,
         scale=scale,
+        quantization=m.quantization,
     )
 
 

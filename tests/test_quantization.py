@@ -297,6 +297,16 @@ def test_loading_options(tmp_path):
         kithara.KerasHubModel.from_config("llama3", **{**ARCH, "intermediate_dim": 80}, quantization="nf4")
     from_flag = kithara.KerasHubModel.from_config("llama3", **{**ARCH, "intermediate_dim": 128}, load_in_8bit=True)
     assert from_flag.quantization == kithara.QuantizationConfig("int8")
+    from kithara.config import from_dict
+    from kithara.run import build_model
+
+    data = {"train_file": str(tmp_path / "train.jsonl")}  # checked for being set, not read here
+    run = from_dict(
+        {"model": {"preset": str(tmp_path), "quantization": "int8"}, "lora": {"enabled": True}, "data": data}
+    )
+    assert build_model(run).quantization == kithara.QuantizationConfig("int8")  # the YAML's model.quantization
+    with pytest.raises(ValueError, match=r"model\.quantization: Unknown quantization method 'nf8'"):
+        from_dict({"model": {"preset": str(tmp_path), "quantization": "nf8"}, "data": data})
     float_model = kithara.KerasHubModel.from_preset(str(tmp_path))
     assert nf4.num_params == float_model.num_params
     assert "quantized base: nf4" in nf4.summary()
