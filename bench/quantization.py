@@ -96,7 +96,7 @@ def base_bytes(shapes: tuple[str, ...]) -> list[dict[str, Any]]:
                 if method is not None:
                     quantization.quantize_backbone(backbone, config_of(method))
             storage = quantization.storage_bytes(backbone)
-            stored_paths = {v.path for layer in quantization.quantized_layers(backbone).values() for v in layer.weights}
+            stored_paths = {v.path for v in quantization.storage_variables(backbone)}
             other = sum(
                 2 * math.prod(v.shape) for v in backbone.weights if v.path not in stored_paths and "lora" not in v.path
             )

@@ -408,9 +408,7 @@ class KerasHubModel(GeneratesWithCache, KerasVariables):
         """Total parameter count (trainable plus frozen); a quantized kernel counts its weights,
         not its stored codes and scales."""
         layers = quantization_lib.quantized_layers(self.backbone).values()
-        storage = {
-            v.path for layer in layers for v in layer.weights if v.path.rsplit("/", 1)[-1] in quantization_lib.STORAGE
-        }
+        storage = {v.path for v in quantization_lib.storage_variables(self.backbone)}
         plain = sum(math.prod(v.shape) for p, v in self._by_path.items() if p not in storage)
         return plain + sum(layer._layout.size for layer in layers)
 

@@ -40,7 +40,6 @@ from kithara.models.families import PROJECTIONS, layer_layout
 
 METHODS = ("nf4", "int8")
 _DEFAULT_BLOCK = {"nf4": 64, "int8": "channel"}
-STORAGE = ("kernel_quantized", "kernel_scale", "kernel_scale_quantized", "kernel_scale_scale", "kernel_scale_mean")
 _CHUNK_ELEMENTS = 1 << 22  # columns quantized at a time on load: bounds qwix's [n, 16] NF4 search
 
 
@@ -374,11 +373,17 @@ def set_kernel(layer: Any, value: np.ndarray) -> None:
 
 def quantized_layers(backbone: keras.Model) -> dict[str, Any]:
     """``{float kernel path: layer}`` of the quantized projections."""
-    return {layer._layout.path: layer for layer in backbone._flatten_layers(include_self=False) if _is(layer)}
+    layers = backbone._flatten_layers(include_self=False)
+    return {layer._layout.path: layer for layer in layers if isinstance(layer, _Quantized)}
 
 
-def _is(layer: Any) -> bool:
-    return isinstance(layer, _Quantized)
+def storage_variables(backbone: keras.Model) -> list[Any]:
+    """The keras variables that hold quantized kernels (codes and scales)."""
+    return [
+        getattr(layer, name)
+        for layer in quantized_layers(backbone).values()
+        for name in _storage_names(layer._quantization)
+    ]
 
 
 def host_kernel(layer: Any, read: Any = np.asarray) -> np.ndarray:
@@ -401,10 +406,5 @@ def config_of(backbone: keras.Model) -> QuantizationConfig | None:
 def storage_bytes(backbone: keras.Model) -> dict[str, int]:
     """Bytes of the quantized storage, and of the same kernels at 2 bytes per weight (bf16)."""
     layers = quantized_layers(backbone).values()
-    stored = sum(
-        math.prod(v.shape) * np.dtype(v.dtype).itemsize
-        for layer in layers
-        for v in layer.weights
-        if v.path.rsplit("/", 1)[-1] in STORAGE
-    )
+    stored = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in storage_variables(backbone))
     return {"stored": int(stored), "bfloat16": int(sum(2 * layer._layout.size for layer in layers))}
