@@ -15,9 +15,14 @@ KERAS_HUB := keras-hub==0.32.0
 LIBTPU := libtpu==0.0.42.1
 LIBTPU_DIR := $(VENV)/libtpu
 LIBTPU_STAMP := $(LIBTPU_DIR)/.installed
-BENCH_DEPS := $(BENCH_STAMP) $(if $(findstring --smoke,$(BENCH_ARGS)),,$(LIBTPU_STAMP))
+# Tunix for the peers suite (bench/peers.py), in an environment of its own: its pins differ from
+# kithara's (safetensors<0.8). Made unless BENCH_ARGS picks suites without peers.
+TUNIX_VENV := bench/.venv-tunix
+TUNIX_STAMP := $(TUNIX_VENV)/.installed
+PEERS_DEPS := $(if $(findstring --only,$(BENCH_ARGS)),$(if $(findstring peers,$(BENCH_ARGS)),$(TUNIX_STAMP)),$(TUNIX_STAMP))
+BENCH_DEPS := $(BENCH_STAMP) $(if $(findstring --smoke,$(BENCH_ARGS)),,$(LIBTPU_STAMP)) $(PEERS_DEPS)
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-peers-env clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,8 +67,16 @@ $(LIBTPU_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(LIBTPU_DIR) $(LIBTPU)
 	touch $(LIBTPU_STAMP)
 
+$(TUNIX_STAMP): bench/peers-tunix.txt
+	test -x $(TUNIX_VENV)/bin/python || $(PYTHON) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/pip install --quiet --upgrade pip
+	$(TUNIX_VENV)/bin/pip install --quiet -r bench/peers-tunix.txt
+	touch $(TUNIX_STAMP)
+
+bench-peers-env: $(TUNIX_STAMP)
+
 bench: $(BENCH_DEPS)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TUNIX_VENV) runs .pytest_cache

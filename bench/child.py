@@ -32,6 +32,10 @@ def runner(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         from bench.trl_compare import trl_dpo as train_once
     elif kind == "grpo":
         from bench.rl import kithara_grpo as train_once
+    elif kind == "peers_weights":
+        from bench.peers import write_weights as train_once
+    elif kind == "peers_kithara":
+        from bench.peers import kithara_once as train_once
     elif kind == "trl_grpo":
         from bench.rl import trl_grpo as train_once
     else:

@@ -73,16 +73,19 @@ def rss_now_mib() -> float:
     return float("nan")
 
 
-def run_child(specs: list[dict[str, Any]], timeout: float = 1800) -> list[dict[str, Any]]:
+def run_child(
+    specs: list[dict[str, Any]], timeout: float = 1800, *, python: str | None = None, module: str = "bench.child"
+) -> list[dict[str, Any]]:
     """Runs ``bench.child`` on configurations (each names its ``kind``: ``sft``, ``dpo``,
     ``overhead``, ``grpo``, ``trl_sft``, ``trl_dpo``, ``trl_grpo``) in a fresh interpreter; returns one result per
     spec, each with ``peak_rss_mib``: the child's maximum resident memory as the kernel
     counted it (XLA allocates outside Python's allocator, so tracemalloc would miss most of
     it). Pass one spec per call for per-configuration memory; several share one process
-    (and one peak), which only the smoke run does, to save start-up time."""
+    (and one peak), which only the smoke run does, to save start-up time. ``python`` and
+    ``module``: another environment's interpreter and entry point (a peer framework's)."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.child", json.dumps(specs)],
+        [python or sys.executable, "-m", module, json.dumps(specs)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

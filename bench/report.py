@@ -77,6 +77,25 @@ def trl_table(rows: list[dict[str, Any]]) -> str:
     return _table(header, body)
 
 
+def peers_table(rows: list[dict[str, Any]]) -> str:
+    """kithara against Tunix (bench/peers.py): every ratio kithara / Tunix."""
+    header = ["objective", "size", "params (trainable k / T)", "batch x seq", "step-0 check", "max loss diff",
+              "kithara step (s)", "Tunix step (s)", "kithara tokens/s", "Tunix tokens/s", "tokens/s ratio",
+              "compile k / T (s)", "peak RSS k / T (MiB)", "memory ratio"]  # fmt: skip
+    body = []
+    for r in rows:
+        k, t = r["kithara"], r["tunix"]
+        trainable = "" if r["objective"] != "sft_lora" else f" ({k['trainable_params']:,} / {t['trainable_params']:,})"
+        body.append([
+            r["objective"], r["size"], f"{r['params']:,}{trainable}", f"{r['global_batch']}x{r['seq_len']}",
+            f"{r['step0_check']} {r['step0_rel_diff']:.1e}", f"{r['max_loss_abs_diff']:.1e}", f"{k['step_s']:.4f}",
+            f"{t['step_s']:.4f}", f"{k['tokens_per_s']:,.0f}", f"{t['tokens_per_s']:,.0f}",
+            f"**{r['tokens_per_s_ratio']:.2f}x**", f"{k['compile_s']:.1f} / {t['compile_s']:.1f}",
+            f"{k['peak_rss_mib']:,.0f} / {t['peak_rss_mib']:,.0f}", f"{r['memory_ratio']:.2f}",
+        ])  # fmt: skip
+    return _table(header, body)
+
+
 def dpo_table(rows: list[dict[str, Any]]) -> str:
     header = ["objective", "LoRA", "size", "batch x seq", "step (s)", "vs SFT", "tokens/s", "setup (s)",
               "peak RSS (MiB)", "vs SFT"]  # fmt: skip
@@ -150,6 +169,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("Framework overhead", "overhead", overhead_table),
         ("Side by side with TRL", "trl", trl_table),
         ("DPO reference modes against SFT", "dpo", dpo_table),
+        ("Peers on the same backend: Tunix", "peers", peers_table),
     ]
     for title, key, render in sections:
         if results.get(key):

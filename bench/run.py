@@ -3,7 +3,8 @@ framework overhead (bench/overhead.py), TRL (bench/trl_compare.py), DPO referenc
 (bench/dpo.py), data loading (bench/data.py), cycle training (bench/cycle.py) and online RL
 (GRPO) against TRL (bench/rl.py), memory / compile time of kithara's step at real model
 sizes, compiled ahead of time for TPU targets (bench/scale.py; tables in results/scale.md), and
-quantized bases for QLoRA (bench/quantization.py).
+quantized bases for QLoRA (bench/quantization.py), and peers on the same JAX backend: Tunix's SFT
+and DPO trainers in their own environment (bench/peers.py).
 
 Every training configuration runs in a fresh child process (bench/child.py) so its peak
 memory is its own. Results go to bench/results/results.json and results.md, written after
@@ -28,7 +29,7 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl", "scale", "quantization")
+SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl", "scale", "quantization", "peers")
 
 # Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
 PLANS: dict[str, dict[str, Any]] = {
@@ -40,6 +41,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "dpo": dict(size="small", steps=20, seq=128),
         "cycle": dict(size="small", steps=12, seq=32),
         # GRPO: 4 prompts x 4 completions per step, one update per rollout, 2 warm-up steps
+        # kithara against Tunix (its own venv): SFT full / LoRA and DPO, taking turns over the repeats
+        "peers": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=3),
         "rl": dict(
             size="small", steps=7, prompts_per_step=4, num_generations=4, max_prompt_length=16, max_completion_length=48
         ),
@@ -56,6 +59,7 @@ PLANS: dict[str, dict[str, Any]] = {
             plan=[("sft", False), ("copy", False), ("precomputed", False), ("adapter_off", True)],
         ),
         "cycle": dict(size="tiny", steps=4, seq=16),
+        "peers": dict(sizes=["tiny"], steps=4, seq=32, repeats=1),
         # small, not tiny: the bundled tokenizer's 512 ids need the model's vocabulary
         "rl": dict(
             size="small", steps=3, prompts_per_step=2, num_generations=2, max_prompt_length=16, max_completion_length=8
@@ -110,6 +114,7 @@ def main() -> None:
             "sft": {**plan["sft"], "plan": [(s, lo) for s, lo in plan["sft"]["plan"] if s in keep]},
             "overhead": {**plan["overhead"], "sizes": [s for s in plan["overhead"]["sizes"] if s in keep]},
             "trl": {**plan["trl"], "sizes": [s for s in plan["trl"]["sizes"] if s in keep]},
+            "peers": {**plan["peers"], "sizes": [s for s in plan["peers"]["sizes"] if s in keep]},
         }
     shared = args.smoke  # smoke: a suite's configurations share one child, to save start-up time
     out = Path(args.out)
@@ -180,6 +185,10 @@ def main() -> None:
 
             device = "cuda" if results["machine"]["platform"] == "gpu" else "cpu"  # TRL where kithara trains
             results["rl"] = bench_rl(**plan["rl"], device=device)
+        elif suite == "peers":  # Tunix in bench/.venv-tunix (made by `make bench`)
+            from bench.peers import bench_peers
+
+            results["peers"] = bench_peers(**plan["peers"], batch=BATCH)
         elif suite == "scale":  # its plans live in bench/scale.py
             from bench.scale import bench_scale
 
