@@ -45,6 +45,14 @@ def runner(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 def main() -> None:
     specs = json.loads(sys.argv[1])
+    cores = {s.get("cores") for s in specs} - {None}
+    if cores:  # before any framework starts its thread pools (XLA and torch size them from the affinity)
+        (n,) = cores
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+    flags = {s.get("xla_flags") for s in specs} - {None, ""}
+    if flags:  # XLA reads them when its backend starts
+        (extra,) = flags
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
     # Import each framework before reading the baseline memory.
     if any(s["kind"].startswith("trl") for s in specs):
         import torch  # noqa: F401

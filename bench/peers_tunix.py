@@ -117,7 +117,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     from tunix.sft.dpo import dpo_trainer
 
     from bench.common import LEARNING_RATE
-    from bench.peers import LORA_ALPHA, LORA_RANK, dpo_rows, sft_rows, timing
+    from bench.peers import LORA_ALPHA, LORA_RANK, dpo_rows, program_stats, sft_rows, timing
 
     objective, steps, seq, batch = spec["objective"], spec["steps"], spec["seq"], spec["batch"]
     auto = (jax.sharding.AxisType.Auto,) * 2
@@ -161,6 +161,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.with_training_hooks(timer)
     with jax.set_mesh(mesh):
         trainer.train(data)
+        programs = _programs(trainer, data[0], objective)
     result = {
         "framework": f"tunix {importlib.metadata.version('google-tunix')} / jax {jax.__version__}",
         "params": params,
@@ -168,11 +169,32 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
         "losses": timer.losses,
         "loss_is_finite": bool(np.isfinite(timer.losses[-1])),
         **timing(timer.marks, tokens),
+        "program": program_stats(programs),
     }
     if objective == "dpo":
         history = trainer.metrics_logger.get_metric_history("", "log_probs/chosen", "train")
         result["logps_chosen"] = [float(x) for x in history]
     return result
+
+
+def _programs(trainer: Any, first: Any, objective: str) -> list[Any]:
+    """Tunix's compiled programs of one step: its train step (jitted as ``PeftTrainer`` jits
+    it) and, for DPO, the reference model's log-probabilities, which Tunix computes in a
+    program of its own while preparing the batch."""
+    from flax import nnx
+    from tunix.rl import common as _  # noqa: F401  (the step's helpers)
+    from tunix.sft import sharding_utils
+    from tunix.sft.dpo import dpo_trainer
+
+    example = sharding_utils.shard_input(trainer._prepare_inputs(first), trainer.config.data_sharding_axis)
+    step = nnx.jit(trainer.create_train_step_fn(), donate_argnames=("optimizer",))
+    programs = [step.lower(trainer.model, trainer.optimizer, example).compile()]
+    if objective == "dpo":
+        e = example
+        ref = dpo_trainer.compute_logps.lower(trainer.ref_model, e.input_ids, e.positions, e.attention_mask,
+                                              e.logits_to_keep, e.completion_mask)  # fmt: skip
+        programs.append(ref.compile())
+    return programs
 
 
 def _chunks(rows: list[Any], size: int) -> list[list[Any]]:

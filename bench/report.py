@@ -62,16 +62,29 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
 
 
 def trl_table(rows: list[dict[str, Any]]) -> str:
-    header = ["objective", "size", "params", "batch x seq", "kithara step (s)", "TRL step (s)",
+    header = ["objective", "size", "params", "batch x seq", "cores", "kithara step (s)", "TRL step (s)",
               "kithara tokens/s", "TRL tokens/s", "tokens/s ratio", "kithara peak (MiB)", "TRL peak (MiB)",
               "memory ratio"]  # fmt: skip
     names = {"peak_rss_mib": "host RSS", "device_peak_mib": "device"}
     body = [
         [r["objective"], r["size"], f"{r['params']:,}", f"{r['global_batch']}x{r['seq_len']}",
-         f"{r['kithara']['step_s']:.4f}", f"{r['trl']['step_s']:.4f}", f"{r['kithara']['tokens_per_s']:,.0f}",
+         str(r.get("cores", r.get("torch_threads", ""))), f"{r['kithara']['step_s']:.4f}", f"{r['trl']['step_s']:.4f}",
+         f"{r['kithara']['tokens_per_s']:,.0f}",
          f"{r['trl']['tokens_per_s']:,.0f}", f"**{r['tokens_per_s_ratio']:.2f}x**",
          f"{r['kithara'][r['memory_measure']]:,.0f} ({names[r['memory_measure']]})",
          f"{r['trl'][r['memory_measure']]:,.0f}", f"{r['memory_ratio']:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def threads_table(rows: list[dict[str, Any]]) -> str:
+    """kithara's SFT step under XLA:CPU thread and layout settings (bench/cpu_threads.py)."""
+    header = ["variant", "size", "batch x seq", "step (s)", "tokens/s", "vs 2 cores", "compile (s)", "peak RSS (MiB)"]
+    body = [
+        [r["variant"], r["size"], f"{r['global_batch']}x{r['seq_len']}", f"{r['step_s']:.4f}",
+         f"{r['tokens_per_s']:,.0f}", f"**{r['speed_vs_default']:.2f}x**", f"{r['compile_s']:.1f}",
+         f"{r['peak_rss_mib']:,.0f}"]
         for r in rows
     ]  # fmt: skip
     return _table(header, body)
@@ -168,6 +181,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("SFT throughput, compile time, memory, MFU", "sft", sft_table),
         ("Framework overhead", "overhead", overhead_table),
         ("Side by side with TRL", "trl", trl_table),
+        ("XLA:CPU threads and layout", "threads", threads_table),
         ("DPO reference modes against SFT", "dpo", dpo_table),
         ("Peers on the same backend: Tunix", "peers", peers_table),
     ]

@@ -29,7 +29,7 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-SUITES = ("sft", "overhead", "trl", "dpo", "data", "cycle", "rl", "scale", "quantization", "peers")
+SUITES = ("sft", "overhead", "trl", "threads", "dpo", "data", "cycle", "rl", "scale", "quantization", "peers")
 
 # Per mode: the sizes and lengths of each suite. Batch is 4 rows per device throughout.
 PLANS: dict[str, dict[str, Any]] = {
@@ -37,12 +37,15 @@ PLANS: dict[str, dict[str, Any]] = {
         "peak": dict(size=None, repeats=7),  # 2048 on CPU, 8192 on an accelerator
         "sft": dict(plan=[(s, lo) for s in ("tiny", "small", "medium") for lo in (False, True)], steps=30, seq=128),
         "overhead": dict(sizes=["small", "medium"], steps=10, rounds=7, seq=128),
-        "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2),
+        # each size at 1 core and at 2 (both sides' thread pools follow their CPU affinity)
+        "trl": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=2, cores=[1, None]),
         "dpo": dict(size="small", steps=20, seq=128),
         "cycle": dict(size="small", steps=12, seq=32),
         # GRPO: 4 prompts x 4 completions per step, one update per rollout, 2 warm-up steps
         # kithara against Tunix (its own venv): SFT full / LoRA and DPO, taking turns over the repeats
         "peers": dict(sizes=["small", "medium"], steps=12, seq=128, repeats=3),
+        # XLA:CPU threading settings on the TRL comparison's slowest shape (16 x 256, medium)
+        "threads": dict(size="medium", steps=8, seq=256, batch=16, repeats=2),
         "rl": dict(
             size="small", steps=7, prompts_per_step=4, num_generations=4, max_prompt_length=16, max_completion_length=48
         ),
@@ -51,7 +54,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "peak": dict(size=512, repeats=3),
         "sft": dict(plan=[("tiny", False), ("tiny", True)], steps=5, seq=32),
         "overhead": dict(sizes=["tiny"], steps=5, rounds=2, seq=32),
-        "trl": dict(sizes=["tiny"], steps=4, seq=32, repeats=1),
+        "trl": dict(sizes=["tiny"], steps=4, seq=32, repeats=1, cores=[None]),
         "dpo": dict(
             size="tiny",
             steps=4,
@@ -60,6 +63,7 @@ PLANS: dict[str, dict[str, Any]] = {
         ),
         "cycle": dict(size="tiny", steps=4, seq=16),
         "peers": dict(sizes=["tiny"], steps=4, seq=32, repeats=1),
+        "threads": dict(size="tiny", steps=4, seq=32, batch=4, repeats=1),
         # small, not tiny: the bundled tokenizer's 512 ids need the model's vocabulary
         "rl": dict(
             size="small", steps=3, prompts_per_step=2, num_generations=2, max_prompt_length=16, max_completion_length=8
@@ -155,6 +159,7 @@ def main() -> None:
             results["trl"] = [
                 row
                 for size in p["sizes"]
+                for cores in p["cores"]
                 for row in bench_trl(
                     size,
                     steps=p["steps"],
@@ -163,8 +168,13 @@ def main() -> None:
                     repeats=p["repeats"],
                     shared=shared,
                     device=device,
+                    cores=cores if device == "cpu" else None,
                 )
             ]
+        elif suite == "threads":
+            from bench.cpu_threads import bench_threads
+
+            results["threads"] = bench_threads(**plan["threads"])
         elif suite == "dpo":
             from bench.dpo import bench_dpo
 

@@ -36,7 +36,8 @@ from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child, ru
 
 
 def _threads() -> int:
-    return os.cpu_count() or 1
+    """The cores this process may run on (``bench.child`` narrows them for a ``cores`` spec)."""
+    return len(os.sched_getaffinity(0))
 
 
 def _torch_device(spec: dict[str, Any]) -> str:
@@ -224,6 +225,7 @@ def bench_trl(
     repeats: int = 1,
     shared: bool = False,
     device: str = "cpu",
+    cores: int | None = None,
 ) -> list[dict[str, Any]]:
     """kithara and TRL, SFT and DPO: one row per objective with both sides and the ratios.
 
@@ -231,8 +233,12 @@ def bench_trl(
     objective, each run a fresh child, and every figure is the median over the repeats,
     so a change in the machine's load hits both sides alike. ``device`` is where TRL
     trains (``cuda`` when kithara runs on a GPU); the memory ratio compares device memory
-    when both sides report it, host peak RSS otherwise."""
+    when both sides report it, host peak RSS otherwise. ``cores``: both sides' processes
+    run on that many cores (their CPU affinity, which sizes XLA's and torch's thread pools);
+    all of the machine's when None."""
     base = {"size": size, "steps": steps, "seq": seq, "batch": batch, "device": device}
+    if cores is not None:
+        base["cores"] = cores
     ours_specs = [{**base, "kind": "sft", "lora": False, "full": True},
                   {**base, "kind": "dpo", "lora": False, "mode": "copy", "full": True}]  # fmt: skip
     theirs_specs = [{**base, "kind": "trl_sft"}, {**base, "kind": "trl_dpo"}]
@@ -249,8 +255,9 @@ def bench_trl(
             theirs_runs[i].append(run_child([theirs_specs[i]])[0])
     ours_rows = [median_merge(runs) for runs in ours_runs]
     theirs_rows = [median_merge(runs) for runs in theirs_runs]
-    return [compare(objective, size, batch, seq, ours, theirs)
+    rows = [compare(objective, size, batch, seq, ours, theirs)
             for objective, ours, theirs in zip(("sft", "dpo"), ours_rows, theirs_rows, strict=True)]  # fmt: skip
+    return [{**row, "cores": cores or len(os.sched_getaffinity(0))} for row in rows]
 
 
 def compare(objective: str, size: str, batch: int, seq: int, ours: dict[str, Any], theirs: dict[str, Any]) -> dict:
