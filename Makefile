@@ -15,11 +15,17 @@ KERAS_HUB := keras-hub==0.32.0
 LIBTPU := libtpu==0.0.42.1
 LIBTPU_DIR := $(VENV)/libtpu
 LIBTPU_STAMP := $(LIBTPU_DIR)/.installed
-# Tunix for the peers suite (bench/peers.py), in an environment of its own: its pins differ from
-# kithara's (safetensors<0.8). Made unless BENCH_ARGS picks suites without peers.
+# Tunix and MaxText for the peers suite (bench/peers.py), each in an environment of its own: their
+# pins differ from kithara's (Tunix: safetensors<0.8; MaxText: Python >= 3.12, jax >= 0.11). Made
+# unless BENCH_ARGS picks suites without peers. PYTHON312: a Python 3.12 (pyenv's on this
+# project's machines).
 TUNIX_VENV := bench/.venv-tunix
 TUNIX_STAMP := $(TUNIX_VENV)/.installed
-PEERS_DEPS := $(if $(findstring --only,$(BENCH_ARGS)),$(if $(findstring peers,$(BENCH_ARGS)),$(TUNIX_STAMP)),$(TUNIX_STAMP))
+MAXTEXT_VENV := bench/.venv-maxtext
+MAXTEXT_STAMP := $(MAXTEXT_VENV)/.installed
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+PEERS_STAMPS := $(TUNIX_STAMP) $(MAXTEXT_STAMP)
+PEERS_DEPS := $(if $(findstring --only,$(BENCH_ARGS)),$(if $(findstring peers,$(BENCH_ARGS)),$(PEERS_STAMPS)),$(PEERS_STAMPS))
 BENCH_DEPS := $(BENCH_STAMP) $(if $(findstring --smoke,$(BENCH_ARGS)),,$(LIBTPU_STAMP)) $(PEERS_DEPS)
 
 .PHONY: install demo test test-fast lint bench bench-peers-env clean
@@ -73,10 +79,17 @@ $(TUNIX_STAMP): bench/peers-tunix.txt
 	$(TUNIX_VENV)/bin/pip install --quiet -r bench/peers-tunix.txt
 	touch $(TUNIX_STAMP)
 
-bench-peers-env: $(TUNIX_STAMP)
+$(MAXTEXT_STAMP): bench/peers-maxtext.txt
+	@test -n "$(PYTHON312)" || { echo "MaxText needs Python 3.12: set PYTHON312=/path/to/python3.12"; exit 1; }
+	test -x $(MAXTEXT_VENV)/bin/python || $(PYTHON312) -m venv $(MAXTEXT_VENV)
+	$(MAXTEXT_VENV)/bin/pip install --quiet --upgrade pip
+	$(MAXTEXT_VENV)/bin/pip install --quiet -r bench/peers-maxtext.txt
+	touch $(MAXTEXT_STAMP)
+
+bench-peers-env: $(PEERS_STAMPS)
 
 bench: $(BENCH_DEPS)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TUNIX_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TUNIX_VENV) $(MAXTEXT_VENV) runs .pytest_cache

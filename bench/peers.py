@@ -1,36 +1,42 @@
-"""Peers on the same backend: kithara against Tunix (google-tunix, JAX/flax nnx) on JAX's CPU
-backend, SFT (full and LoRA) and DPO, side by side in one run.
+"""Peers on the same backend: kithara against Tunix (google-tunix, flax nnx) and MaxText on JAX's
+CPU backend, side by side in one run: SFT (full and LoRA) and DPO against Tunix, SFT against
+MaxText (its LoRA and DPO go through Tunix, which cannot share its environment).
 
-Both sides train the same model from the same weights: kithara builds a Llama-3-family model
-(bench/common.py ``SIZES``, untied embeddings) from its seed and writes it in the Hugging Face
-format; kithara reads it back with ``KerasHubModel.from_preset`` and Tunix with its own
-safetensors loader. The parameter counts are checked equal, and so is the loss of step 0 (the
-same weights on the same first batch, to 1e-5 relative): a model that differs, or a loss over
-other tokens, stops the suite. The losses of every later step are compared too and reported.
+Every side trains the same model from the same weights: kithara builds a Llama-3-family model
+(bench/common.py ``SIZES``, untied embeddings, RoPE theta 1,000,000: see ``ROPE_THETA``) from its
+seed and writes it in the Hugging Face format; kithara reads it back with
+``KerasHubModel.from_preset``, Tunix with its safetensors loader, MaxText through its own
+converter (bench/peers_maxtext.py). The parameter counts are checked equal, and so is the loss
+at step 0 on the same batch, to 1e-6 relative: a model that differs, or a loss over other
+tokens, stops the suite. Against Tunix, which trains on the suite's rows, every later step's
+loss is compared too; MaxText trains on its own synthetic batch, which kithara scores for the
+step-0 check.
 
-Same work per step on both sides:
+Same work per step on every side:
 
 - the same token rows in the same order (no shuffling), every row exactly ``seq`` tokens, so
-  neither side pads;
+  nobody pads (MaxText: its synthetic batch of the same shape);
 - SFT: next-token cross-entropy over the rows' ``seq - 1`` predictable tokens (Tunix's default
   loss predicts token ``i + 1`` from the ``seq`` inputs; kithara's rows carry the same targets
-  and mask out the last position);
+  and mask out the last position; MaxText supervises all ``seq`` targets of its batch);
 - DPO: a prompt of ``seq / 4`` tokens and two answers filling ``seq`` tokens, the answers' log
   probabilities summed, sigmoid loss with beta 0.1, a frozen reference model (a second copy of
   the weights);
 - LoRA: rank 8, alpha 8, on the seven projections of every block;
 - AdamW (lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping), float32, no
-  rematerialisation, one CPU device (Tunix's ``fsdp`` x ``tp`` mesh of 1 x 1).
+  rematerialisation, unscanned layers, one CPU device.
 
 Each configuration trains in a fresh process: kithara's in kithara's environment
-(``bench.child``), Tunix's in its own (``bench/.venv-tunix``, ``bench.peers_tunix``), taking turns
-(kithara, Tunix, kithara, Tunix, ...) over the repeats; every figure is the median. Step time is
-the median time between consecutive step ends after two warm-up steps (both trainers read each
-step's loss back one step late, so a step's end is when its loss reaches the host); compile is
-the first step's time minus the steady step. Peak memory is each child's peak resident memory;
-``rss_after_import_mib`` is what the framework's imports alone hold.
+(``bench.child``), each peer's in its own (``bench/.venv-tunix``, ``bench/.venv-maxtext``, made by
+``make bench``), taking turns (kithara, Tunix, MaxText, kithara, ...) over the repeats; every
+figure is the median. Step time is the median time between consecutive step ends after two
+warm-up steps (each trainer reads a step's loss back once it is done); compile is the first
+step's time minus the steady step (MaxText's compiles before its loop: its figure is its
+start-up, from loading the converted weights to the first step). Peak memory is each child's
+peak resident memory; ``rss_after_import_mib`` is what the framework's imports alone hold.
+``program`` is XLA's cost analysis of each side's compiled step (``program_stats``).
 
-Every ratio is kithara / Tunix: tokens/s above 1 and memory below 1 favour kithara.
+Every ratio is kithara / peer: tokens/s above 1 and memory below 1 favour kithara.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ import itertools
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +56,7 @@ from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 TUNIX_VENV = REPO / "bench" / ".venv-tunix"
+MAXTEXT_VENV = REPO / "bench" / ".venv-maxtext"
 OBJECTIVES = ("sft", "sft_lora", "dpo")
 LORA_RANK, LORA_ALPHA = 8, 8.0
 # Tunix 0.1.7's Llama 3 attention calls ``apply_rope`` without the config's ``rope_theta``, so it
@@ -70,6 +76,16 @@ def sft_rows(spec: dict[str, Any]) -> list[dict[str, np.ndarray]]:
     for r in data:
         r["label_mask"][-1] = False
     return data
+
+
+def token_rows(tokens: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """A peer's ``[batch, seq + 1]`` token batch as kithara rows: inputs ``[:-1]``, every one of the
+    ``seq`` targets ``[1:]`` supervised (MaxText's synthetic batches)."""
+    out = []
+    for ids in np.asarray(tokens, dtype=np.int32):
+        ones = np.ones(len(ids) - 1, bool)
+        out.append({"token_ids": ids[:-1], "padding_mask": ones, "labels": ids[1:], "label_mask": ones.copy()})
+    return out
 
 
 def dpo_rows(spec: dict[str, Any], *, tunix: bool = False) -> list[dict[str, np.ndarray]]:
@@ -165,7 +181,8 @@ def kithara_once(spec: dict[str, Any]) -> dict[str, Any]:
                                           beta=0.1, loss_type="sigmoid")  # fmt: skip
         tokens = 2 * batch * seq
     else:
-        loader = kithara.Dataloader(sft_rows(spec), batch, shuffle=False)
+        data = sft_rows(spec) if "tokens" not in spec else token_rows(spec["tokens"])
+        loader = kithara.Dataloader(data, batch, shuffle=False)
         trainer = kithara.Trainer(model, tx, loader, steps=steps, progress_bar=False)
         tokens = batch * seq
     history = trainer.train()
@@ -187,43 +204,60 @@ def kithara_once(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def tunix_python() -> str:
-    python = TUNIX_VENV / "bin" / "python"
-    if not python.exists():
-        raise SystemExit(f"the peers suite needs Tunix's environment at {TUNIX_VENV}; `make bench` makes it "
-                         "(or `make bench-peers-env`), from bench/peers-tunix.txt")  # fmt: skip
-    return str(python)
+PEERS = {  # name: (its environment, its entry point, the objectives it runs, the requirements file)
+    "tunix": (TUNIX_VENV, "bench.peers_tunix", OBJECTIVES, "bench/peers-tunix.txt"),
+    "maxtext": (MAXTEXT_VENV, "bench.peers_maxtext", ("sft",), "bench/peers-maxtext.txt"),
+}
+NAMES = {"kithara": "kithara", "tunix": "Tunix", "maxtext": "MaxText"}
 
 
-def run_tunix(spec: dict[str, Any]) -> dict[str, Any]:
-    return run_child([spec], python=tunix_python(), module="bench.peers_tunix")[0]
+def peer_python(peer: str) -> str | None:
+    """The peer's environment's interpreter, or None when ``make bench`` has not made it."""
+    python = PEERS[peer][0] / "bin" / "python"
+    return str(python) if python.exists() else None
 
 
-def _check_same_start(name: str, ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
-    """The two sides trained the same model from the same weights on the same first batch."""
+def run_peer(peer: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return run_child([spec], python=peer_python(peer), module=PEERS[peer][1])[0]
+
+
+def _check_same_start(name: str, ours: dict[str, Any], theirs: dict[str, Any], peer: str) -> dict[str, Any]:
+    """The two sides trained the same model from the same weights: the same parameter count, and
+    the same loss at step 0 on the same batch (``ours["score"]``: kithara's loss on the peer's
+    own first batch, when the peer trains on batches of its own)."""
+    other = NAMES[peer]
     if ours["params"] != theirs["params"]:
-        raise SystemExit(f"peers {name}: kithara's model has {ours['params']} parameters, Tunix's "
+        raise SystemExit(f"peers {name}: kithara's model has {ours['params']} parameters, {other}'s "
                          f"{theirs['params']}: not the same architecture")  # fmt: skip
     # DPO's step-0 loss is log 2 on both sides whatever the model (policy = reference): its
     # check is on what the loss is made of, the answers' summed log-probabilities.
     key = "logps_chosen" if "logps_chosen" in ours else "losses"
-    a, b = ours[key][0], theirs[key][0]
+    a, b = (ours["score"] if "score" in ours else ours[key][0]), theirs[key][0]
     if abs(a - b) > LOSS_RTOL * abs(b):
-        raise SystemExit(f"peers {name}: step-0 {key} {a!r} (kithara) against {b!r} (Tunix): the same weights "
-                         f"on the same batch should agree to {LOSS_RTOL:g} relative")  # fmt: skip
-    n = min(len(ours["losses"]), len(theirs["losses"]))
-    checks = {
-        "step0_check": key,
-        "step0_rel_diff": abs(a - b) / abs(b),
-        "step0_loss": [ours["losses"][0], theirs["losses"][0]],
-        "max_loss_abs_diff": max(abs(x - y) for x, y in zip(ours["losses"][:n], theirs["losses"][:n], strict=True)),
-    }
+        raise SystemExit(f"peers {name}: step-0 {key} {a!r} (kithara) against {b!r} ({other}): the same "
+                         f"weights on the same batch should agree to {LOSS_RTOL:g} relative")  # fmt: skip
+    checks: dict[str, Any] = {"step0_check": key, "step0_rel_diff": abs(a - b) / abs(b), "step0_loss": [a, b]}
+    if "score" not in ours:  # the same batches throughout: every step's loss is comparable
+        n = min(len(ours["losses"]), len(theirs["losses"]))
+        pairs = zip(ours["losses"][:n], theirs["losses"][:n], strict=True)
+        checks["max_loss_abs_diff"] = max(abs(x - y) for x, y in pairs)
     return checks
 
 
+def score(spec: dict[str, Any], tokens: list[list[int]]) -> float:
+    """kithara's loss, from the suite's weights, on a peer's own ``[batch, seq + 1]`` batch (all
+    ``seq`` targets supervised): the first step's loss of a one-step run on it."""
+    return run_child([{**spec, "kind": "peers_kithara", "tokens": tokens, "steps": 1}])[0]["losses"][0]
+
+
 def bench_peers(sizes: list[str], *, steps: int, seq: int, batch: int, repeats: int) -> list[dict[str, Any]]:
-    """One row per (size, objective): both sides, the checks and the kithara / Tunix ratios."""
-    tunix_python()  # fail before any work when the environment is missing
+    """One row per (size, objective, peer): both sides, the checks and the kithara / peer ratios.
+    Per repeat the sides take turns: kithara, Tunix, then MaxText (SFT only). A peer whose
+    environment is missing stops the suite: ``make bench`` makes both."""
+    missing = [f"{p} ({PEERS[p][0]}, from {PEERS[p][3]})" for p in PEERS if peer_python(p) is None]
+    if missing:
+        raise SystemExit(f"the peers suite needs the peers' environments: {', '.join(missing)} missing; "
+                         "`make bench` (or `make bench-peers-env`) makes them")  # fmt: skip
     out = []
     with tempfile.TemporaryDirectory(prefix="kithara-peers-") as tmp:
         for size in sizes:
@@ -232,40 +266,42 @@ def bench_peers(sizes: list[str], *, steps: int, seq: int, batch: int, repeats: 
             for objective in OBJECTIVES:
                 spec = {"size": size, "objective": objective, "steps": steps, "seq": seq, "batch": batch,
                         "weights": weights}  # fmt: skip
-                ours, theirs = [], []
+                peers = [p for p in PEERS if objective in PEERS[p][2]]
+                runs: dict[str, list[dict[str, Any]]] = {p: [] for p in ["kithara", *peers]}
                 for _ in range(repeats):
-                    ours.append(run_child([{**spec, "kind": "peers_kithara"}])[0])
-                    theirs.append(run_tunix(spec))
-                out.append(compare(spec, median_merge(ours), median_merge(theirs)))
+                    runs["kithara"].append(run_child([{**spec, "kind": "peers_kithara"}])[0])
+                    for peer in peers:
+                        runs[peer].append(run_peer(peer, spec))
+                ours = median_merge(runs["kithara"])
+                for peer in peers:
+                    theirs = median_merge(runs[peer])
+                    mine = ours
+                    if "batch_tokens" in theirs:  # the peer trained on a batch of its own
+                        mine = {**ours, "score": score(spec, theirs.pop("batch_tokens"))}
+                    out.append(compare(spec, mine, theirs, peer))
     return out
 
 
-def compare(spec: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-    name = f"{spec['size']} {spec['objective']}"
-    checks = _check_same_start(name, ours, theirs)
+def compare(spec: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any], peer: str) -> dict[str, Any]:
+    name = f"{spec['size']} {spec['objective']} against {NAMES[peer]}"
+    checks = _check_same_start(name, ours, theirs, peer)
     return {
         "size": spec["size"],
         "objective": spec["objective"],
+        "peer": peer,
         "params": ours["params"],
         "global_batch": spec["batch"],
         "seq_len": spec["seq"],
         "steps": spec["steps"],
-        "tunix_framework": theirs["framework"],
+        "peer_framework": theirs["framework"],
         "kithara": ours,
-        "tunix": theirs,
+        "other": theirs,
         **checks,
         "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
         "compile_ratio": ours["compile_s"] / max(theirs["compile_s"], 1e-9),
         "memory_ratio": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
         "loss_is_finite": bool(ours["loss_is_finite"] and theirs["loss_is_finite"]),
     }
-
-
-def tunix_versions() -> str:
-    """The Tunix environment's pins, for the report."""
-    out = subprocess.run([tunix_python(), "-m", "pip", "freeze"], capture_output=True, text=True, check=False)
-    keep = ("google-tunix", "jax", "jaxlib", "flax", "qwix", "optax")
-    return ", ".join(line for line in out.stdout.splitlines() if line.split("==")[0] in keep)
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual entry point

@@ -91,20 +91,27 @@ def threads_table(rows: list[dict[str, Any]]) -> str:
 
 
 def peers_table(rows: list[dict[str, Any]]) -> str:
-    """kithara against Tunix (bench/peers.py): every ratio kithara / Tunix."""
-    header = ["objective", "size", "params (trainable k / T)", "batch x seq", "step-0 check", "max loss diff",
-              "kithara step (s)", "Tunix step (s)", "kithara tokens/s", "Tunix tokens/s", "tokens/s ratio",
-              "compile k / T (s)", "peak RSS k / T (MiB)", "memory ratio"]  # fmt: skip
+    """kithara against its peers on the same backend (bench/peers.py): every ratio kithara / peer.
+    The program columns are XLA's cost analysis of each side's compiled step (FLOPs, and layout
+    copies left outside fusions)."""
+    names = {"tunix": "Tunix", "maxtext": "MaxText"}
+    header = ["objective", "size", "peer", "params (trainable k / p)", "batch x seq", "step-0 check", "max loss diff",
+              "step k / p (s)", "tokens/s k / p", "tokens/s ratio", "compile k / p (s)", "peak RSS k / p (MiB)",
+              "memory ratio", "GFLOP k / p", "copies k / p"]  # fmt: skip
     body = []
     for r in rows:
-        k, t = r["kithara"], r["tunix"]
+        k, t = r["kithara"], r["other"]
         trainable = "" if r["objective"] != "sft_lora" else f" ({k['trainable_params']:,} / {t['trainable_params']:,})"
+        kp, tp = k.get("program"), t.get("program")
+        flops = f"{kp['flops'] / 1e9:,.1f} / {tp['flops'] / 1e9:,.1f}" if kp and tp else "-"
+        copies = f"{kp['copies']} / {tp['copies']}" if kp and tp else "-"
+        diff = f"{r['max_loss_abs_diff']:.1e}" if "max_loss_abs_diff" in r else "- (own batches)"
         body.append([
-            r["objective"], r["size"], f"{r['params']:,}{trainable}", f"{r['global_batch']}x{r['seq_len']}",
-            f"{r['step0_check']} {r['step0_rel_diff']:.1e}", f"{r['max_loss_abs_diff']:.1e}", f"{k['step_s']:.4f}",
-            f"{t['step_s']:.4f}", f"{k['tokens_per_s']:,.0f}", f"{t['tokens_per_s']:,.0f}",
+            r["objective"], r["size"], names.get(r["peer"], r["peer"]), f"{r['params']:,}{trainable}",
+            f"{r['global_batch']}x{r['seq_len']}", f"{r['step0_check']} {r['step0_rel_diff']:.1e}", diff,
+            f"{k['step_s']:.4f} / {t['step_s']:.4f}", f"{k['tokens_per_s']:,.0f} / {t['tokens_per_s']:,.0f}",
             f"**{r['tokens_per_s_ratio']:.2f}x**", f"{k['compile_s']:.1f} / {t['compile_s']:.1f}",
-            f"{k['peak_rss_mib']:,.0f} / {t['peak_rss_mib']:,.0f}", f"{r['memory_ratio']:.2f}",
+            f"{k['peak_rss_mib']:,.0f} / {t['peak_rss_mib']:,.0f}", f"{r['memory_ratio']:.2f}", flops, copies,
         ])  # fmt: skip
     return _table(header, body)
 
@@ -183,7 +190,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("Side by side with TRL", "trl", trl_table),
         ("XLA:CPU threads and layout", "threads", threads_table),
         ("DPO reference modes against SFT", "dpo", dpo_table),
-        ("Peers on the same backend: Tunix", "peers", peers_table),
+        ("Peers on the same backend: Tunix and MaxText", "peers", peers_table),
     ]
     for title, key, render in sections:
         if results.get(key):

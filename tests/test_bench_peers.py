@@ -49,10 +49,11 @@ def _side(**changes):
 def test_compare_refuses_other_models_and_other_losses():
     spec = {**SPEC, "objective": "sft"}
     with pytest.raises(SystemExit, match="parameters"):
-        peers.compare(spec, _side(), _side(params=101))
+        peers.compare(spec, _side(), _side(params=101), "tunix")
     with pytest.raises(SystemExit, match="step-0 losses"):
-        peers.compare(spec, _side(), _side(losses=[8.0 * (1 + 4e-6), 7.0, 6.0]))  # Tunix's RoPE bug's size
-    row = peers.compare(spec, _side(tokens_per_s=900.0, compile_s=1.0), _side(losses=[8.0 * (1 + 1e-7), 7.0, 6.5]))
+        peers.compare(spec, _side(), _side(losses=[8.0 * (1 + 4e-6), 7.0, 6.0]), "tunix")  # Tunix's RoPE bug's size
+    row = peers.compare(spec, _side(tokens_per_s=900.0, compile_s=1.0), _side(losses=[8.0 * (1 + 1e-7), 7.0, 6.5]),
+                        "tunix")  # fmt: skip
     assert row["tokens_per_s_ratio"] == pytest.approx(0.9) and row["compile_ratio"] == pytest.approx(0.5)
     assert row["max_loss_abs_diff"] == pytest.approx(0.5) and row["step0_check"] == "losses"
     # DPO starts at log 2 whatever the model: its check is on the summed log-probabilities
@@ -60,24 +61,40 @@ def test_compare_refuses_other_models_and_other_losses():
     same_loss = [0.6931, 0.69, 0.68]
     with pytest.raises(SystemExit, match="logps_chosen"):
         peers.compare(dpo, _side(losses=same_loss, logps_chosen=[-800.0]),
-                      _side(losses=same_loss, logps_chosen=[-800.01]))  # fmt: skip
+                      _side(losses=same_loss, logps_chosen=[-800.01]), "tunix")  # fmt: skip
     row = peers.compare(dpo, _side(losses=same_loss, logps_chosen=[-800.0]),
-                        _side(losses=same_loss, logps_chosen=[-800.0]))  # fmt: skip
+                        _side(losses=same_loss, logps_chosen=[-800.0]), "tunix")  # fmt: skip
     assert row["step0_check"] == "logps_chosen" and row["step0_rel_diff"] == 0.0
-    table = markdown({"machine": {}, "command": "c", "peers": [row]})
+    # a peer on batches of its own (MaxText): kithara's score on that batch is the check, and the
+    # later losses (other batches) are not compared
+    own = peers.compare(spec, _side(score=8.5), _side(losses=[8.5, 1.0, 0.5]), "maxtext")
+    assert own["step0_loss"] == [8.5, 8.5] and "max_loss_abs_diff" not in own
+    with pytest.raises(SystemExit, match="MaxText"):
+        peers.compare(spec, _side(score=8.5), _side(losses=[8.6]), "maxtext")
+    table = markdown({"machine": {}, "command": "c", "peers": [row, own]})
     assert "Peers on the same backend" in table and "logps_chosen 0.0e+00" in table and "**1.00x**" in table
+    assert "| sft | tiny | MaxText |" in table and "- (own batches)" in table
 
 
-def test_missing_tunix_environment_says_how_to_make_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "TUNIX_VENV", tmp_path / "absent")
-    with pytest.raises(SystemExit, match="make bench"):
+def test_token_rows_supervise_every_target_of_a_peer_batch():
+    tokens = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    data = peers.token_rows(tokens)
+    assert [r["token_ids"].tolist() for r in data] == [[5, 6, 7], [9, 10, 11]]
+    assert [r["labels"].tolist() for r in data] == [[6, 7, 8], [10, 11, 12]]
+    assert all(r["label_mask"].all() and r["padding_mask"].all() for r in data)
+
+
+def test_missing_peer_environment_says_how_to_make_it(tmp_path, monkeypatch):
+    absent = {**peers.PEERS, "maxtext": (tmp_path / "absent", *peers.PEERS["maxtext"][1:])}
+    monkeypatch.setattr(peers, "PEERS", absent)
+    with pytest.raises(SystemExit, match=r"maxtext .*absent.*peers-maxtext.txt.*make bench"):
         peers.bench_peers(["tiny"], steps=1, seq=8, batch=1, repeats=1)
 
 
 def test_tunix_side_imports_no_kithara_code():
     # bench.peers_tunix runs in Tunix's environment, where kithara is not installed
     code = (
-        "import sys, bench.peers_tunix, bench.peers, bench.dpo; "
+        "import sys, bench.peers_tunix, bench.peers_maxtext, bench.peers, bench.dpo; "
         "assert not [m for m in sys.modules if m.split('.')[0] in ('kithara', 'keras')], 'kithara imported'"
     )
     repo = Path(__file__).resolve().parents[1]
