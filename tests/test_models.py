@@ -80,58 +80,6 @@ def test_lora_starts_as_the_base_model():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # B starts at zero
 
 
-@pytest.mark.parametrize(
-    ("family", "extra"),  # an MLP width no other weight has: a kernel's shape is its own
-    [("llama3", {"intermediate_dim": 40}), ("qwen2", {"intermediate_dim": 40}),
-     ("gemma2", {"intermediate_dim": 40, "head_dim": 12})],
-)  # fmt: skip
-def test_lora_runs_beside_the_frozen_kernel(family, extra):
-    """An adapted projection computes ``x W + s (x A) B``: the logits equal those of the plain
-    model holding keras' merged kernels ``W + s A B``, and the backward pass keeps no
-    kernel-sized residual (keras' own merged call does: the check can see one)."""
-    import keras
-    from jax._src.ad_checkpoint import saved_residuals
-
-    from kithara.models import lora as lora_lib
-
-    config = kithara.LoraConfig(rank=3, alpha=5, targets=("all",))
-    model = tiny_model(family, seed=4, lora=config, **extra)
-    rng = np.random.default_rng(0)
-    variables = model.variables
-    adapters = {p: 0.3 * rng.standard_normal(v.shape).astype(np.float32) for p, v in variables.trainable.items()}
-    model.variables = kithara.ModelVariables(adapters, variables.non_trainable)
-    layers = [layer for layer in model.backbone._flatten_layers() if isinstance(layer, lora_lib._Adapted)]
-    assert len(layers) == 7 * TINY["num_layers"]
-    merged = {layer._kernel.path: np.asarray(layer.kernel) for layer in layers}  # keras' merged kernel
-    plain = tiny_model(family, seed=4, **extra)
-    values = {**plain.variables.trainable, **merged}
-    plain.variables = kithara.ModelVariables(values, plain.variables.non_trainable)
-    ours, _ = model.apply(model.variables, INPUTS, training=False)
-    theirs, _ = plain.apply(plain.variables, INPUTS, training=False)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-5, atol=2e-5)
-    assert np.abs(np.asarray(ours) - np.asarray(model.apply(variables, INPUTS, training=False)[0])).max() > 1e-2
-
-    kernels = {tuple(layer._kernel.shape) for layer in layers}
-
-    def residual_shapes():
-        """Shapes of the arrays the backward pass keeps that the forward pass computed (the
-        frozen weights themselves are closed-over constants, kept either way)."""
-        non_trainable = model.variables.non_trainable
-
-        def loss(trainable):
-            return model.apply(kithara.ModelVariables(trainable, non_trainable), INPUTS, training=True)[0].mean()
-
-        saved = saved_residuals(loss, model.variables.trainable)
-        return {tuple(aval.shape) for aval, source in saved if not source.startswith("from a constant")}
-
-    assert not residual_shapes() & kernels
-    for layer in layers:  # keras' own LoRA call merges the kernel and keeps it for the backward pass
-        layer.__class__ = (
-            keras.layers.EinsumDense if isinstance(layer, keras.layers.EinsumDense) else keras.layers.Dense
-        )
-    assert residual_shapes() & kernels
-
-
 def test_two_models_live_side_by_side():
     first, second = tiny_model(seed=1), tiny_model("gemma", seed=2, head_dim=8)
     a = np.asarray(first.apply(first.variables, INPUTS, training=False)[0])

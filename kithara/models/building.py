@@ -129,20 +129,13 @@ def match_layers_to_backbone(backbone: keras.Model) -> None:
 _LAYER_SETTINGS = ("epsilon", "query_head_dim_normalize", "rope_wavelength", "max_wavelength")
 
 
-def _keras_kind(layer: Any) -> type:
-    """The keras or keras-hub class a layer is: kithara swaps some layers' class for a subclass
-    of its own (LoRA adapters beside the matmul, quantized kernels), which computes differently
-    but holds the same settings."""
-    return next((t for t in type(layer).__mro__ if t.__module__.split(".")[0] in ("keras", "keras_hub")), type(layer))
-
-
 def copy_layer_settings(source: keras.Model, target: keras.Model) -> None:
     """Gives ``target``, a backbone rebuilt from ``source.get_config()``, the settings set on
     ``source``'s built layers (norm epsilons, Gemma query scale and rope theta), which the
     rebuild would otherwise reset to keras-hub's hard-coded values."""
     source_layers = list(source._flatten_layers(include_self=False))
     target_layers = list(target._flatten_layers(include_self=False))
-    if [_keras_kind(layer) for layer in source_layers] != [_keras_kind(layer) for layer in target_layers]:
+    if [type(layer) for layer in source_layers] != [type(layer) for layer in target_layers]:
         raise ValueError(
             f"copy_layer_settings: the {type(target).__name__} was not rebuilt from the {type(source).__name__}'s "
             "config (their layers differ); rebuild it with type(source).from_config(source.get_config())."

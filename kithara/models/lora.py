@@ -1,15 +1,4 @@
-"""LoRA adapters on chosen projections of a keras-hub backbone.
-
-keras' ``enable_lora`` adds the factors ``A`` (the kernel's shape, rank for its last axis) and
-``B`` (rank x the last axis), and its layers then compute ``x (W + s A B)``: they merge a full
-kernel per call, and the backward pass computes that kernel's whole weight gradient (as many
-FLOPs as full fine-tuning's) before projecting it onto ``A`` and ``B``, and keeps the merged
-kernel for it. kithara's adapted layers (``AdaptedDense``, ``AdaptedEinsumDense``) compute
-``x W + s (x A) B`` instead: the frozen kernel's matmul as without LoRA, plus two thin ones, so
-the step does LoRA's FLOPs and saves no kernel-sized residual. The variables, their names and
-shapes, and everything that reads ``layer.kernel`` (the merged kernel: Hugging Face export,
-PEFT merge) are keras' own.
-"""
+"""LoRA adapters on chosen projections of a keras-hub backbone."""
 
 from __future__ import annotations
 
@@ -97,51 +86,6 @@ class LoraConfig:
         return cls(rank=int(peft_config.r), alpha=float(peft_config.lora_alpha), targets=targets)
 
 
-def einsum_subscripts(layer: Any) -> tuple[str, str, str]:
-    """(inputs, kernel, output) subscripts of a Dense or EinsumDense layer's product."""
-    if isinstance(layer, keras.layers.EinsumDense):
-        lhs, out = layer.equation.split("->")
-        x, k = lhs.split(",")
-        return x, k, out
-    return "...i", "io", "...o"
-
-
-def adapter_term(layer: Any, inputs: Any, dtype: Any) -> Any:
-    """``s (x A) B`` of an adapted layer, in ``dtype``. ``A`` has the kernel's shape with rank for
-    its last axis (the output's last), so the layer's own einsum applies to it unchanged."""
-    x_subs, k_subs, out_subs = einsum_subscripts(layer)
-    a = keras.ops.convert_to_tensor(layer.lora_kernel_a)
-    low = keras.ops.einsum(f"{x_subs},{k_subs}->{out_subs}", inputs, a)
-    low = keras.ops.matmul(low, layer.lora_kernel_b)
-    return keras.ops.cast((layer.lora_alpha / layer.lora_rank) * low, dtype)
-
-
-class _Adapted:
-    """The call of a float projection with LoRA: the frozen kernel's product plus the adapters'."""
-
-    def call(self, inputs: Any, training: Any = None) -> Any:
-        x_subs, k_subs, out_subs = einsum_subscripts(self)
-        x = keras.ops.einsum(f"{x_subs},{k_subs}->{out_subs}", inputs, self._kernel)  # type: ignore[attr-defined]
-        if self.lora_enabled:  # type: ignore[attr-defined]
-            x = x + adapter_term(self, inputs, x.dtype)
-        if self.bias is not None:  # type: ignore[attr-defined]
-            x = keras.ops.add(x, self.bias)  # type: ignore[attr-defined]
-        if self.activation is not None:  # type: ignore[attr-defined]
-            x = self.activation(x)  # type: ignore[attr-defined]
-        return x
-
-
-class AdaptedDense(_Adapted, keras.layers.Dense):
-    """A ``keras.layers.Dense`` with LoRA computing ``x W + s (x A) B`` (see the module doc)."""
-
-
-class AdaptedEinsumDense(_Adapted, keras.layers.EinsumDense):
-    """A ``keras.layers.EinsumDense`` with LoRA computing ``x W + s (x A) B`` (see the module doc)."""
-
-
-_ADAPTED = {keras.layers.Dense: AdaptedDense, keras.layers.EinsumDense: AdaptedEinsumDense}
-
-
 def enable_lora(backbone: keras.Model, config: LoraConfig, layer_names: dict[str, str]) -> int:
     """Freezes every weight of ``backbone`` and adds adapters to the target projections.
 
@@ -163,9 +107,6 @@ def enable_lora(backbone: keras.Model, config: LoraConfig, layer_names: dict[str
             )
             for weight in layer.weights:  # the frozen kernel, and a bias if the layer has one
                 weight.trainable = weight.path.rsplit("/", 1)[-1].startswith("lora_kernel")
-            adapted = _ADAPTED.get(type(layer))  # plain float layers (quantized ones have their own call)
-            if adapted is not None and layer.quantization_mode is None:
-                layer.__class__ = adapted
             count += 1
     if count == 0:
         raise ValueError(f"No layer of {backbone.name} matches the LoRA targets {config.targets} ({sorted(wanted)}).")

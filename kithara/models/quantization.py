@@ -37,7 +37,6 @@ import numpy as np
 import qwix
 
 from kithara.models.families import PROJECTIONS, layer_layout
-from kithara.models.lora import adapter_term, einsum_subscripts
 
 METHODS = ("nf4", "int8")
 _DEFAULT_BLOCK = {"nf4": 64, "int8": "channel"}
@@ -166,7 +165,13 @@ class _Quantized:
         storage = {name: _read(getattr(self, name)) for name in _storage_names(config)}
         x = _frozen_matmul(layout, config, inputs, storage)
         if self.lora_enabled:  # type: ignore[attr-defined]
-            x = x + adapter_term(self, inputs, x.dtype)
+            # keras' own quantized layers' LoRA: A has the kernel's shape but rank for its last
+            # axis (the output's last), so the layer's equation applies to it unchanged.
+            x_subs, k_subs, out_subs = _equation(self)
+            a = _read(self.lora_kernel_a)  # type: ignore[attr-defined]
+            lora_x = jnp.einsum(f"{x_subs},{k_subs}->{out_subs}", inputs, a)
+            lora_x = keras.ops.matmul(lora_x, self.lora_kernel_b)  # type: ignore[attr-defined]
+            x = x + (self.lora_alpha / self.lora_rank) * lora_x.astype(x.dtype)  # type: ignore[attr-defined]
         if self.bias is not None:  # type: ignore[attr-defined]
             x = keras.ops.add(x, self.bias)  # type: ignore[attr-defined]
         if self.activation is not None:  # type: ignore[attr-defined]
@@ -187,8 +192,17 @@ def _read(variable: Any) -> Any:
     return keras.ops.convert_to_tensor(variable)
 
 
+def _equation(layer: Any) -> tuple[str, str, str]:
+    """(inputs, kernel, output) subscripts of the layer's einsum."""
+    if isinstance(layer, keras.layers.EinsumDense):
+        lhs, out = layer.equation.split("->")
+        x, k = lhs.split(",")
+        return x, k, out
+    return "...i", "io", "...o"
+
+
 def layout_of(layer: Any, path: str, shape: tuple[int, ...]) -> KernelLayout:
-    x, k, out = einsum_subscripts(layer)
+    x, k, out = _equation(layer)
     contracted = [i for i, c in enumerate(k) if c in x and c not in out]
     free = [i for i in range(len(k)) if i not in contracted]
     perm = (*contracted, *free)
