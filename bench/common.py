@@ -40,6 +40,24 @@ def rows(n: int, length: int, vocab: int, *, full: bool = False, seed: int = 0) 
     return out
 
 
+def timing(marks: list[float], tokens_per_step: int, skip: int = 2) -> dict[str, float]:
+    """Steady-state figures from host times (the start, then each step's end), the first
+    ``skip`` steps left out: median step, first step, compile (first minus steady), tokens/s."""
+    import itertools
+    import statistics
+
+    steps = [b - a for a, b in itertools.pairwise(marks)]
+    steady = steps[skip:] or steps[-1:]
+    step = statistics.median(steady)
+    return {
+        "step_s": step,
+        "first_step_s": steps[0],
+        "compile_s": max(steps[0] - step, 0.0),
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
+    }
+
+
 def real_tokens(batch: dict[str, np.ndarray]) -> int:
     """Non-padding input positions of a batch: the only tokens a benchmark counts."""
     return int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("padding_mask")))

@@ -44,7 +44,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child
+from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child, timing
 
 REPO = Path(__file__).resolve().parent.parent
 TUNIX_VENV = REPO / "bench" / ".venv-tunix"
@@ -66,7 +65,6 @@ ROPE_THETA = 1_000_000
 # Step 0: the same weights on the same batch, float32 on both sides. Summation order alone moves
 # the loss by ~1e-7; Tunix's RoPE with a 500,000 checkpoint moves it by 4e-6.
 LOSS_RTOL = 1e-6
-SKIP = 2  # warm-up steps left out of the steady figures
 
 
 def sft_rows(spec: dict[str, Any]) -> list[dict[str, np.ndarray]]:
@@ -111,20 +109,6 @@ def dpo_rows(spec: dict[str, Any], *, tunix: bool = False) -> list[dict[str, np.
             row[f"{side}_ids"], row[f"{side}_mask"] = answer, np.ones(len(answer), bool)
         out.append(row)
     return out
-
-
-def timing(marks: list[float], tokens_per_step: int) -> dict[str, float]:
-    """Steady-state figures from host times: the start, then each step's end."""
-    steps = [b - a for a, b in itertools.pairwise(marks)]
-    steady = steps[SKIP:] or steps[-1:]
-    step = statistics.median(steady)
-    return {
-        "step_s": step,
-        "first_step_s": steps[0],
-        "compile_s": max(steps[0] - step, 0.0),
-        "tokens_per_step": tokens_per_step,
-        "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
-    }
 
 
 _OPCODE = re.compile(r" ([a-z][a-z0-9_-]*)\((?=%|\))")  # `%x = f32[2]{0} fusion(%a, ...)`: the opcode

@@ -165,7 +165,7 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     from maxtext.trainers.post_train.sft import train_sft_native
     from maxtext.utils import max_utils
 
-    from bench.peers import timing
+    from bench.common import timing
 
     steps, seq, batch = spec["steps"], spec["seq"], spec["batch"]
     flags.FLAGS.mark_as_parsed()  # outside absl.app.run

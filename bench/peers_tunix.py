@@ -116,8 +116,8 @@ def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     from tunix.sft import peft_trainer
     from tunix.sft.dpo import dpo_trainer
 
-    from bench.common import LEARNING_RATE
-    from bench.peers import LORA_ALPHA, LORA_RANK, dpo_rows, program_stats, sft_rows, timing
+    from bench.common import LEARNING_RATE, timing
+    from bench.peers import LORA_ALPHA, LORA_RANK, dpo_rows, program_stats, sft_rows
 
     objective, steps, seq, batch = spec["objective"], spec["steps"], spec["seq"], spec["batch"]
     auto = (jax.sharding.AxisType.Auto,) * 2
@@ -182,7 +182,6 @@ def _programs(trainer: Any, first: Any, objective: str) -> list[Any]:
     it) and, for DPO, the reference model's log-probabilities, which Tunix computes in a
     program of its own while preparing the batch."""
     from flax import nnx
-    from tunix.rl import common as _  # noqa: F401  (the step's helpers)
     from tunix.sft import sharding_utils
     from tunix.sft.dpo import dpo_trainer
 

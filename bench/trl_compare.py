@@ -22,9 +22,7 @@ preparation produces) and skips that preparation.
 
 from __future__ import annotations
 
-import itertools
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child, run_configs
+from bench.common import LEARNING_RATE, SIZES, median_merge, rows, run_child, run_configs, timing
 
 
 def _threads() -> int:
@@ -134,16 +132,7 @@ def _step_timer() -> Any:
 
 
 def _timing(timer: Any, tokens_per_step: int, skip: int = 2) -> dict[str, float]:
-    marks = [timer.begin, *timer.ends]
-    steps = [b - a for a, b in itertools.pairwise(marks)]
-    steady = steps[skip:] or steps[-1:]
-    step = statistics.median(steady)
-    return {
-        "step_s": step,
-        "first_step_s": steps[0],
-        "tokens_per_step": tokens_per_step,
-        "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
-    }
+    return timing([timer.begin, *timer.ends], tokens_per_step, skip)
 
 
 def trl_sft(spec: dict[str, Any]) -> dict[str, Any]:
