@@ -166,11 +166,14 @@ def test_mixed_float16_converges_like_float32():
     """The pattern task of test_trainer.py, 60 AdamW steps in float32 and in mixed_float16 (same
     data, initial weights and attention; the default scale, 2**15, never overflows here).
     float16 rounds activations to 11 significant bits, so the runs drift apart by rounding
-    only. Measured on CPU: the loss falls 4.156 -> 2.698 (float32) and 4.156 -> 2.700
-    (float16), at most 0.009 apart at any step, the mean of the last 10 within 0.05% (a
-    mixed_bfloat16 run, 8 bits, drifts 0.34 and 7%). The margins, 0.05 per step and 1% on the
-    last 10, leave room for other backends' rounding, and a broken scaler (a skipped or
-    mis-scaled update) moves the loss far more."""
+    only, and Adam compounds that drift over the run: how far apart the two runs end depends
+    on how the backend's float16 code rounds, not on the scaler. Measured on CPU, 4.156 ->
+    2.698 (float32): an earlier VM's float16 run ended at 2.700, at most 0.009 apart at any
+    step; on an AMD EPYC VM it ends at 2.661, 0.22 apart at step 57 and 3% over the last 10
+    steps (XLA:CPU at -O0 there: 0.005 apart). Over the first 30 steps float16 stays within
+    0.0061 of float32 on that VM, where a mixed_bfloat16 run (8 bits) is 0.069 apart: the test
+    holds the first 30 steps to 0.02, and asks both runs to learn the task, and the scaler to
+    keep its scale and skip nothing."""
     examples = pattern_examples(512, seed=1)
     losses = {}
     for precision in ("float32", "mixed_float16"):
@@ -184,9 +187,8 @@ def test_mixed_float16_converges_like_float32():
         else:  # wrapped by the trainer, with the defaults
             assert {h["loss_scale"] for h in history} == {2.0**15} and history[-1]["skipped_steps"] == 0
     f32, f16 = losses["float32"], losses["mixed_float16"]
-    assert f32[-10:].mean() < 0.75 * f32[0]
-    assert np.abs(f16 - f32).max() < 0.05
-    assert f16[-10:].mean() == pytest.approx(f32[-10:].mean(), rel=0.01)
+    assert f32[-10:].mean() < 0.75 * f32[0] and f16[-10:].mean() < 0.75 * f16[0]
+    assert np.abs(f16 - f32)[:30].max() < 0.02
 
 
 def test_resume_restores_the_loss_scale_exactly(examples, tmp_path):
