@@ -385,6 +385,14 @@ def extrapolate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(small) == 2:
             d1, d2 = small
             slope = {f: (by_depth[d2][f] - by_depth[d1][f]) / (d2 - d1) for f in FIELDS}
+            if slope["temp_bytes"] < 0:  # XLA scheduled the shallow programs differently: no per-layer cost
+                entry["falls"] = {d: by_depth[d]["temp_bytes"] for d in small}
+                entry["error"] = (
+                    f"temporaries fall with depth ({d1} layers: {by_depth[d1]['temp_bytes'] / GiB:.2f} GiB, {d2}: "
+                    f"{by_depth[d2]['temp_bytes'] / GiB:.2f}): no per-layer cost to extrapolate"
+                )
+                out.append(entry)
+                continue
             entry.update({f: by_depth[d1][f] + slope[f] * (full - d1) for f in FIELDS})
             entry["per_layer_temp_bytes"] = slope["temp_bytes"]
             entry["method"] = f"extrapolated from {d1} and {d2} layers"

@@ -21,6 +21,8 @@ def _cell(entry: dict[str, Any] | None) -> str:
     if "oom" in entry:
         oom = entry["oom"]
         return f"OOM ({oom['layers']} layers: {_gib(oom['temp_bytes'])} temp)"
+    if "falls" in entry:  # not extrapolable: the shallow compiles' temporaries fall with depth
+        return "n/e (" + ", ".join(f"{d} layers: {_gib(t)}" for d, t in entry["falls"].items()) + " temp)"
     if "peak_bytes" not in entry:
         return "not measured" if entry.get("error", "").startswith(NOT_MEASURED) else "failed"
     text = f"{_gib(entry['peak_bytes'])} ({_gib(entry['temp_bytes'])})"
@@ -70,7 +72,10 @@ def memory_tables(results: dict[str, Any]) -> list[str]:
         "15.75 GiB are what XLA squeezed, and a peak past 16 GiB with arguments does not fit a v5e chip. "
         "`≥`: extrapolated from a small-depth compile whose temporaries reached 75% of the chip's usable "
         "HBM, which XLA may have rematerialised to fit, so the per-layer slope and the figure are lower "
-        "bounds (the v5p rows, with 95 GiB, are not squeezed).",
+        "bounds (the v5p rows, with 95 GiB, are not squeezed). `n/e`: not extrapolable: the two "
+        "small-depth compiles' temporaries fall with depth (under remat a layer adds only its saved input, "
+        "less than XLA's scheduling differences between a 1- and a 2-layer program), so they give no "
+        "per-layer cost; the scanned rows compile the full depth instead.",
         "",
     ]
     return lines
@@ -209,7 +214,7 @@ def errors_list(results: dict[str, Any]) -> list[str]:
     seen: dict[str, list[str]] = {}
     cut = len(results["memory"]) - len(measured(results["memory"]))
     for e in measured(results["memory"]):
-        if "error" in e and "oom" not in e:
+        if "error" in e and "oom" not in e and "falls" not in e:  # n/e cells are explained under the tables
             what = f"{e['target']} {e['model']} {e['config']} {e['seq']}"
             seen.setdefault(e["error"].strip().splitlines()[-1][:300], []).append(what)
     lines = (

@@ -358,6 +358,9 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
             row("+scan", 32, 8.0, hlo="d"), row("today", 1, 1.0, seq=1024, hlo="e"), row("today", 2, 1.5, seq=1024),
             # two layers in 12.3 GiB of a v5e chip's 15.75: XLA may have squeezed it, the slope is a lower bound
             row("+chunked_loss", 1, 12.0, seq=4096, hlo="f"), row("+chunked_loss", 2, 12.3, seq=4096, hlo="g"),
+            # under remat a layer adds little: XLA's schedule of a 2-layer program can need less than a 1-layer one
+            row("+remat_attention_out", 1, 2.55, seq=1024, hlo="h"),
+            row("+remat_attention_out", 2, 2.37, seq=1024, hlo="i"),
             {"job": {"target": "v5e:2x4", "shape": "llama-3-8b", "config": "+attention", "seq": 8192, "layers": 1},
              "ok": False, "error": "ValueError: unknown attention"},
             {"job": {"target": "v5e:2x4", "shape": "llama-3-8b", "config": "+remat_full", "seq": 1024, "layers": 1},
@@ -376,6 +379,9 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
     assert entries[("+remat_full", 1024)]["oom"] == {"layers": 1, "temp_bytes": 23 * GiB, "hbm_bytes": 15.75 * GiB}
     squeezed = entries[("+chunked_loss", 4096)]
     assert squeezed["squeezed"] == {"layers": 2, "temp_bytes": 12.3 * GiB} and "squeezed" not in today
+    falls = entries[("+remat_attention_out", 1024)]
+    assert "peak_bytes" not in falls and falls["falls"] == {1: 2.55 * GiB, 2: 2.37 * GiB}
+    assert falls["error"].startswith("temporaries fall with depth (1 layers: 2.55 GiB, 2: 2.37)")
     fits = {(r["config"]): r for r in largest_fitting(list(entries.values()))}
     # its lower bound (21.3 + 8 GiB) exceeds 16 GiB; whether it fits 95 GiB is unknown
     assert fits["+chunked_loss"]["fits_16GiB"] is None and fits["+chunked_loss"]["fits_95GiB"] is None
@@ -397,6 +403,10 @@ def test_scale_plan_extrapolation_fits_goals_and_report():
     assert "llama-3-8b within 15.75 GiB: best configuration `+scan` needs 16.00 GiB" in text
     assert "not reached: 0.25 GiB over." in text
     assert "| +chunked_loss |  | ≥ 29.30 (21.30) |  | extrapolated from 1 and 2 layers |" in text  # 1,024 4,096 8,192
+    assert "| +remat_attention_out | n/e (1 layers: 2.55, 2 layers: 2.37 temp) |" in text
+    assert "temporaries fall with depth" not in text.split("#### Configurations that failed")[-1]
+    fits = {r["config"]: r for r in largest_fitting(list(entries.values()))}
+    assert "+remat_attention_out" not in fits  # no figure, no bound: not in the fit table
     assert "ValueError: unknown attention" in text and "| OOM (1 layers: 23.00 temp) |  | 16.75 (8.75) |" in text
 
 
