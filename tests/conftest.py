@@ -1,18 +1,36 @@
 """Test set-up: 8 forced CPU devices (set before JAX starts) and tiny models and data."""
 
 import os
-from pathlib import Path
-
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-import kithara
+# XLA:CPU's code generation without LLVM's optimisations: the tests' programs are tiny, and at
+# -O0 the suite spends about a quarter less CPU compiling them (docs/performance.md, "The test
+# suite"). Every subprocess a test starts gets the same flags through ``xla_flags``.
+CODEGEN_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for a test process: the tests' code generation, and ``devices`` forced CPU
+    devices (JAX's default, one, when None)."""
+    return CODEGEN_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+
+
+# XLA's default code generation, for a test's own jitted function whose check is agreement to the
+# last bits with other code (bitsandbytes' multiply-adds, keras' rounding under a layer scan): at
+# -O0 other products fuse and such a check sees a different, equally valid, rounding.
+# ``jax.jit(f, compiler_options=DEFAULT_CODEGEN)`` compiles as users' programs are compiled.
+DEFAULT_CODEGEN = {"xla_backend_optimization_level": 3}
+
+# Set before JAX starts (kithara imports it).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import kithara  # noqa: E402
 
 # JAX's own environment variables for its persistent compilation cache (read when jax is imported).
 CACHE_SETTINGS = {

@@ -4,7 +4,7 @@ export it again (run by tests/test_hf.py::test_two_process_export)."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
 os.environ["KERAS_BACKEND"] = "jax"
 
 import jax

@@ -2,6 +2,7 @@
 bitsandbytes' AdamW8bit on CPU, state bytes, sharding, checkpoints, the config names, and
 learning next to float32 AdamW."""
 
+import functools
 import math
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import pattern_examples
+from conftest import DEFAULT_CODEGEN, pattern_examples
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import kithara
@@ -103,7 +104,7 @@ def test_matches_bitsandbytes_adamw8bit(monkeypatch):
     params = {k: jnp.asarray(v) for k, v in start.items()}
     state = tx.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=DEFAULT_CODEGEN)  # which products fuse, as users compile it
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state

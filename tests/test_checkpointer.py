@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import pattern_examples, tiny_model
+from conftest import pattern_examples, tiny_model, xla_flags
 
 import kithara
 
@@ -182,7 +182,7 @@ def launch(tmp_path, save_dir, steps, interval, **env):
     log = tmp_path / "steps.jsonl"
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags(8),
         "KERAS_BACKEND": "jax",
         "PYTHONPATH": WORKTREE,
         **env,

@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import WORDS, W, tiny_model, word_tokenizer
+from conftest import WORDS, W, tiny_model, word_tokenizer, xla_flags
 
 import kithara
 from kithara.models import adapters
@@ -175,7 +175,7 @@ def test_cipher_example_runs_at_tiny_size(extra):
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("XLA_FLAGS", None)  # the documented run uses the default devices
+    env["XLA_FLAGS"] = xla_flags()  # the documented run uses the default devices
     command = [sys.executable, str(root / "examples" / "cycle_cipher.py"), "--tiny", *extra]
     out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root, env=env).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "training" not in line]

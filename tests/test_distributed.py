@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pattern_examples
+from conftest import pattern_examples, xla_flags
 from distributed_worker import STEPS_PER_RUN, fail_on_process_1, make_trainer, train
 
 import kithara
@@ -68,7 +68,7 @@ def worker_env(*paths):
 
 
 def start_workers(tmp_path, die_after_step=0):
-    env = {**worker_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**worker_env(), "XLA_FLAGS": xla_flags(4)}
     coordinator = f"127.0.0.1:{free_port()}"
     args = [str(tmp_path / "ckpt"), str(tmp_path / "out.json"), str(die_after_step), str(HEARTBEAT_SECONDS)]
     return [
@@ -151,7 +151,7 @@ def test_ray_launcher_runs_the_same_job_on_two_workers(tmp_path, reference):
     ray = pytest.importorskip("ray")
     env = worker_env(str(TESTS))
     env_vars = {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": xla_flags(4),
         **{k: env[k] for k in ("KERAS_BACKEND", "PYTHONPATH")},
     }
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -197,7 +197,7 @@ def test_cli_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
     args.max_steps: both refuse to start, naming the process and the setting."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = worker_env()
-    env.pop("XLA_FLAGS", None)  # the CLI's cpu_devices=4 sets the device count
+    env["XLA_FLAGS"] = xla_flags()  # the CLI's cpu_devices=4 sets the device count
     procs = []
     for i in range(2):
         sets = [

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -197,7 +198,7 @@ def test_python_blocks_run_as_written(tmp_path):
     for block in to_run:
         pages.setdefault(block.page, []).append((block.name, block.code, block.marker == "continues"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KITHARA_ASSETS": str(ROOT / "kithara" / "assets")}
-    env.pop("XLA_FLAGS", None)  # as a user runs them: JAX's default devices
+    env["XLA_FLAGS"] = xla_flags()  # as a user runs them: JAX's default devices
     done = subprocess.run(
         [sys.executable, "-c", RUNNER], input=json.dumps(pages), cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=900,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(path.name for path in (ROOT / "examples").glob("*.py"))
@@ -15,7 +16,7 @@ EXAMPLES = sorted(path.name for path in (ROOT / "examples").glob("*.py"))
 
 def run_example(name: str, *args: str, cwd: Path | None = None) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)  # each example asks for its own CPU devices
+    env["XLA_FLAGS"] = xla_flags()  # each example asks for its own CPU devices
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args], env=env, capture_output=True, text=True, timeout=600,
         cwd=cwd,
@@ -85,17 +86,19 @@ def test_rejection_sampling_example_accuracy_rises(tmp_path):
 
 @pytest.mark.slow
 def test_rl_addition_example_grpo_reward_rises_well_above_its_start(tmp_path):
-    """The small version of examples/rl_addition.py: from a brief SFT start, GRPO's sampled
-    exact-match reward (mean of the last 8 of 40 steps) ends above its first 8 steps', and the
-    held-out greedy exact match rises. (The start depends on float rounding: over SFT seeds and
-    CPUs 0.1-0.36; each of three seeds gave rises of +0.015..+0.05 reward, +0.03..+0.06 held out.)"""
+    """The small version of examples/rl_addition.py: from a brief SFT start, 40 GRPO steps raise
+    the held-out greedy exact match (200 problems) by at least 2 problems. (The start depends on
+    float rounding: over SFT seeds and CPUs 0.1-0.36; three seeds rose +0.03..+0.06, and +0.12 at
+    the tests' -O0 code generation.) The sampled reward's rise is reported, not asserted: its
+    first and last 8 steps' means (512 correlated samples each) move +0.015..+0.05 over those
+    seeds, inside their noise (one run: 0.172 -> 0.162 while held-out rose 0.28 -> 0.40)."""
     out = run_example("rl_addition.py", "--tiny", "--output-dir", str(tmp_path / "runs"))
     start = float(re.search(r"SFT start: .* held-out exact match ([0-9.]+)", out).group(1))
     assert 0.05 < start < 0.6, out  # a non-zero start, far from perfect
     first, last = map(float, re.search(r"GRPO: exact-match reward ([0-9.]+) .*-> ([0-9.]+)", out).groups())
-    assert last > first + 0.01, out
+    assert 0 < first < 1 and 0 < last < 1, out
     before, after = map(float, re.search(r"GRPO: held-out exact match ([0-9.]+) -> ([0-9.]+)", out).groups())
-    assert after > before, out
+    assert before == start and after >= before + 0.01, out
     assert any((tmp_path / "runs" / "grpo").iterdir()), "no TensorBoard events"
 
 

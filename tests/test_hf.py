@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import word_tokenizer
+from conftest import word_tokenizer, xla_flags
 
 import kithara
 from kithara.models.hf.config import UnsupportedConfig
@@ -391,7 +391,7 @@ def test_two_process_export(tmp_path):
         port = str(s.getsockname()[1])
     worker = Path(__file__).with_name("hf_export_worker.py")
     env = {**os.environ, "PYTHONPATH": str(Path(kithara.__file__).resolve().parents[1])}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # the worker asks for its own devices
     args = [str(tmp_path / "in"), str(tmp_path / "out")]
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, *args], env=env) for i in range(2)]
     try:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 
 import kithara
 from kithara.callbacks.progress import ProgressBar
@@ -46,7 +47,7 @@ def _script(tmp_path: Path, body: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": WORKTREE, "JAX_PLATFORMS": "cpu", "KERAS_BACKEND": "jax"}
-    env.pop("XLA_FLAGS", None)  # one CPU device: the conftest's eight only slow this down
+    env["XLA_FLAGS"] = xla_flags()  # one CPU device: the conftest's eight only slow this down
     for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):  # rich's terminal overrides
         env.pop(name, None)
     return env

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from test_distributed import free_port, worker_env
 
 from kithara.utils import Moments, RunningMoments, batch_moments, merge
@@ -98,7 +99,7 @@ def test_state_round_trips_exactly_through_json():
 def test_two_processes_hold_the_moments_of_all_values(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     out = tmp_path / "out.json"
-    env = {**worker_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**worker_env(), "XLA_FLAGS": xla_flags(1)}
     procs = [
         subprocess.Popen(
             [sys.executable, str(TESTS / "running_moments_worker.py"), coordinator, str(i), str(out)],
