@@ -1,4 +1,4 @@
-"""Test set-up: 8 forced CPU devices (set before JAX starts) and tiny models and data."""
+"""Test set-up: 8 forced CPU devices and -O0 code generation (set before JAX starts), tiny models and data."""
 
 import os
 import shutil
