@@ -98,7 +98,7 @@ def test_rl_addition_example_grpo_reward_rises_well_above_its_start(tmp_path):
     first, last = map(float, re.search(r"GRPO: exact-match reward ([0-9.]+) .*-> ([0-9.]+)", out).groups())
     assert 0 < first < 1 and 0 < last < 1, out
     before, after = map(float, re.search(r"GRPO: held-out exact match ([0-9.]+) -> ([0-9.]+)", out).groups())
-    assert before == start and after >= before + 0.01, out
+    assert before == start and round((after - before) * 200) >= 2, out  # in problems: 0.285 + 0.01 > 0.295
     assert any((tmp_path / "runs" / "grpo").iterdir()), "no TensorBoard events"
 
 
